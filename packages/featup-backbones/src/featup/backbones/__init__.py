@@ -1,0 +1,1 @@
+"""featup.backbones: one contract for every vision backbone FeatUp upsamples."""

@@ -1,0 +1,58 @@
+"""Boundary checks shared by every public entry point: they say what was expected and what came."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["check_features", "check_image", "resolve_size"]
+
+
+def check_features(feats: object, name: str = "features") -> torch.Tensor:
+    """Require a floating tensor of shape (B, C, h, w) with non-empty dimensions."""
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"expected {name} as a torch.Tensor (B,C,h,w), got {type(feats).__name__}")
+    if feats.dim() != 4:
+        raise ValueError(f"expected {name} (B,C,h,w), got shape {tuple(feats.shape)}")
+    if feats.numel() == 0:
+        raise ValueError(f"expected non-empty {name} (B,C,h,w), got shape {tuple(feats.shape)}")
+    if not feats.is_floating_point():
+        raise ValueError(f"expected floating-point {name}, got dtype {feats.dtype}")
+    return feats
+
+
+def check_image(image: object, feats: torch.Tensor | None = None, name: str = "image") -> torch.Tensor:
+    """Require an RGB image batch (B, 3, H, W) matching the features' batch size and device."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"expected {name} as a torch.Tensor (B,3,H,W), got {type(image).__name__}")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected {name} (B,3,H,W) RGB in [0,1], got shape {tuple(image.shape)}")
+    if image.numel() == 0:
+        raise ValueError(f"expected non-empty {name} (B,3,H,W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"expected a floating-point {name} in [0,1], got dtype {image.dtype}")
+    if feats is not None:
+        if feats.shape[0] != image.shape[0]:
+            raise ValueError(
+                f"expected {name} batch size to match features: features have B={feats.shape[0]}, "
+                f"{name} has B={image.shape[0]}"
+            )
+        if feats.device != image.device:
+            raise ValueError(f"expected features and {name} on one device, got {feats.device} and {image.device}")
+    return image
+
+
+def resolve_size(output_size: int | Sequence[int] | None, image: torch.Tensor | None) -> tuple[int, int]:
+    """Output size as (H, W): an int means square, None means the image's size."""
+    if output_size is None:
+        if image is None:
+            raise ValueError("expected output_size (H, W) when no guidance image is given, got None")
+        return int(image.shape[-2]), int(image.shape[-1])
+    if isinstance(output_size, int):
+        size = (output_size, output_size)
+    else:
+        size = tuple(int(s) for s in output_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"expected output_size as positive (H, W), got {output_size!r}")
+    return size  # type: ignore[return-value]
