@@ -1,0 +1,253 @@
+"""Learned downsamplers (paper Section 3.1): a blur kernel, and attention pooling (eq. 2).
+
+Both pool every low-resolution output pixel from a ``k x k`` window of the high-resolution map. Windows are
+centred on the output pixel's footprint: output pixel ``i`` of ``h`` covers input rows ``[i H/h, (i+1) H/h)``
+and its window starts at ``round((i + 1/2) H/h - k/2)``. So any input size, any output size and any aspect
+ratio work (the original code assumed square inputs and ``(H - k) / (h - 1)`` strides), and for a ViT grid
+(``H = 16 h``, ``k = 16``) the windows are exactly the patches. Taps that fall outside the map are masked out
+of the softmax, so the pooling weights always sum to 1 over the taps that exist: features stay in their
+space and a constant map stays constant.
+
+The weighted window sum is a custom autograd function that walks the kernel rows, so neither forward nor
+backward ever holds the ``(B, C, h, w, k, k)`` tensor of gathered windows (for k = 29 that would be ~3x the
+high-resolution map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionDownsampler", "SimpleDownsampler", "create_downsampler", "window_indices", "window_pool"]
+
+
+def window_indices(
+    in_size: int, out_size: int, kernel_size: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input indices of each output pixel's window along one axis, clamped into range, and their validity.
+
+    Shape:
+        - output: indices (out_size, kernel_size) long, valid (out_size, kernel_size) bool
+    """
+    i = torch.arange(out_size, device=device, dtype=torch.long)
+    # start = floor((i + 1/2) * in/out - k/2 + 1/2), in exact integer arithmetic
+    start = ((2 * i + 1) * in_size + out_size - kernel_size * out_size) // (2 * out_size)
+    idx = start[:, None] + torch.arange(kernel_size, device=device, dtype=torch.long)[None, :]
+    valid = (idx >= 0) & (idx < in_size)
+    return idx.clamp(0, in_size - 1), valid
+
+
+class _WindowPool(torch.autograd.Function):
+    """out[b,c,i,j] = sum_{u,v} weights[b,i,j,u,v] * x[b,c,rows[i,u],cols[j,v]], one kernel row at a time."""
+
+    @staticmethod
+    def forward(ctx, x, weights, rows, cols):  # type: ignore[override]
+        b, c = x.shape[:2]
+        h, w, kr, kc = rows.shape[0], cols.shape[0], rows.shape[1], cols.shape[1]
+        flat_cols = cols.reshape(-1)
+        out = x.new_zeros(b, c, h, w)
+        for u in range(kr):
+            xg = x.index_select(2, rows[:, u]).index_select(3, flat_cols).view(b, c, h, w, kc)
+            out += (xg * weights[:, None, :, :, u, :]).sum(-1)
+        ctx.save_for_backward(x, weights, rows, cols)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weights, rows, cols = ctx.saved_tensors
+        b, c, in_h, in_w = x.shape
+        h, w, kr, kc = rows.shape[0], cols.shape[0], rows.shape[1], cols.shape[1]
+        flat_cols = cols.reshape(-1)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.empty_like(weights) if need_w else None
+        for u in range(kr):
+            if need_w:
+                xg = x.index_select(2, rows[:, u]).index_select(3, flat_cols).view(b, c, h, w, kc)
+                grad_w[:, :, :, u, :] = (xg * grad[..., None]).sum(1)
+            if need_x:
+                contrib = (grad[..., None] * weights[:, None, :, :, u, :]).reshape(b, c, h, w * kc)
+                row_grad = x.new_zeros(b, c, h, in_w).index_add_(3, flat_cols, contrib)
+                grad_x.index_add_(2, rows[:, u], row_grad)
+        return grad_x, grad_w, None, None
+
+
+def window_pool(
+    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Weighted sum of each output pixel's window (memory-light; differentiable in ``x`` and ``weights``).
+
+    Shape:
+        - x: (B, C, H, W)
+        - weights: (B, h, w, kh, kw)
+        - rows: (h, kh) long indices into H; cols: (w, kw) long indices into W
+        - output: (B, C, h, w)
+    """
+    weights = weights.expand(x.shape[0], -1, -1, -1, -1).to(x.dtype)
+    return _WindowPool.apply(x, weights, rows, cols)
+
+
+def _check_hr(hr: object, name: str = "hr") -> torch.Tensor:
+    if not isinstance(hr, torch.Tensor):
+        raise TypeError(f"expected {name} as a torch.Tensor (B,C,H,W), got {type(hr).__name__}")
+    if hr.dim() != 4 or hr.numel() == 0:
+        raise ValueError(f"expected {name} (B,C,H,W) non-empty, got shape {tuple(hr.shape)}")
+    if not hr.is_floating_point():
+        raise ValueError(f"expected floating-point {name}, got dtype {hr.dtype}")
+    return hr
+
+
+def _resolve_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(int(s) for s in output_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"expected output_size as positive (h, w), got {output_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the trailing (k, k) taps, ignoring taps outside the map."""
+    shape = logits.shape
+    flat = logits.masked_fill(~valid, float("-inf")).flatten(-2)
+    return flat.softmax(-1).view(shape)
+
+
+class SimpleDownsampler(nn.Module):
+    """Blur with one learned ``k x k`` kernel (non-negative, sums to 1) shared by all channels, subsample.
+
+    The kernel is a softmax of free logits (initialised to zero: a box filter), so it is non-negative and sums
+    to one by construction.
+
+    Args:
+        kernel_size: side of the square kernel.
+
+    Shape:
+        - hr: (B, C, H, W)
+        - output: (B, C, h, w) with (h, w) = ``output_size``
+    """
+
+    def __init__(self, kernel_size: int = 16) -> None:
+        super().__init__()
+        if int(kernel_size) < 1:
+            raise ValueError(f"expected kernel_size >= 1, got {kernel_size}")
+        self.kernel_size = int(kernel_size)
+        self.kernel_logits = nn.Parameter(torch.zeros(self.kernel_size, self.kernel_size))
+
+    @property
+    def kernel(self) -> torch.Tensor:
+        """The blur kernel (k, k): non-negative, sums to 1."""
+        return self.kernel_logits.flatten().softmax(0).view_as(self.kernel_logits)
+
+    def kernels(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+        """Pooling weights of every output pixel (the kernel renormalised over the taps inside the map).
+
+        Shape:
+            - output: (1, h, w, k, k)
+        """
+        h, w = _resolve_output_size(output_size)
+        k = self.kernel_size
+        rows, vr = window_indices(hr.shape[-2], h, k, hr.device)
+        cols, vc = window_indices(hr.shape[-1], w, k, hr.device)
+        valid = vr[:, None, :, None] & vc[None, :, None, :]
+        logits = self.kernel_logits.to(hr.dtype).view(1, 1, 1, k, k).expand(1, h, w, k, k)
+        return _masked_softmax(logits, valid)
+
+    def forward(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+        _check_hr(hr)
+        h, w = _resolve_output_size(output_size)
+        rows, _ = window_indices(hr.shape[-2], h, self.kernel_size, hr.device)
+        cols, _ = window_indices(hr.shape[-1], w, self.kernel_size, hr.device)
+        return window_pool(hr, self.kernels(hr, (h, w)), rows, cols)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"
+
+
+class AttentionDownsampler(nn.Module):
+    """Attention pooling (eq. 2): 1x1-conv salience, learned weight and bias kernels, softmax per window.
+
+    For output pixel ``(i, j)`` with window ``Omega_ij``::
+
+        a = softmax_{Omega_ij}( w * salience(F)[Omega_ij] + b )        # w, b: learned (k, k) kernels
+        out[:, i, j] = sum_{Omega_ij} a * F[:, Omega_ij]
+
+    Args:
+        dim: channels of the high-resolution features.
+        kernel_size: side of the square window (Table 7: 16 for JBU, 29 for the implicit model).
+        dropout: dropout on the features before the salience conv during training (as in the original code);
+            eval mode is deterministic.
+
+    Shape:
+        - hr: (B, dim, H, W)
+        - output: (B, dim, h, w) with (h, w) = ``output_size``
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 16, *, dropout: float = 0.2) -> None:
+        super().__init__()
+        if int(dim) < 1 or int(kernel_size) < 1:
+            raise ValueError(
+                f"expected dim >= 1 and kernel_size >= 1, got dim={dim}, kernel_size={kernel_size}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected dropout in [0, 1), got {dropout}")
+        self.dim = int(dim)
+        self.kernel_size = k = int(kernel_size)
+        self.dropout = float(dropout)
+        self.salience_net = nn.Sequential(nn.Dropout(self.dropout), nn.Conv2d(self.dim, 1, 1))
+        # near-uniform start (w ~ 1, b ~ 0) like the original, with a little noise to break symmetry
+        self.weight = nn.Parameter(torch.ones(k, k) + 0.01 * torch.randn(k, k))
+        self.bias = nn.Parameter(0.01 * torch.randn(k, k))
+
+    def salience(self, hr: torch.Tensor) -> torch.Tensor:
+        """Salience logits of every high-resolution pixel.
+
+        Shape:
+            - hr: (B, dim, H, W)
+            - output: (B, 1, H, W)
+        """
+        _check_hr(hr)
+        if hr.shape[1] != self.dim:
+            raise ValueError(
+                f"expected hr with {self.dim} channels (B,{self.dim},H,W), got {tuple(hr.shape)}"
+            )
+        return self.salience_net(hr)
+
+    def kernels(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+        """Pooling weights of every output pixel (sum to 1 over the taps inside the map).
+
+        Shape:
+            - output: (B, h, w, k, k)
+        """
+        h, w = _resolve_output_size(output_size)
+        k = self.kernel_size
+        sal = self.salience(hr)[:, 0]
+        rows, vr = window_indices(hr.shape[-2], h, k, hr.device)
+        cols, vc = window_indices(hr.shape[-1], w, k, hr.device)
+        b = sal.shape[0]
+        # (B, h*k, W) -> (B, h, k, w, k) -> (B, h, w, k, k)
+        sal = sal.index_select(1, rows.reshape(-1)).index_select(2, cols.reshape(-1))
+        sal = sal.view(b, h, k, w, k).permute(0, 1, 3, 2, 4)
+        logits = sal * self.weight.to(sal.dtype) + self.bias.to(sal.dtype)
+        valid = vr[:, None, :, None] & vc[None, :, None, :]
+        return _masked_softmax(logits, valid)
+
+    def forward(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+        h, w = _resolve_output_size(output_size)
+        weights = self.kernels(hr, (h, w))
+        rows, _ = window_indices(hr.shape[-2], h, self.kernel_size, hr.device)
+        cols, _ = window_indices(hr.shape[-1], w, self.kernel_size, hr.device)
+        return window_pool(hr, weights, rows, cols)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kernel_size={self.kernel_size}, dropout={self.dropout}"
+
+
+def create_downsampler(kind: str, dim: int, kernel_size: int) -> nn.Module:
+    """Build a downsampler by name: ``"simple"`` (learned blur) or ``"attention"`` (eq. 2)."""
+    if kind == "simple":
+        return SimpleDownsampler(kernel_size)
+    if kind == "attention":
+        return AttentionDownsampler(dim, kernel_size)
+    raise ValueError(f"unknown downsampler {kind!r}; expected 'simple' or 'attention'")

@@ -1,0 +1,321 @@
+"""Implicit FeatUp (paper eq. 7): a per-image MLP on Fourier features of pixel coordinates and colours.
+
+``F_hr = MLP(h(e_i : e_j : x, omega))``: for every pixel the coordinates ``(y, x)`` in ``[-1, 1]`` and the
+colours ``(r, g, b)`` in ``[0, 1]`` are multiplied by ``n_freqs`` log-spaced frequencies
+``exp(linspace(-2, 10))``; their sines and cosines (each with a learned phase) and the raw colours feed a
+small MLP (LayerNorm, dropout 0.1, linear, ReLU; 3 layers). The MLP predicts the image's features in the
+space of their top ``pca_dim`` principal components; the PCA (fitted on the low-resolution features) is
+stored in the module and undone on output, so ``render`` returns features in the backbone's space.
+
+The model belongs to one image: that image and the PCA are buffers, so a saved checkpoint is self-contained
+and ``ImplicitUpsampler.load(path).render((H, W))`` works on its own. Fit it with
+``featup.core.fit_implicit``.
+
+Why it is not in the upsampler registry: ``create_upsampler(name)`` promises a module that upsamples any
+``(lr_feats, image)`` pair, whereas an implicit model is fitted to one image and ignores ``lr_feats`` (it only
+checks their shape), so a registered, unfitted instance could only return noise. Code that compares
+upsamplers should call ``fit_implicit(backbone, image)`` per image and then use the shared call
+``imp(lr_feats, image, output_size)`` on the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featup.core.base import Upsampler
+from featup.core.checkpoint import CheckpointMixin
+from featup.core.pca import PCA
+
+__all__ = ["ImplicitUpsampler", "pixel_coordinates"]
+
+
+def pixel_coordinates(
+    size: tuple[int, int], start: int = 0, stop: int | None = None, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """Normalized ``(y, x)`` centres of pixels ``start .. stop-1`` (row-major) of an ``(H, W)`` grid.
+
+    Centres follow ``align_corners=False``: pixel ``i`` of ``H`` sits at ``(2 i + 1) / H - 1``, so the same
+    point of the image has the same coordinate at every resolution.
+
+    Shape:
+        - output: (stop - start, 2)
+    """
+    h, w = size
+    stop = h * w if stop is None else stop
+    idx = torch.arange(start, stop, device=device, dtype=torch.long)
+    ys = (2 * torch.div(idx, w, rounding_mode="floor") + 1).to(dtype) / h - 1
+    xs = (2 * (idx % w) + 1).to(dtype) / w - 1
+    return torch.stack([ys, xs], 1)
+
+
+class ImplicitUpsampler(Upsampler, CheckpointMixin):
+    """Per-image implicit feature field (eq. 7), queried at any resolution.
+
+    Args:
+        feat_dim: channels ``C`` of the backbone features it reproduces.
+        image_size: ``(H, W)`` of the guidance image it is fitted to.
+        pca_dim: principal components the MLP predicts (Table 7: 128; clipped to ``feat_dim``).
+        hidden_dim: width of the hidden MLP layers.
+        n_freqs: Fourier frequencies per input channel.
+        n_layers: linear layers of the MLP (Table 7: 3).
+        dropout: dropout before every linear layer (Table 7: 0.1).
+        log_freq_range: frequencies are ``exp(linspace(*log_freq_range, n_freqs))``.
+
+    Buffers:
+        image (1, 3, H, W), has_image (), and the PCA's (``pca.mean``, ``pca.components`` ...).
+
+    Shape:
+        - lr_feats: (1, C, h, w) (checked, otherwise unused: the field is a function of the image only)
+        - image: (1, 3, H', W') or None (only sets the default output size)
+        - output: (1, C, H'', W'') at ``output_size``, else the image's size, else ``image_size``
+    """
+
+    guided = False
+
+    def __init__(
+        self,
+        feat_dim: int,
+        image_size: Sequence[int],
+        *,
+        pca_dim: int = 128,
+        hidden_dim: int = 128,
+        n_freqs: int = 30,
+        n_layers: int = 3,
+        dropout: float = 0.1,
+        log_freq_range: Sequence[float] = (-2.0, 10.0),
+    ) -> None:
+        super().__init__()
+        size = tuple(int(s) for s in image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"expected image_size as positive (H, W), got {image_size!r}")
+        for name, value in (("feat_dim", feat_dim), ("pca_dim", pca_dim), ("hidden_dim", hidden_dim)):
+            if int(value) < 1:
+                raise ValueError(f"expected {name} >= 1, got {value}")
+        if int(n_freqs) < 1 or int(n_layers) < 1:
+            raise ValueError(f"expected n_freqs >= 1 and n_layers >= 1, got {n_freqs}, {n_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected dropout in [0, 1), got {dropout}")
+        lo, hi = (float(v) for v in log_freq_range)
+        self.feat_dim = int(feat_dim)
+        self.image_size: tuple[int, int] = size  # type: ignore[assignment]
+        self.pca_dim = min(int(pca_dim), self.feat_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.n_freqs = int(n_freqs)
+        self.n_layers = int(n_layers)
+        self.dropout = float(dropout)
+        self.log_freq_range = (lo, hi)
+
+        self.register_buffer("image", torch.zeros(1, 3, *size))
+        self.register_buffer("has_image", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("freqs", torch.exp(torch.linspace(lo, hi, self.n_freqs)), persistent=False)
+        # learned phases of the sines [0] and cosines [1] for each of (y, x, r, g, b) and each frequency
+        self.phases = nn.Parameter(torch.randn(2, 5, self.n_freqs))
+        self.pca = PCA(self.feat_dim, self.pca_dim)
+
+        in_dim = 2 * 5 * self.n_freqs + 3
+        layers: list[nn.Module] = []
+        for i in range(self.n_layers):
+            last = i == self.n_layers - 1
+            d_in = in_dim if i == 0 else self.hidden_dim
+            d_out = self.pca_dim if last else self.hidden_dim
+            layers += [nn.LayerNorm(d_in), nn.Dropout(self.dropout), nn.Linear(d_in, d_out)]
+            if not last:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+
+    # ------------------------------------------------------------------ state
+    def config(self) -> dict:
+        return {
+            "feat_dim": self.feat_dim,
+            "image_size": list(self.image_size),
+            "pca_dim": self.pca_dim,
+            "hidden_dim": self.hidden_dim,
+            "n_freqs": self.n_freqs,
+            "n_layers": self.n_layers,
+            "dropout": self.dropout,
+            "log_freq_range": list(self.log_freq_range),
+        }
+
+    @torch.no_grad()
+    def set_image(self, image: torch.Tensor) -> None:
+        """Store the guidance image the field is fitted to.
+
+        Shape:
+            - image: (1, 3, H, W) RGB in [0, 1] with (H, W) = ``image_size``
+        """
+        expected = (1, 3, *self.image_size)
+        if not isinstance(image, torch.Tensor) or tuple(image.shape) != expected:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"expected image of shape {expected} (RGB in [0,1]), got {got}")
+        if not image.is_floating_point():
+            raise ValueError(f"expected a floating-point image in [0,1], got dtype {image.dtype}")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"expected image values in [0,1], got range [{lo:.3g}, {hi:.3g}]")
+        self.image.copy_(image.clamp(0, 1))
+        self.has_image.fill_(True)
+
+    @torch.no_grad()
+    def set_pca(self, pca: PCA) -> None:
+        """Store a fitted PCA of the features (its ``n_components`` must not exceed ``pca_dim``).
+
+        A PCA that kept fewer components (too few samples) is padded with zero components: the extra MLP
+        outputs then contribute nothing to the unprojected features.
+        """
+        if not isinstance(pca, PCA):
+            raise TypeError(f"expected a featup.core.PCA, got {type(pca).__name__}")
+        if not pca.fitted:
+            raise ValueError("expected a fitted PCA: call pca.fit(feats) first")
+        if pca.dim_in != self.feat_dim:
+            raise ValueError(f"expected a PCA of {self.feat_dim}-channel features, got dim_in={pca.dim_in}")
+        k = pca.n_components
+        if k > self.pca_dim:
+            raise ValueError(f"expected a PCA with at most pca_dim={self.pca_dim} components, got {k}")
+        own = self.pca
+        own.mean.copy_(pca.mean)
+        own.components.zero_()
+        own.components[:k].copy_(pca.components)
+        own.explained_variance.zero_()
+        own.explained_variance[:k].copy_(pca.explained_variance)
+        own.total_variance.copy_(pca.total_variance)
+        own.n_samples.copy_(pca.n_samples)
+
+    # ------------------------------------------------------------------ field
+    def encode(self, coords: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        """Fourier features of ``(y, x, r, g, b)`` plus the raw colours.
+
+        Shape:
+            - coords: (N, 2) normalized (y, x); colors: (N, 3) in [0, 1]
+            - output: (N, 10 n_freqs + 3), ordered [sin (5 x n_freqs), cos (5 x n_freqs), r, g, b]
+        """
+        z = torch.cat([coords, colors], 1)[:, :, None] * self.freqs.to(coords.dtype)  # (N, 5, F)
+        phases = self.phases.to(coords.dtype)
+        sin = torch.sin(z + phases[0]).flatten(1)
+        cos = torch.cos(z + phases[1]).flatten(1)
+        return torch.cat([sin, cos, colors], 1)
+
+    def field(self, coords: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        """PCA-space features at the given points. Shape: (N, 2), (N, 3) -> (N, pca_dim)."""
+        return self.mlp(self.encode(coords, colors))
+
+    def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
+        """Features in PCA space at every pixel of ``image`` (differentiable; used while fitting).
+
+        Shape:
+            - image: (B, 3, H, W) RGB in [0, 1], usually the stored image (B = 1)
+            - output: (B, pca_dim, H, W)
+        """
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"expected image (B,3,H,W) RGB in [0,1], got {got}")
+        b, _, h, w = image.shape
+        dtype = self.phases.dtype
+        coords = pixel_coordinates((h, w), device=image.device, dtype=dtype).repeat(b, 1)
+        colors = image.to(dtype).permute(0, 2, 3, 1).reshape(-1, 3)
+        out = self.field(coords, colors)  # (B*H*W, k)
+        return out.view(b, h, w, self.pca_dim).permute(0, 3, 1, 2)
+
+    def _colors_at(self, size: tuple[int, int]) -> torch.Tensor:
+        """The stored image at ``size`` (exact pixels at its own size), flattened to (H*W, 3)."""
+        img = self.image.to(self.phases.dtype)
+        if size != tuple(self.image_size):
+            down = size[0] < self.image_size[0] or size[1] < self.image_size[1]
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=down).clamp(
+                0, 1
+            )
+        return img[0].permute(1, 2, 0).reshape(-1, 3)
+
+    def _require_ready(self) -> None:
+        if not bool(self.has_image):
+            raise RuntimeError(
+                "ImplicitUpsampler has no image: call set_image(image) (or fit_implicit) first"
+            )
+        if not self.pca.fitted:
+            raise RuntimeError("ImplicitUpsampler has no PCA: call set_pca(pca) (or fit_implicit) first")
+
+    def render(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        chunk_pixels: int = 65536,
+        dtype: torch.dtype | None = None,
+        compressed: bool = False,
+    ) -> torch.Tensor:
+        """Features at any resolution, ``chunk_pixels`` pixels at a time, PCA undone (eval mode, no grad).
+
+        Working memory is ``O(chunk_pixels * (hidden_dim + 10 n_freqs + C))`` besides the output itself and
+        the colours at the output size (3 channels), so a 2048 x 2048 render needs no more than a 256 x 256
+        one apart from its output.
+
+        Args:
+            size: output ``(H, W)`` (an int means square); None means ``image_size``.
+            chunk_pixels: pixels evaluated per MLP call.
+            dtype: dtype of the returned tensor (default: the module's).
+            compressed: return the PCA coordinates (1, pca_dim, H, W) instead of features.
+
+        Shape:
+            - output: (1, C, H, W)
+        """
+        if size is None:
+            size = self.image_size
+        hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        if len(hw) != 2 or min(hw) < 1:
+            raise ValueError(f"expected size as positive (H, W), got {size!r}")
+        if int(chunk_pixels) < 1:
+            raise ValueError(f"expected chunk_pixels >= 1, got {chunk_pixels}")
+        self._require_ready()
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return self._render(hw, int(chunk_pixels), dtype, compressed)  # type: ignore[arg-type]
+        finally:
+            self.train(was_training)
+
+    def _render(
+        self, size: tuple[int, int], chunk: int, dtype: torch.dtype | None, compressed: bool
+    ) -> torch.Tensor:
+        h, w = size
+        device, work = self.phases.device, self.phases.dtype
+        colors = self._colors_at(size)
+        comps = self.pca.components.to(work)
+        mean = self.pca.mean.to(work)
+        channels = self.pca_dim if compressed else self.feat_dim
+        out = torch.empty(channels, h * w, device=device, dtype=dtype or work)
+        for start in range(0, h * w, chunk):
+            stop = min(start + chunk, h * w)
+            coords = pixel_coordinates(size, start, stop, device=device, dtype=work)
+            z = self.field(coords, colors[start:stop])  # (n, k)
+            feats = z if compressed else torch.addmm(mean, z, comps)  # (n, C)
+            out[:, start:stop] = feats.T
+        return out.view(1, channels, h, w)
+
+    # ------------------------------------------------------------------ shared call
+    def forward(
+        self,
+        lr_feats: torch.Tensor,
+        image: torch.Tensor | None = None,
+        output_size: int | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        if image is None and output_size is None:
+            output_size = self.image_size
+        return super().forward(lr_feats, image, output_size)
+
+    def upsample(
+        self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
+        if lr_feats.shape[0] != 1:
+            raise ValueError(
+                "ImplicitUpsampler is fitted to one image: "
+                f"expected lr_feats (1,C,h,w), got {tuple(lr_feats.shape)}"
+            )
+        if lr_feats.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"expected lr_feats with {self.feat_dim} channels (1,{self.feat_dim},h,w), "
+                f"got {tuple(lr_feats.shape)}"
+            )
+        return self.render(size, dtype=lr_feats.dtype).to(lr_feats.device)

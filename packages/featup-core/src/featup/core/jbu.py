@@ -1,0 +1,444 @@
+"""FeatUp's JBU upsampler: a stack of learned joint bilateral upsamplers (paper eq. 3-6).
+
+Each stage resamples the features to its own size, builds one K x K kernel per output pixel from the guidance
+image alone (a learned range kernel times a learned spatial Gaussian, normalized), and applies it with
+:func:`featup.kernels.adaptive_conv`. Stages double the resolution until the requested size is reached; the
+last stage lands on the exact size, so any ratio, non-square and odd sizes work, and a target smaller than the
+features is a single (anti-aliased) stage.
+
+Because the kernels depend on the image only, the stack is linear in the features and, with
+``feat_dim=None``, has no per-feature parameter: one trained stack applies to any backbone's features.
+
+The neighborhood similarities are computed one tap at a time on shifted views instead of through ``unfold``,
+so no (C * K * K, H, W) patch tensor is ever materialized; together with the fused adaptive convolution this
+keeps the working memory at a few feature maps per stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featup.core.base import Upsampler
+from featup.core.checkpoint import CheckpointError, CheckpointMixin
+from featup.core.registry import register_upsampler
+from featup.kernels import adaptive_conv
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "JBUStack",
+    "JBUStage",
+    "apply_kernel",
+    "neighborhood_dot",
+    "neighborhood_sqdist",
+    "pad2d",
+    "pool_guidance",
+    "resize",
+    "spatial_gaussian",
+    "stage_sizes",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: a last stage may go up to 2**0.1 ~ 2.14x rather than adding a nearly-1x stage after a 2x one
+_STAGE_SLACK = 0.1
+
+
+def stage_sizes(in_size: Sequence[int], out_size: Sequence[int]) -> list[tuple[int, int]]:
+    """Sizes of the successive 2x stages from ``in_size`` to exactly ``out_size``.
+
+    ``n = ceil(log2(max ratio) - 0.1)`` stages (at least one); stage ``k < n`` has size
+    ``min(in * 2**k, out)`` per dimension and the last one is ``out``. A 16x ratio gives the original four 2x
+    stages; a dimension that shrinks goes straight to its target.
+
+    Shape:
+        - in_size: (h, w); out_size: (H, W)
+        - output: list of (H_k, W_k), the last equal to (H, W)
+    """
+    h, w = int(in_size[0]), int(in_size[1])
+    out_h, out_w = int(out_size[0]), int(out_size[1])
+    ratio = max(out_h / h, out_w / w)
+    n = max(1, math.ceil(math.log2(ratio) - _STAGE_SLACK)) if ratio > 1 else 1
+    sizes = [(min(h * 2**k, out_h), min(w * 2**k, out_w)) for k in range(1, n)]
+    return sizes + [(out_h, out_w)]
+
+
+def pad2d(x: torch.Tensor, radius: int, mode: str = "reflect") -> torch.Tensor:
+    """Pad the last two dims by ``radius``; ``reflect`` falls back to ``replicate`` on maps too small for it.
+
+    Shape:
+        - x: (B, C, H, W)
+        - output: (B, C, H + 2r, W + 2r)
+    """
+    if radius == 0:
+        return x
+    if mode == "reflect" and min(x.shape[-2:]) <= radius:
+        mode = "replicate"  # reflect padding needs more than `radius` pixels per side
+    return F.pad(x, [radius] * 4, mode=mode)
+
+
+def resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Resample to ``size`` (align_corners=False; anti-aliased when shrinking; identity at equal size).
+
+    Shape:
+        - x: (B, C, h, w)
+        - output: (B, C, H, W)
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if mode in ("nearest", "nearest-exact"):
+        return F.interpolate(x, size=size, mode=mode)
+    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrinking)
+
+
+def pool_guidance(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The guidance for one stage: the image average-pooled to ``size`` (bilinear where ``size`` is larger).
+
+    Shape:
+        - image: (B, 3, H, W)
+        - output: (B, 3, size[0], size[1])
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
+        return image
+    if size[0] <= image.shape[-2] and size[1] <= image.shape[-1]:
+        return F.adaptive_avg_pool2d(image, size)
+    return resize(image, size, "bilinear")
+
+
+def _taps(radius: int) -> list[tuple[int, int]]:
+    diameter = 2 * radius + 1
+    return [(i, j) for i in range(diameter) for j in range(diameter)]
+
+
+def neighborhood_dot(q: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
+    """Inner products between every pixel's vector and its K x K neighbors' (K = 2 * radius + 1).
+
+    ``out[b, i * K + j, h, w] = <q[b, :, h, w], q_pad[b, :, h + i, w + j]>``. Computed tap by tap on shifted
+    views, so the memory is O(K^2 H W), not O(C K^2 H W) as with ``unfold``.
+
+    Shape:
+        - q: (B, C, H, W)
+        - output: (B, K * K, H, W)
+    """
+    h, w = q.shape[-2:]
+    qp = pad2d(q, radius, pad_mode)
+    return torch.stack([(q * qp[:, :, i : i + h, j : j + w]).sum(1) for i, j in _taps(radius)], dim=1)
+
+
+def neighborhood_sqdist(g: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
+    """Squared Euclidean distances between every pixel's vector and its K x K neighbors'.
+
+    Shape:
+        - g: (B, C, H, W)
+        - output: (B, K * K, H, W), tap index ``i * K + j`` as in :func:`neighborhood_dot`
+    """
+    h, w = g.shape[-2:]
+    gp = pad2d(g, radius, pad_mode)
+    return torch.stack(
+        [(g - gp[:, :, i : i + h, j : j + w]).square().sum(1) for i, j in _taps(radius)], dim=1
+    )
+
+
+def spatial_gaussian(radius: int, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 5 on the K x K window with coordinates normalized to [-1, 1] (resolution independent).
+
+    Shape:
+        - output: (K * K,), tap index ``i * K + j``
+    """
+    sigma = torch.as_tensor(sigma)
+    coords = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=sigma.dtype)
+    d2 = coords[:, None].square() + coords[None, :].square()
+    return torch.exp(-d2 / (2 * sigma.square())).reshape(-1)
+
+
+def apply_kernel(
+    source: torch.Tensor,
+    kernel: torch.Tensor,
+    radius: int,
+    *,
+    resize_mode: str = "bilinear",
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """Resample ``source`` to the kernel's grid, pad it and apply one K x K kernel per pixel (adaptive conv).
+
+    Shape:
+        - source: (B, C, h, w)
+        - kernel: (B, K * K, H, W), tap index ``i * K + j``
+        - output: (B, C, H, W)
+    """
+    b, kk, h, w = kernel.shape
+    diameter = 2 * radius + 1
+    if kk != diameter * diameter:
+        raise ValueError(
+            f"expected kernel (B,{diameter * diameter},H,W) for radius {radius}, got {tuple(kernel.shape)}"
+        )
+    src = pad2d(resize(source, (h, w), resize_mode), radius, pad_mode)
+    filters = kernel.permute(0, 2, 3, 1).reshape(b, h, w, diameter, diameter).to(src.dtype)
+    return adaptive_conv(src, filters)
+
+
+class JBUStage(nn.Module):
+    """One learned joint bilateral upsampling stage (eq. 4-6) at the guidance's resolution.
+
+    kernel = softmax_taps(exp(range_temp) * <MLP(g_center), MLP(g_neighbor)>) * spatial Gaussian, normalized
+    to sum 1; optionally plus ``0.1 * fixup_proj([kernel, guidance])`` (the original project's learned
+    correction, not renormalized). Parameter names follow the original project's stage, so its weights load
+    as they are.
+
+    Args:
+        radius: neighborhood radius (K = 2 * radius + 1 taps per side).
+        key_dim: width of the range MLP's hidden and output layers.
+        guidance_dim: guidance channels (3 for RGB).
+        dropout: Dropout2d rate inside the MLPs (training only).
+        kernel_fixup: add the original project's learned kernel correction.
+        resize_mode: how the source is resampled to the stage size ("bilinear" as in the paper, "bicubic"
+            as in the original code).
+        pad_mode: border handling of keys and source ("reflect" falls back to "replicate" on tiny maps).
+
+    Shape:
+        - source: (B, C, h, w)
+        - guidance: (B, guidance_dim, H, W)
+        - output: (B, C, H, W)
+    """
+
+    def __init__(
+        self,
+        radius: int = 3,
+        key_dim: int = 32,
+        guidance_dim: int = 3,
+        *,
+        dropout: float = 0.1,
+        kernel_fixup: bool = False,
+        resize_mode: str = "bilinear",
+        pad_mode: str = "reflect",
+    ) -> None:
+        super().__init__()
+        self.radius = radius
+        self.diameter = 2 * radius + 1
+        self.key_dim = key_dim
+        self.resize_mode = resize_mode
+        self.pad_mode = pad_mode
+        taps = self.diameter**2
+        self.range_temp = nn.Parameter(torch.tensor(0.0))
+        self.sigma_spatial = nn.Parameter(torch.tensor(1.0))
+        self.range_proj = nn.Sequential(
+            nn.Conv2d(guidance_dim, key_dim, 1),
+            nn.GELU(),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(key_dim, key_dim, 1),
+        )
+        self.fixup_proj: nn.Module | None = None
+        if kernel_fixup:
+            self.fixup_proj = nn.Sequential(
+                nn.Conv2d(guidance_dim + taps, taps, 1),
+                nn.GELU(),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(taps, taps, 1),
+            )
+
+    def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
+        """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 without the fixup."""
+        keys = self.range_proj(guidance)
+        temp = self.range_temp.exp().clamp(1e-4, 1e4)
+        range_kernel = torch.softmax(temp * neighborhood_dot(keys, self.radius, self.pad_mode), dim=1)
+        kernel = range_kernel * spatial_gaussian(self.radius, self.sigma_spatial).view(1, -1, 1, 1)
+        kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
+        if self.fixup_proj is not None:
+            kernel = kernel + 0.1 * self.fixup_proj(torch.cat([kernel, guidance], dim=1))
+        return kernel
+
+    def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return apply_kernel(
+            source, self.kernel(guidance), self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
+        )
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, key_dim={self.key_dim}, resize_mode={self.resize_mode!r}"
+
+
+@register_upsampler("jbu")
+class JBUStack(Upsampler, CheckpointMixin):
+    """FeatUp's JBU upsampler: learned JBU stages, 2x each, the last one landing on the exact output size.
+
+    Stage ``k`` uses the parameters of ``up{min(k + 1, n_stages)}``: a ratio needing fewer stages uses the
+    first ones (whose resolutions match those they were trained at for 16x), a larger one reuses the last.
+
+    Args:
+        feat_dim: feature channels. ``None`` (default): no per-feature parameters, any channel count works
+            (encoder-agnostic) and the output is linear in the features. An int adds a residual 1x1
+            projection ``x + s * conv(x)`` (zero-initialized, s = 1; the original's s = 0.1) and requires
+            features with exactly that many channels.
+        radius: neighborhood radius of each stage (K = 2 * radius + 1).
+        key_dim: width of the range MLP.
+        n_stages: number of distinct parameter sets ``up1 .. up{n_stages}``.
+        dropout: Dropout2d rate in the range MLP (training only).
+        kernel_fixup: add the original's learned kernel correction in every stage.
+        resize_mode: source resampling per stage ("bilinear" per the paper, "bicubic" per the original code).
+        pad_mode: border handling ("reflect" or "replicate").
+        normalize_guidance: ImageNet-normalize the [0, 1] image before it guides (the original models were
+            trained that way).
+        original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
+            kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized guidance, a residual
+            final 1x1 conv scaled by 0.1 behind Dropout2d(0.2); needs ``feat_dim`` and the default
+            ``radius=3``, ``key_dim=32``, ``n_stages=4``. At 16x this is the original stack stage for stage.
+
+    Shape:
+        - lr_feats: (B, C, h, w)
+        - image: (B, 3, H, W), RGB in [0, 1]
+        - output: (B, C, H', W'), (H', W') = output_size or (H, W); any ratio, odd and non-square sizes
+    """
+
+    def __init__(
+        self,
+        feat_dim: int | None = None,
+        *,
+        radius: int = 3,
+        key_dim: int = 32,
+        n_stages: int = 4,
+        dropout: float = 0.1,
+        kernel_fixup: bool = False,
+        resize_mode: str = "bilinear",
+        pad_mode: str = "reflect",
+        normalize_guidance: bool = False,
+        original: bool = False,
+    ) -> None:
+        super().__init__()
+        if feat_dim is not None and (not isinstance(feat_dim, int) or feat_dim < 1):
+            raise ValueError(f"expected feat_dim as a positive int or None, got {feat_dim!r}")
+        if not isinstance(radius, int) or radius < 0:
+            raise ValueError(f"expected radius as a non-negative int, got {radius!r}")
+        if not isinstance(key_dim, int) or key_dim < 1:
+            raise ValueError(f"expected key_dim as a positive int, got {key_dim!r}")
+        if not isinstance(n_stages, int) or n_stages < 1:
+            raise ValueError(f"expected n_stages as a positive int, got {n_stages!r}")
+        if resize_mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"expected resize_mode 'bilinear' or 'bicubic', got {resize_mode!r}")
+        if pad_mode not in ("reflect", "replicate"):
+            raise ValueError(f"expected pad_mode 'reflect' or 'replicate', got {pad_mode!r}")
+        if original:
+            if feat_dim is None:
+                raise ValueError("original=True has a final dim x dim conv: expected feat_dim, got None")
+            if (radius, key_dim, n_stages) != (3, 32, 4):
+                raise ValueError(
+                    "original=True fixes radius=3, key_dim=32, n_stages=4; "
+                    f"got radius={radius}, key_dim={key_dim}, n_stages={n_stages}"
+                )
+            kernel_fixup, resize_mode, pad_mode, normalize_guidance, dropout = (
+                True,
+                "bicubic",
+                "reflect",
+                True,
+                0.1,
+            )
+        self.feat_dim = feat_dim
+        self.radius = radius
+        self.key_dim = key_dim
+        self.n_stages = n_stages
+        self.dropout = float(dropout)
+        self.kernel_fixup = kernel_fixup
+        self.resize_mode = resize_mode
+        self.pad_mode = pad_mode
+        self.normalize_guidance = normalize_guidance
+        self.original = original
+        for k in range(1, n_stages + 1):
+            stage = JBUStage(
+                radius,
+                key_dim,
+                dropout=dropout,
+                kernel_fixup=kernel_fixup,
+                resize_mode=resize_mode,
+                pad_mode=pad_mode,
+            )
+            self.add_module(f"up{k}", stage)
+        self.proj_scale = 0.1 if original else 1.0
+        self.fixup_proj: nn.Sequential | None = None
+        if feat_dim is not None:
+            self.fixup_proj = nn.Sequential(
+                nn.Dropout2d(0.2 if original else 0.0), nn.Conv2d(feat_dim, feat_dim, 1)
+            )
+            if not original:
+                # start as the identity so a fresh stack is a pure JBU; training learns the correction
+                nn.init.zeros_(self.fixup_proj[1].weight)
+                nn.init.zeros_(self.fixup_proj[1].bias)
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def stages(self) -> list[JBUStage]:
+        """The distinct stages ``up1 .. up{n_stages}``."""
+        return [getattr(self, f"up{k}") for k in range(1, self.n_stages + 1)]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "feat_dim": self.feat_dim,
+            "radius": self.radius,
+            "key_dim": self.key_dim,
+            "n_stages": self.n_stages,
+            "dropout": self.dropout,
+            "kernel_fixup": self.kernel_fixup,
+            "resize_mode": self.resize_mode,
+            "pad_mode": self.pad_mode,
+            "normalize_guidance": self.normalize_guidance,
+            "original": self.original,
+        }
+
+    def guidance(self, image: torch.Tensor) -> torch.Tensor:
+        """The full-resolution guidance the stages pool from (ImageNet-normalized if configured)."""
+        image = image.to(self.up1.range_temp.dtype)
+        if self.normalize_guidance:
+            image = (image - self._mean.to(image.dtype)) / self._std.to(image.dtype)
+        return image
+
+    def upsample(
+        self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
+        if self.feat_dim is not None and lr_feats.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"expected lr_feats with {self.feat_dim} channels (feat_dim), got {tuple(lr_feats.shape)}"
+            )
+        assert image is not None  # guided: the base class rejects image=None
+        guidance = self.guidance(image)
+        x = lr_feats
+        stages = self.stages
+        for k, stage_size in enumerate(stage_sizes(lr_feats.shape[-2:], size)):
+            x = stages[min(k, len(stages) - 1)](x, pool_guidance(guidance, stage_size))
+        if self.fixup_proj is not None:
+            x = x + self.proj_scale * self.fixup_proj(x)
+        return x
+
+    @classmethod
+    def from_original(
+        cls,
+        path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+        map_location: str | torch.device = "cpu",
+    ) -> JBUStack:
+        """Load a JBU stack published by the original FeatUp project (eval mode).
+
+        Accepts the Lightning ``.ckpt`` file (read with ``torch.load(weights_only=True)``), a ``.safetensors``
+        file, the checkpoint dict, or its ``state_dict``, with or without the ``upsampler.`` prefix. The
+        feature dimension is read from the weights. Features from ``use_norm`` checkpoints must go through
+        :func:`featup.core.original.channel_norm` first, as the original models did.
+
+        Raises:
+            CheckpointError: unreadable file, missing/unexpected keys or wrong shapes.
+        """
+        from featup.core.original import read_original_jbu
+
+        state, feat_dim = read_original_jbu(path_or_state_dict)
+        module = cls(feat_dim, original=True)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # pragma: no cover - read_original_jbu validates keys and shapes first
+            raise CheckpointError(f"original JBU weights do not match the original layout: {exc}") from None
+        return module.to(map_location).eval()

@@ -1,0 +1,226 @@
+"""Bounded-memory inference: run any upsampler over overlapping tiles of a large output.
+
+A guided upsampler such as the JBU stack is local: every output pixel depends only on low-resolution features
+and guidance pixels within a few low-resolution cells around it. ``tiled_upsample`` therefore cuts the output
+into core tiles, runs the upsampler on each core plus a halo of context (low-res features, guidance image and
+output all cropped to the same region), and keeps only the core of each result. Peak working memory is that of
+one ``tile + 2 * halo`` call, whatever the output size; only the result itself (or the caller's ``out``
+buffer, which may be a memory map) grows with the output.
+
+Why the tiled result equals the untiled one: every crop boundary lies on a grid on which low-res cells, image
+pixels and output pixels coincide (the *alignment unit*), so each crop has exactly the full map's scale
+ratios and its resizes, pools and adaptive convolutions sample the same positions as the full computation.
+Only pixels within the receptive field of a crop edge (where padding replaces real neighbours) differ, and
+the halo is wider than that receptive field, so cropping the core discards them. At the image border a
+crop's edge is the image's edge, so the padding is the same as untiled.
+
+The JBU stack's receptive field, in low-res cells: each 2x stage resamples its source bicubically (2 source
+pixels each side) and applies a 7x7 adaptive kernel (3 pixels at its own resolution), and the range kernel
+compares guidance within the same 7x7 window. Over four stages that is (2 + 1 + 1/2 + 1/4) + (3/2 + 3/4 +
+3/8 + 3/16) + range window < 7 cells, plus the final resize to the output size; the default halo of
+``DEFAULT_HALO_CELLS = 8`` cells covers it. Upsamplers with a wider (or narrower) reach can say so with a
+``tile_halo`` attribute (in low-res cells); ``overlap`` overrides both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featup.core._checks import check_features, check_image, resolve_size
+
+__all__ = ["DEFAULT_HALO_CELLS", "Tile", "alignment_unit", "plan_tiles", "tiled_upsample"]
+
+#: default context on each side of a tile, in low-resolution feature cells (covers the 4-stage JBU stack)
+DEFAULT_HALO_CELLS = 8
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a plan; all ranges are half-open ``(start, stop)``.
+
+    Attributes:
+        core_lr: rows/cols of low-res cells whose output this tile produces, as ((y0, y1), (x0, x1)).
+        crop_lr: core_lr plus the halo, clipped to the feature map: what the upsampler is given.
+        crop_image: the guidance pixels matching ``crop_lr`` (None without a guidance image).
+        crop_out: the output pixels the upsampler produces for ``crop_lr``.
+        core_out: the output pixels kept from this tile (they partition the output exactly).
+    """
+
+    core_lr: tuple[tuple[int, int], tuple[int, int]]
+    crop_lr: tuple[tuple[int, int], tuple[int, int]]
+    crop_image: tuple[tuple[int, int], tuple[int, int]] | None
+    crop_out: tuple[tuple[int, int], tuple[int, int]]
+    core_out: tuple[tuple[int, int], tuple[int, int]]
+
+    @property
+    def crop_out_size(self) -> tuple[int, int]:
+        """(H, W) of the upsampler call for this tile."""
+        (y0, y1), (x0, x1) = self.crop_out
+        return y1 - y0, x1 - x0
+
+    @property
+    def core_slice(self) -> tuple[slice, slice]:
+        """Where the kept core lies inside the upsampler's output for this tile."""
+        (cy0, cy1), (cx0, cx1) = self.core_out
+        (oy0, _), (ox0, _) = self.crop_out
+        return slice(cy0 - oy0, cy1 - oy0), slice(cx0 - ox0, cx1 - ox0)
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def alignment_unit(lr: int, *sizes: int) -> int:
+    """Smallest number of low-res cells whose extent is a whole number of pixels in every one of ``sizes``.
+
+    A crop that starts and ends on multiples of this unit has exactly the full map's scale ratios, which is
+    what makes tiled and untiled results agree. For a ViT-16 at 4096 px (256 cells -> 4096 px) the unit is one
+    cell; for 292 cells -> 4096 px it is 73 cells (1024 px).
+    """
+    unit = 1
+    for size in sizes:
+        unit = _lcm(unit, lr // math.gcd(lr, size))
+    return unit
+
+
+def _axis_plan(lr: int, out: int, image: int | None, tile_px: int, halo_px: int | None, halo_cells: float):
+    sizes = (out,) if image is None else (out, image)
+    unit = alignment_unit(lr, *sizes)
+    core = max(unit, (int(tile_px * lr / out) // unit) * unit)  # cells per core tile, >= one unit
+    cells = halo_cells if halo_px is None else halo_px * lr / out
+    halo = math.ceil(math.ceil(cells - 1e-9) / unit) * unit if cells > 0 else 0
+    spans = []
+    for start in range(0, lr, core):
+        stop = min(lr, start + core)
+        spans.append(((start, stop), (max(0, start - halo), min(lr, stop + halo))))
+    return spans
+
+
+def plan_tiles(
+    lr_size: Sequence[int],
+    output_size: Sequence[int],
+    image_size: Sequence[int] | None = None,
+    *,
+    tile: int = 512,
+    overlap: int | None = None,
+    halo_cells: float = DEFAULT_HALO_CELLS,
+) -> list[Tile]:
+    """The tiles ``tiled_upsample`` runs, in row-major order (pure arithmetic, no tensors).
+
+    Args:
+        lr_size: (h, w) of the low-resolution features.
+        output_size: (H, W) of the output.
+        image_size: (Hi, Wi) of the guidance image, or None for unguided upsamplers.
+        tile: target core tile edge in output pixels; rounded down to a multiple of the alignment unit
+            (but at least one unit).
+        overlap: halo on each side in output pixels (rounded up to whole alignment units); None uses
+            ``halo_cells``.
+        halo_cells: halo on each side in low-res cells when ``overlap`` is None.
+    """
+    if tile < 1:
+        raise ValueError(f"expected tile >= 1 output pixels, got {tile}")
+    if overlap is not None and overlap < 0:
+        raise ValueError(f"expected overlap >= 0 output pixels, got {overlap}")
+    (h, w), (oh, ow) = (int(s) for s in lr_size), (int(s) for s in output_size)
+    ih, iw = (None, None) if image_size is None else (int(s) for s in image_size)
+    rows = _axis_plan(h, oh, ih, tile, overlap, halo_cells)
+    cols = _axis_plan(w, ow, iw, tile, overlap, halo_cells)
+
+    def px(span: tuple[int, int], lr: int, size: int) -> tuple[int, int]:
+        return span[0] * size // lr, span[1] * size // lr  # exact: spans lie on the alignment grid
+
+    tiles = []
+    for core_y, crop_y in rows:
+        for core_x, crop_x in cols:
+            tiles.append(
+                Tile(
+                    core_lr=(core_y, core_x),
+                    crop_lr=(crop_y, crop_x),
+                    crop_image=None if ih is None else (px(crop_y, h, ih), px(crop_x, w, iw)),
+                    crop_out=(px(crop_y, h, oh), px(crop_x, w, ow)),
+                    core_out=(px(core_y, h, oh), px(core_x, w, ow)),
+                )
+            )
+    return tiles
+
+
+def tiled_upsample(
+    up: nn.Module | Callable[..., torch.Tensor],
+    lr_feats: torch.Tensor,
+    image: torch.Tensor | None,
+    output_size: int | Sequence[int] | None = None,
+    *,
+    tile: int = 512,
+    overlap: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Upsample in overlapping tiles so peak working memory is bounded by the tile size, not the output size.
+
+    Equal to ``up(lr_feats, image, output_size)`` up to floating-point rounding for any local upsampler whose
+    receptive field fits in the halo (the JBU stack, the classic JBU, bilinear/bicubic baselines); see the
+    module docstring for why. Runs under ``torch.inference_mode()``.
+
+    Args:
+        up: any upsampler called as ``up(lr_feats, image, output_size=(H, W))``.
+        lr_feats: low-resolution features.
+        image: guidance image, RGB in [0, 1] (None only for unguided upsamplers).
+        output_size: (H, W) or int; None means the image size.
+        tile: target core tile edge in output pixels (default 512); aligned to the alignment unit.
+        overlap: halo on each side in output pixels; None uses ``up.tile_halo`` low-res cells if the
+            upsampler defines it, else ``DEFAULT_HALO_CELLS``.
+        out: optional preallocated (B, C, H, W) tensor (e.g. over a ``numpy.memmap``) receiving the result,
+            so outputs larger than RAM can be produced.
+
+    Returns:
+        The (B, C, H, W) output (``out`` itself if given).
+
+    Shape:
+        - lr_feats: (B, C, h, w)
+        - image: (B, 3, Hi, Wi)
+        - output: (B, C, H, W)
+    """
+    check_features(lr_feats, "lr_feats")
+    if image is not None:
+        check_image(image, lr_feats)
+    elif getattr(up, "guided", False):
+        raise ValueError(f"{type(up).__name__} is guided: expected image (B,3,H,W), got None")
+    oh, ow = resolve_size(output_size, image)
+    b, c, h, w = lr_feats.shape
+    halo_cells = float(getattr(up, "tile_halo", DEFAULT_HALO_CELLS))
+    plan = plan_tiles(
+        (h, w),
+        (oh, ow),
+        None if image is None else image.shape[-2:],
+        tile=tile,
+        overlap=overlap,
+        halo_cells=halo_cells,
+    )
+    with torch.inference_mode():
+        for t in plan:
+            (ly0, ly1), (lx0, lx1) = t.crop_lr
+            lr_crop = lr_feats[:, :, ly0:ly1, lx0:lx1]
+            img_crop = None
+            if image is not None and t.crop_image is not None:
+                (iy0, iy1), (ix0, ix1) = t.crop_image
+                img_crop = image[:, :, iy0:iy1, ix0:ix1]
+            res = up(lr_crop, img_crop, output_size=t.crop_out_size)
+            if res.dim() != 4 or tuple(res.shape[-2:]) != t.crop_out_size or res.shape[0] != b:
+                raise ValueError(
+                    f"expected the upsampler to return (B,C,{t.crop_out_size[0]},{t.crop_out_size[1]}) "
+                    f"for a tile, got {tuple(res.shape)}"
+                )
+            if out is None:
+                out = torch.empty((b, res.shape[1], oh, ow), dtype=res.dtype, device=res.device)
+            elif tuple(out.shape) != (b, res.shape[1], oh, ow):
+                raise ValueError(f"expected out of shape {(b, res.shape[1], oh, ow)}, got {tuple(out.shape)}")
+            (cy0, cy1), (cx0, cx1) = t.core_out
+            sy, sx = t.core_slice
+            out[:, :, cy0:cy1, cx0:cx1] = res[:, :, sy, sx]
+            del res  # free this tile's result before the next one is computed
+    assert out is not None  # the plan is never empty: lr maps are non-empty
+    return out

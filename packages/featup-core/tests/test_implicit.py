@@ -1,0 +1,217 @@
+"""ImplicitUpsampler: eq. 7 encoding, architecture, chunked rendering, shared call, checkpoints, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from featup.core.checkpoint import CheckpointError, save_checkpoint
+from featup.core.implicit import ImplicitUpsampler, pixel_coordinates
+from featup.core.pca import PCA
+
+
+def make_model(
+    feat_dim: int = 6, size=(9, 13), seed: int = 0, **kw
+) -> tuple[ImplicitUpsampler, torch.Tensor]:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, *size, generator=gen)
+    feats = torch.randn(1, feat_dim, 5, 7, generator=gen)
+    kw.setdefault("pca_dim", 4)
+    kw.setdefault("hidden_dim", 16)
+    kw.setdefault("n_freqs", 5)
+    model = ImplicitUpsampler(feat_dim, size, **kw)
+    model.set_image(image)
+    model.set_pca(PCA(feat_dim, model.pca_dim).fit(feats))
+    return model.eval(), image
+
+
+def test_fourier_encoding_matches_eq7():
+    model, _ = make_model(n_freqs=30)
+    freqs = torch.exp(torch.linspace(-2, 10, 30))
+    torch.testing.assert_close(model.freqs, freqs)
+    coords = torch.tensor([[-0.5, 0.25], [0.9, -1.0]])
+    colors = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]])
+    enc = model.encode(coords, colors)
+    assert enc.shape == (2, 2 * 5 * 30 + 3)
+    z = torch.cat([coords, colors], 1)  # (y, x, r, g, b)
+    for n in range(2):
+        for c in range(5):
+            for f in (0, 7, 29):
+                i = c * 30 + f
+                arg = z[n, c] * freqs[f]
+                torch.testing.assert_close(
+                    enc[n, i], torch.sin(arg + model.phases[0, c, f]), atol=2e-3, rtol=0
+                )
+                torch.testing.assert_close(
+                    enc[n, 150 + i], torch.cos(arg + model.phases[1, c, f]), atol=2e-3, rtol=0
+                )
+    torch.testing.assert_close(enc[:, -3:], colors)
+    assert model.phases.requires_grad
+
+
+def test_architecture_is_three_layer_relu_mlp_with_layernorm_and_dropout():
+    model = ImplicitUpsampler(384, (224, 224))
+    linears = [m for m in model.mlp if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(303, 128), (128, 128), (128, 128)]
+    assert sum(isinstance(m, nn.LayerNorm) for m in model.mlp) == 3
+    assert [m.p for m in model.mlp if isinstance(m, nn.Dropout)] == [0.1] * 3
+    assert sum(isinstance(m, nn.ReLU) for m in model.mlp) == 2
+    # over two orders of magnitude smaller than an explicit 224x224x384 feature buffer (paper Section 3.2)
+    assert sum(p.numel() for p in model.parameters()) * 100 < 224 * 224 * 384
+    assert ImplicitUpsampler(64, (8, 8)).pca_dim == 64  # clipped to the feature dimension
+
+
+def test_pixel_coordinates_are_resolution_consistent():
+    c = pixel_coordinates((2, 4))
+    torch.testing.assert_close(c[:, 0], torch.tensor([-0.5] * 4 + [0.5] * 4))
+    torch.testing.assert_close(c[:, 1], torch.tensor([-0.75, -0.25, 0.25, 0.75] * 2))
+    torch.testing.assert_close(pixel_coordinates((5, 3), 4, 9), pixel_coordinates((5, 3))[4:9])
+
+
+def test_render_at_image_size_equals_compressed_forward_unprojected():
+    model, image = make_model()
+    z = model.forward_compressed(image)
+    assert z.shape == (1, 4, 9, 13)
+    out = model.render()
+    assert out.shape == (1, 6, 9, 13)
+    torch.testing.assert_close(out, model.pca.inverse_transform(z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.render(compressed=True), z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (1, 1), (20, 7)])
+def test_chunked_render_equals_unchunked(size):
+    model, _ = make_model()
+    whole = model.render(size, chunk_pixels=10**7)
+    for chunk in (1, 97, 512):
+        torch.testing.assert_close(model.render(size, chunk_pixels=chunk), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_render_2048_is_bounded_by_chunks():
+    model, _ = make_model(feat_dim=3, pca_dim=2, hidden_dim=4, n_freqs=2, size=(16, 16))
+    seen: list[int] = []
+    handle = model.mlp[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        out = model.render((2048, 2048), chunk_pixels=262144)
+    finally:
+        handle.remove()
+    assert out.shape == (1, 3, 2048, 2048) and torch.isfinite(out).all()
+    assert max(seen) <= 262144 and sum(seen) == 2048 * 2048 and len(seen) == 16
+
+
+def test_render_is_deterministic_and_keeps_training_mode():
+    model, _ = make_model()
+    model.train()
+    a = model.render((11, 5))
+    b = model.render((11, 5))
+    assert model.training
+    assert torch.equal(a, b)
+    assert a.is_inference()
+
+
+def test_gradients_reach_every_parameter():
+    model, image = make_model()
+    model.train()
+    model.forward_compressed(image).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fits_a_target_in_pca_space():
+    """A few optimiser steps reduce the error to a fixed compressed target (the field is trainable)."""
+    model, image = make_model(size=(12, 12), hidden_dim=32)
+    target = torch.sin(3 * image.sum(1, keepdim=True)).expand(1, 4, 12, 12)
+    opt = torch.optim.NAdam(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = (model.forward_compressed(image) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_shared_call_sizes_and_checks():
+    model, image = make_model()
+    lr = torch.randn(1, 6, 3, 4)
+    assert model(lr).shape == (1, 6, 9, 13)  # defaults to image_size
+    assert model(lr, image).shape == (1, 6, 9, 13)
+    assert model(lr, torch.rand(1, 3, 18, 26)).shape == (1, 6, 18, 26)
+    assert model(lr, output_size=(31, 17)).shape == (1, 6, 31, 17)
+    assert model(lr.double(), output_size=5).dtype == torch.float64
+    with pytest.raises(ValueError, match="one image"):
+        model(torch.randn(2, 6, 3, 4), output_size=4)
+    with pytest.raises(ValueError, match="6 channels"):
+        model(torch.randn(1, 5, 3, 4))
+
+
+def test_save_load_round_trip_is_self_contained(tmp_path):
+    model, image = make_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = model.save(tmp_path / "imp", extra={"backbone": "toy"})
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    loaded = ImplicitUpsampler.load(path)
+    assert not loaded.training
+    assert loaded.config() == model.config()
+    torch.testing.assert_close(loaded.image, image)
+    torch.testing.assert_close(loaded.render((17, 8)), model.render((17, 8)))
+
+
+def test_corrupted_and_mismatched_checkpoints(tmp_path):
+    model, _ = make_model()
+    path = model.save(tmp_path / "imp")
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError):
+        ImplicitUpsampler.load(bad)
+    # right class name and config, wrong tensors
+    other_path = save_checkpoint(
+        tmp_path / "other", PCA(4, 2).state_dict(), {"class": "ImplicitUpsampler", "kwargs": model.config()}
+    )
+    with pytest.raises(CheckpointError, match="does not match"):
+        ImplicitUpsampler.load(other_path)
+    jbu_path = save_checkpoint(tmp_path / "jbu", model.state_dict(), {"class": "JBUStack", "kwargs": {}})
+    with pytest.raises(CheckpointError, match="expected a ImplicitUpsampler checkpoint"):
+        ImplicitUpsampler.load(jbu_path)
+
+
+def test_pca_with_fewer_components_is_padded():
+    model = ImplicitUpsampler(6, (4, 4), pca_dim=4, hidden_dim=8, n_freqs=3)
+    feats = torch.randn(1, 6, 1, 3)  # 3 samples -> 2 components
+    small = PCA(6, 4).fit(feats)
+    assert small.n_components == 2
+    model.set_pca(small)
+    model.set_image(torch.rand(1, 3, 4, 4))
+    z = torch.zeros(1, 4, 1, 3)
+    z[:, :2] = small.transform(feats)
+    torch.testing.assert_close(model.pca.inverse_transform(z), feats, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_before_fitting_and_bad_inputs():
+    model = ImplicitUpsampler(6, (4, 5), pca_dim=4, hidden_dim=8, n_freqs=3)
+    with pytest.raises(RuntimeError, match="no image"):
+        model.render()
+    with pytest.raises(ValueError, match=r"\(1, 3, 4, 5\)"):
+        model.set_image(torch.rand(1, 3, 5, 4))
+    with pytest.raises(ValueError, match=r"\[0,1\]"):
+        model.set_image(torch.rand(1, 3, 4, 5) * 255)
+    model.set_image(torch.rand(1, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="no PCA"):
+        model.render()
+    with pytest.raises(ValueError, match="fitted"):
+        model.set_pca(PCA(6, 4))
+    with pytest.raises(ValueError, match="6-channel"):
+        model.set_pca(PCA(5, 4).fit(torch.randn(1, 5, 4, 4)))
+    with pytest.raises(ValueError, match="at most pca_dim"):
+        model.set_pca(PCA(6, 6).fit(torch.randn(1, 6, 4, 4)))
+    with pytest.raises(ValueError, match="image_size"):
+        ImplicitUpsampler(6, (0, 4))
+    assert math.isclose(model.dropout, 0.1)

@@ -1,0 +1,237 @@
+"""JBUStack: shapes at any size, eq. 4-6 against independent references, invariants, gradients, files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from featup.core import CheckpointError, JBUStack, ResizeConvUpsampler, create_upsampler
+from featup.core.jbu import neighborhood_dot, neighborhood_sqdist, stage_sizes
+
+torch.set_num_threads(1)
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter non-trivial values (a trained-looking stack) without changing the layout."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("sigma_spatial"):
+                p.copy_(0.5 + torch.rand((), generator=g))
+            elif name.endswith("range_temp"):
+                p.copy_(torch.rand((), generator=g) - 0.5)
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def test_stage_sizes_plans():
+    assert stage_sizes((14, 14), (224, 224)) == [(28, 28), (56, 56), (112, 112), (224, 224)]
+    assert stage_sizes((16, 16), (224, 224)) == [(32, 32), (64, 64), (128, 128), (224, 224)]
+    assert stage_sizes((14, 14), (29, 29)) == [(29, 29)]  # 2.07x: one stage, not 28 then 29
+    assert stage_sizes((14, 14), (10, 100)) == [(10, 28), (10, 56), (10, 100)]
+    assert stage_sizes((8, 8), (8, 8)) == [(8, 8)]
+    assert stage_sizes((9, 9), (3, 4)) == [(3, 4)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), out_h=st.integers(1, 900), out_w=st.integers(1, 900))
+def test_stage_sizes_properties(h, w, out_h, out_w):
+    sizes = stage_sizes((h, w), (out_h, out_w))
+    assert sizes[-1] == (out_h, out_w)
+    prev = (h, w)
+    for size in sizes:
+        for d in range(2):  # every step grows by at most ~2x and never overshoots the target
+            assert size[d] <= max(2**1.1 * prev[d], (out_h, out_w)[d]) + 1e-9
+            assert size[d] <= max(prev[d] * 2**1.1, 1) or size[d] == (out_h, out_w)[d]
+        prev = size
+    assert len(sizes) == max(1, math.ceil(math.log2(max(out_h / h, out_w / w)) - 0.1))
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    ratio_h=st.floats(0.5, 17.0),
+    ratio_w=st.floats(0.5, 17.0),
+    channels=st.integers(1, 5),
+)
+def test_output_shape_any_ratio_odd_nonsquare(h, w, ratio_h, ratio_w, channels):
+    up = _randomize(JBUStack(radius=2, key_dim=8))
+    out_size = (max(1, round(h * ratio_h)), max(1, round(w * ratio_w)))
+    image = torch.rand(2, 3, out_size[0] + 3, out_size[1] + 2)  # image and output sizes differ on purpose
+    out = up(torch.randn(2, channels, h, w), image, output_size=out_size)
+    assert out.shape == (2, channels, *out_size)
+    assert torch.isfinite(out).all()
+
+
+def test_output_defaults_to_image_size_and_registry():
+    up = create_upsampler("jbu", feat_dim=6)
+    assert isinstance(up, JBUStack) and not up.training
+    out = up(torch.randn(1, 6, 5, 7), torch.rand(1, 3, 81, 111))
+    assert out.shape == (1, 6, 81, 111)
+
+
+def _gaussian_taps(radius: int, sigma: float) -> torch.Tensor:
+    c = torch.linspace(-1, 1, 2 * radius + 1, dtype=torch.float64)
+    k = torch.exp(-(c[:, None] ** 2 + c[None, :] ** 2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def _spatial_smoothing(x: torch.Tensor, size: tuple[int, int], radius: int, sigma: float) -> torch.Tensor:
+    """Reference: bilinear resize, reflect pad, depthwise convolution with the normalized Gaussian."""
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = F.pad(x, [radius] * 4, mode="reflect")
+    k = _gaussian_taps(radius, sigma).to(x.dtype)
+    c = x.shape[1]
+    return F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)
+
+
+@pytest.mark.parametrize("out_size", [(22, 18), (44, 36), (37, 29)])
+def test_constant_guidance_reduces_to_spatial_smoothing(out_size):
+    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2), seed=3).double()
+    sigmas = [s.sigma_spatial.item() for s in up.stages]
+    x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
+    image = torch.full((2, 3, *out_size), 0.37, dtype=torch.float64)  # constant: every range logit is equal
+    expected = x
+    for k, size in enumerate(stage_sizes(x.shape[-2:], out_size)):
+        expected = _spatial_smoothing(expected, size, 2, sigmas[min(k, 1)])
+    torch.testing.assert_close(up(x, image), expected)
+
+
+def test_kernels_sum_to_one_and_constants_are_preserved():
+    up = _randomize(JBUStack(radius=3, key_dim=8), seed=1)
+    image = torch.rand(1, 3, 40, 56)
+    kernel = up.up1.kernel(image)
+    assert kernel.shape == (1, 49, 40, 56)
+    torch.testing.assert_close(kernel.sum(1), torch.ones(1, 40, 56))
+    assert (kernel >= 0).all()
+    const = torch.full((1, 3, 5, 7), 2.5)
+    torch.testing.assert_close(up(const, image), torch.full((1, 3, 40, 56), 2.5))
+    shrunk = up(const, image, output_size=(3, 4))
+    torch.testing.assert_close(shrunk, torch.full((1, 3, 3, 4), 2.5))
+
+
+def test_linear_in_features_when_encoder_agnostic():
+    up = _randomize(JBUStack(key_dim=8), seed=2)
+    image = torch.rand(1, 3, 45, 31)
+    a, b = torch.randn(1, 7, 6, 4), torch.randn(1, 7, 6, 4)
+    torch.testing.assert_close(
+        up(2 * a - 3 * b, image), 2 * up(a, image) - 3 * up(b, image), atol=1e-5, rtol=1e-5
+    )
+    assert not any("fixup_proj" in n and not n.startswith("up") for n, _ in up.named_parameters())
+
+
+def test_range_kernel_follows_the_guidance_edge():
+    """With a sharp learned range kernel, output pixels take features from their own side of an image edge."""
+    up = JBUStack(radius=3, key_dim=3, n_stages=1).eval()
+    with torch.no_grad():
+        up.up1.range_proj[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        up.up1.range_proj[0].bias.zero_()
+        # keys = +-1 per channel (GELU(1) = 0.8413): black and white pixels get opposite keys
+        up.up1.range_proj[3].weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 2 / F.gelu(torch.tensor(1.0)))
+        up.up1.range_proj[3].bias.fill_(-1.0)
+        up.up1.range_temp.fill_(math.log(50.0))
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 9:] = 1.0  # edge between columns 8 and 9 (not on the low-res grid)
+    # tap (i, j) at pixel (y, x) reads pixel (y + i - 3, x + j - 3)
+    kernel = up.up1.kernel(image)[0].view(7, 7, 16, 16)
+    for x in range(16):
+        cols = torch.arange(7) + x - 3
+        other_side = (cols >= 9) != (x >= 9)
+        other_side &= (cols >= 0) & (cols < 16)  # reflect padding: inside columns only
+        assert kernel[:, other_side, 5, x].sum() < 1e-2, x  # eq. 6: almost no weight across the edge
+    feats = torch.zeros(1, 1, 8, 8)
+    feats[..., 4:] = 1.0  # low-res edge at column 4 = hr column 8
+    sharp = up(feats, image)[0, 0]
+    blurry = F.interpolate(feats, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+    target = image[0, 0]
+    assert (sharp - target).abs().mean() < 0.85 * (blurry - target).abs().mean()
+
+
+def test_horizontal_flip_equivariance():
+    up = _randomize(JBUStack(feat_dim=5, key_dim=8, kernel_fixup=True), seed=4)
+    x, image = torch.randn(2, 5, 7, 9), torch.rand(2, 3, 61, 75)
+    out = up(x, image)
+    flipped = up(x.flip(-1), image.flip(-1))
+    torch.testing.assert_close(flipped, out.flip(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"feat_dim": 4, "kernel_fixup": True}, {"feat_dim": 4, "original": True}])
+def test_gradients_reach_every_parameter(kwargs):
+    up = _randomize(JBUStack(**kwargs), seed=5)
+    x = torch.randn(2, 4, 4, 3, requires_grad=True)
+    image = torch.rand(2, 3, 64, 48, requires_grad=True)  # 16x: all four stages are used
+    out = up(x, image)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in up.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0 and image.grad.abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    up = _randomize(JBUStack(feat_dim=2, radius=1, key_dim=4, n_stages=2, kernel_fixup=True), seed=6).double()
+    x = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, i: up(f, i, output_size=(11, 8)), (x, image))
+    names = ["up1.range_temp", "up2.sigma_spatial", "up1.range_proj.0.weight", "fixup_proj.1.weight"]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in up.named_parameters() if n in names}
+    x0, i0 = x.detach(), image.detach()
+
+    def f(*values):
+        return torch.func.functional_call(up, dict(zip(params, values)), (x0, i0, (11, 8)))
+
+    assert torch.autograd.gradcheck(f, tuple(params.values()))
+
+
+def test_neighborhood_helpers_match_unfold():
+    q = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    qp = F.pad(q, [2] * 4, mode="reflect")
+    patches = F.unfold(qp, 5).view(2, 5, 25, 6, 7)
+    torch.testing.assert_close(neighborhood_dot(q, 2), torch.einsum("bcphw,bchw->bphw", patches, q))
+    torch.testing.assert_close(neighborhood_sqdist(q, 2), (patches - q[:, :, None]).square().sum(1))
+
+
+def test_save_load_round_trip(tmp_path):
+    up = _randomize(JBUStack(feat_dim=3, key_dim=8, radius=2, resize_mode="bicubic"), seed=7)
+    path = up.save(tmp_path / "jbu", extra={"backbone": "toy"})
+    loaded = JBUStack.load(path)
+    assert not loaded.training and loaded.config() == up.config()
+    x, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 33, 41)
+    torch.testing.assert_close(loaded(x, image), up(x, image))
+    assert (tmp_path / "jbu.json").is_file()
+
+
+def test_corrupted_and_mismatched_checkpoints(tmp_path):
+    up = JBUStack(feat_dim=3)
+    path = up.save(tmp_path / "jbu")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        JBUStack.load(path)
+    other = ResizeConvUpsampler(feat_dim=3).save(tmp_path / "rc")
+    with pytest.raises(CheckpointError, match="JBUStack"):
+        JBUStack.load(other)
+    with pytest.raises(CheckpointError):
+        JBUStack.load(tmp_path / "missing")
+
+
+def test_bad_inputs_raise_clear_errors():
+    up = JBUStack(feat_dim=4)
+    with pytest.raises(ValueError, match="4 channels"):
+        up(torch.randn(1, 5, 3, 3), torch.rand(1, 3, 12, 12))
+    with pytest.raises(ValueError, match="image"):
+        up(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"\(B,C,h,w\)"):
+        up(torch.randn(4, 3, 3), torch.rand(1, 3, 12, 12))
+    with pytest.raises(ValueError, match="feat_dim"):
+        JBUStack(original=True)
+    with pytest.raises(ValueError, match="radius=3"):
+        JBUStack(8, original=True, radius=2)
+    with pytest.raises(ValueError, match="resize_mode"):
+        JBUStack(resize_mode="area")

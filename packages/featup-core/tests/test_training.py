@@ -1,0 +1,421 @@
+"""train_jbu / fit_implicit: they learn on a problem with known high-res features, are reproducible,
+resume exactly, and reject bad input with clear errors.
+
+The synthetic problem: images are piecewise-constant (random rectangles of random colours), the "true"
+high-resolution features are a fixed pointwise nonlinearity of the pixel colours, ``phi(x) = tanh(A x + b)``,
+and the frozen backbone is their strided average pool. So the ideal upsampled features are known exactly and
+an edge-aware upsampler must beat bilinear interpolation of the pooled features.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from featup.core import _distributed as dist_utils
+from featup.core._train_data import IndexedSource, IterableSource, make_source
+from featup.core.checkpoint import CheckpointError, load_checkpoint
+from featup.core.implicit import ImplicitUpsampler
+from featup.core.jbu import JBUStack
+from featup.core.training import JBU_MODEL_FILE, JBU_STATE_FILE, fit_implicit, train_jbu
+
+torch.set_num_threads(1)
+
+STRIDE = 4
+
+
+class PooledPointwise(nn.Module):
+    """Frozen toy backbone: ``avg_pool(tanh(A x + b), stride)``; ``hr_features`` is the known ideal."""
+
+    def __init__(self, dim: int = 8, stride: int = STRIDE, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stride = stride
+        self.proj = nn.Conv2d(3, dim, 1)
+        with torch.no_grad():
+            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
+            self.proj.bias.copy_(torch.randn(dim, generator=g))
+        self.requires_grad_(False)
+
+    def hr_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x - 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.hr_features(x), self.stride)
+
+
+def rectangles(n: int, size: int | tuple[int, int] = 32, seed: int = 0, n_rects: int = 4) -> torch.Tensor:
+    """Piecewise-constant RGB images in [0,1]: a background and a few random rectangles."""
+    h, w = (size, size) if isinstance(size, int) else size
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, h, w).clone()
+    for i in range(n):
+        for _ in range(n_rects):
+            y0 = int(torch.randint(0, h - 4, (1,), generator=g))
+            x0 = int(torch.randint(0, w - 4, (1,), generator=g))
+            y1 = int(torch.randint(y0 + 3, h + 1, (1,), generator=g))
+            x1 = int(torch.randint(x0 + 3, w + 1, (1,), generator=g))
+            imgs[i, :, y0:y1, x0:x1] = torch.rand(3, 1, 1, generator=g)
+    return imgs
+
+
+def upsample_error(up: nn.Module | None, backbone: PooledPointwise, images: torch.Tensor) -> float:
+    """Mean squared error to the known high-res features (bilinear when ``up`` is None)."""
+    with torch.no_grad():
+        lr = backbone(images)
+        truth = backbone.hr_features(images)
+        if up is None:
+            pred = F.interpolate(lr, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            pred = up(lr, images)
+        return float((pred - truth).square().mean())
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+JBU_FAST = dict(batch_size=4, kernel_size=STRIDE, progress=False, lr=5e-3)
+IMP_FAST = dict(
+    n_jitters=4,
+    kernel_size=STRIDE,
+    progress=False,
+    lr=5e-3,
+    upsampler_kwargs={"hidden_dim": 32, "n_freqs": 8},
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# learning on the synthetic problem
+
+
+def test_train_jbu_lowers_loss_and_beats_bilinear():
+    backbone = PooledPointwise()
+    train, held_out = rectangles(16, 32, seed=1), rectangles(8, 32, seed=2)
+    losses: list[float] = []
+    up = train_jbu(
+        backbone, train, steps=120, callback=lambda s, logs: losses.append(logs["loss"]), **JBU_FAST
+    )
+    assert isinstance(up, JBUStack) and not up.training
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    err_jbu, err_bilinear = upsample_error(up, backbone, held_out), upsample_error(None, backbone, held_out)
+    print(
+        f"train_jbu loss {first:.4f} -> {last:.4f}; held-out MSE {err_jbu:.5f} vs bilinear {err_bilinear:.5f}"
+    )
+    assert last < first
+    assert err_jbu < 0.9 * err_bilinear
+
+
+def test_fit_implicit_lowers_loss_and_beats_bilinear():
+    backbone = PooledPointwise()
+    image = rectangles(1, 32, seed=3)
+    losses: list[float] = []
+    imp = fit_implicit(
+        backbone, image, steps=150, callback=lambda s, logs: losses.append(logs["rec_loss"]), **IMP_FAST
+    )
+    assert isinstance(imp, ImplicitUpsampler) and not imp.training
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    with torch.no_grad():
+        rendered = imp.render((32, 32))
+    assert rendered.shape == (1, 8, 32, 32)
+    truth = backbone.hr_features(image)
+    err_imp = float((rendered - truth).square().mean())
+    err_bilinear = upsample_error(None, backbone, image)
+    print(f"fit_implicit loss {first:.4f} -> {last:.4f}; MSE {err_imp:.5f} vs bilinear {err_bilinear:.5f}")
+    assert last < first
+    assert err_imp < 0.9 * err_bilinear
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reproducibility and resume
+
+
+def test_train_jbu_is_bitwise_reproducible_and_leaves_global_rng_alone():
+    backbone = PooledPointwise()
+    images = rectangles(6, 24, seed=4)
+    before = torch.get_rng_state()
+    a = params_of(train_jbu(backbone, images, steps=4, seed=7, **JBU_FAST))
+    assert torch.equal(torch.get_rng_state(), before)
+    b = params_of(train_jbu(backbone, images, steps=4, seed=7, **JBU_FAST))
+    c = params_of(train_jbu(backbone, images, steps=4, seed=8, **JBU_FAST))
+    assert_bitwise_equal(a, b)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fit_implicit_is_bitwise_reproducible():
+    backbone = PooledPointwise()
+    image = rectangles(1, 24, seed=5)
+    a = params_of(fit_implicit(backbone, image, steps=3, seed=1, **IMP_FAST))
+    b = params_of(fit_implicit(backbone, image, steps=3, seed=1, **IMP_FAST))
+    c = params_of(fit_implicit(backbone, image, steps=3, seed=2, **IMP_FAST))
+    assert_bitwise_equal(a, b)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def callback(s: int, logs: dict) -> None:
+        if s == step:
+            raise Interrupt
+
+    return callback
+
+
+def test_train_jbu_resume_after_interruption_is_exact(tmp_path):
+    backbone = PooledPointwise()
+    images = rectangles(5, 24, seed=6)  # 5 images, batch 4: batches straddle epochs
+    full = train_jbu(
+        backbone, images, steps=8, checkpoint_dir=tmp_path / "full", checkpoint_every=3, **JBU_FAST
+    )
+    with pytest.raises(Interrupt):
+        train_jbu(
+            backbone,
+            images,
+            steps=8,
+            checkpoint_dir=tmp_path / "cut",
+            checkpoint_every=3,
+            callback=interrupt_at(7),
+            **JBU_FAST,
+        )
+    _, cfg = load_checkpoint(tmp_path / "cut" / JBU_STATE_FILE)
+    assert cfg["step"] == 6  # the last checkpoint before the interruption
+    resumed_steps: list[int] = []
+    resumed = train_jbu(
+        backbone,
+        images,
+        steps=8,
+        checkpoint_dir=tmp_path / "cut",
+        checkpoint_every=3,
+        callback=lambda s, logs: resumed_steps.append(s),
+        **JBU_FAST,
+    )
+    assert resumed_steps == [7, 8]
+    assert_bitwise_equal(params_of(full), params_of(resumed))
+    # the full state (downsampler, uncertainty head, optimizer moments) agrees too
+    full_state, full_cfg = load_checkpoint(tmp_path / "full" / JBU_STATE_FILE)
+    cut_state, cut_cfg = load_checkpoint(tmp_path / "cut" / JBU_STATE_FILE)
+    assert_bitwise_equal(full_state, cut_state)
+    assert full_cfg["step"] == cut_cfg["step"] == 8
+    assert any(k.startswith("downsampler.") for k in full_state)
+    assert any(k.startswith("head.") for k in full_state)
+    assert any(k.startswith("optimizer.") for k in full_state)
+    # the finished stack is saved as a plain JBUStack checkpoint
+    loaded = JBUStack.load(tmp_path / "full" / JBU_MODEL_FILE)
+    assert_bitwise_equal(params_of(loaded), params_of(full))
+    # a finished run resumes to a no-op
+    again = train_jbu(backbone, images, steps=8, checkpoint_dir=tmp_path / "full", **JBU_FAST)
+    assert_bitwise_equal(params_of(again), params_of(full))
+
+
+def test_fit_implicit_resume_after_interruption_is_exact(tmp_path):
+    backbone = PooledPointwise()
+    image = rectangles(1, 24, seed=7)
+    full = fit_implicit(
+        backbone, image, steps=6, checkpoint_path=tmp_path / "full", checkpoint_every=2, **IMP_FAST
+    )
+    with pytest.raises(Interrupt):
+        fit_implicit(
+            backbone,
+            image,
+            steps=6,
+            checkpoint_path=tmp_path / "cut",
+            checkpoint_every=2,
+            callback=interrupt_at(5),
+            **IMP_FAST,
+        )
+    resumed = fit_implicit(
+        backbone, image, steps=6, checkpoint_path=tmp_path / "cut", checkpoint_every=2, **IMP_FAST
+    )
+    assert_bitwise_equal(params_of(full), params_of(resumed))
+    # a checkpoint of another image is refused
+    with pytest.raises(CheckpointError, match="different image"):
+        fit_implicit(
+            backbone, rectangles(1, 24, seed=8), steps=7, checkpoint_path=tmp_path / "cut", **IMP_FAST
+        )
+
+
+def test_resume_with_other_hyperparameters_is_refused(tmp_path):
+    backbone = PooledPointwise()
+    images = rectangles(4, 24, seed=9)
+    train_jbu(backbone, images, steps=2, checkpoint_dir=tmp_path, **JBU_FAST)
+    with pytest.raises(CheckpointError, match="n_jitters"):
+        train_jbu(backbone, images, steps=4, checkpoint_dir=tmp_path, **{**JBU_FAST, "n_jitters": 3})
+    # resume=False starts over instead
+    train_jbu(
+        backbone, images, steps=1, checkpoint_dir=tmp_path, resume=False, **{**JBU_FAST, "n_jitters": 3}
+    )
+
+
+def test_corrupted_training_state_is_a_clear_error(tmp_path):
+    backbone = PooledPointwise()
+    images = rectangles(4, 24, seed=10)
+    train_jbu(backbone, images, steps=1, checkpoint_dir=tmp_path, **JBU_FAST)
+    state = tmp_path / JBU_STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train_jbu(backbone, images, steps=2, checkpoint_dir=tmp_path, **JBU_FAST)
+
+
+def test_callback_returning_true_stops_and_checkpoints(tmp_path):
+    backbone = PooledPointwise()
+    images = rectangles(4, 24, seed=11)
+    seen: list[int] = []
+
+    def stop_at_3(step: int, logs: dict) -> bool:
+        seen.append(step)
+        assert set(logs) >= {"loss", "rec_loss", "tv_loss"}
+        return step == 3
+
+    train_jbu(
+        backbone,
+        images,
+        steps=10,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=100,
+        callback=stop_at_3,
+        **JBU_FAST,
+    )
+    assert seen == [1, 2, 3]
+    assert load_checkpoint(tmp_path / JBU_STATE_FILE)[1]["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def test_train_jbu_accepts_lists_datasets_and_dataloaders():
+    backbone = PooledPointwise()
+    images = rectangles(8, 24, seed=12)
+    from_tensor = params_of(train_jbu(backbone, images, steps=2, **JBU_FAST))
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int):
+            return images[i], i  # (image, label) pairs as labelled datasets yield them
+
+    from_dataset = params_of(train_jbu(backbone, Images(), steps=2, **JBU_FAST))
+    assert_bitwise_equal(from_tensor, from_dataset)  # same indices, same batches
+    batches = [images[:4], images[4:]]
+    train_jbu(backbone, batches, steps=3, **JBU_FAST)  # cycles the list
+    loader = DataLoader(TensorDataset(images), batch_size=4, shuffle=True)
+    a = params_of(train_jbu(backbone, loader, steps=3, **JBU_FAST))
+    b = params_of(train_jbu(backbone, loader, steps=3, **JBU_FAST))
+    assert_bitwise_equal(a, b)  # a shuffling DataLoader is seeded by the run
+
+
+def test_train_jbu_odd_non_square_images_and_given_upsampler():
+    backbone = PooledPointwise()
+    images = rectangles(4, (20, 28), seed=13)
+    up = JBUStack(radius=1, key_dim=8)
+    out = train_jbu(backbone, images, steps=2, upsampler=up, **JBU_FAST)
+    assert out is up and not out.training
+    with torch.no_grad():
+        assert out(backbone(images), images).shape == (4, 8, 20, 28)
+
+
+def test_backbone_mode_restored():
+    backbone = PooledPointwise().train()
+    train_jbu(backbone, rectangles(4, 24), steps=1, **JBU_FAST)
+    assert backbone.training
+
+
+@pytest.mark.parametrize(
+    ("images", "kwargs", "error", "match"),
+    [
+        (torch.rand(3, 24, 24), {}, ValueError, r"\(B,3,H,W\).*\(3, 24, 24\).*batch dimension"),
+        (torch.rand(2, 4, 24, 24), {}, ValueError, r"\(B,3,H,W\).*\(2, 4, 24, 24\)"),
+        (torch.rand(2, 3, 24, 24) * 255, {}, ValueError, r"\[0,1\]"),
+        (torch.randint(0, 2, (2, 3, 24, 24)), {}, ValueError, "floating-point"),
+        ("images/", {}, TypeError, "expected images"),
+        (torch.rand(2, 3, 24, 24), {"steps": 0}, ValueError, "steps >= 1"),
+        (torch.rand(2, 3, 24, 24), {"steps": 2.5}, TypeError, "steps"),
+        (torch.rand(2, 3, 24, 24), {"batch_size": 0}, ValueError, "batch_size"),
+        (torch.rand(2, 3, 24, 24), {"lr": -1.0}, ValueError, "lr"),
+        (torch.rand(2, 3, 24, 24), {"downsampler": "max"}, ValueError, "downsampler"),
+        (torch.rand(2, 3, 24, 24), {"max_zoom": 0.5}, ValueError, "max_zoom"),
+        ([], {}, ValueError, "at least one"),
+        ([torch.rand(3, 24, 24)], {}, ValueError, r"\(B,3,H,W\)"),
+    ],
+)
+def test_train_jbu_bad_inputs(images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        train_jbu(PooledPointwise(), images, **{"steps": 1, **JBU_FAST, **kwargs})
+
+
+def test_one_shot_iterator_that_runs_out_is_a_clear_error():
+    batches = iter([rectangles(2, 24)])
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        train_jbu(PooledPointwise(), batches, steps=3, **JBU_FAST)
+
+
+def test_bad_backbones():
+    images = rectangles(2, 24)
+    with pytest.raises(TypeError, match="callable"):
+        train_jbu("dino", images, steps=1, **JBU_FAST)
+    with pytest.raises(ValueError, match=r"features \(B,C,h,w\).*got shape \(2, 8, 6\)"):
+        train_jbu(lambda x: PooledPointwise()(x)[:, :, 0], images, steps=1, **JBU_FAST)
+    with pytest.raises(ValueError, match="B=2"):
+        train_jbu(lambda x: PooledPointwise()(x)[:1], images, steps=1, **JBU_FAST)
+    with pytest.raises(TypeError, match="return a tensor"):
+        train_jbu(lambda x: [PooledPointwise()(x)], images, steps=1, **JBU_FAST)
+
+
+def test_fit_implicit_bad_inputs():
+    backbone = PooledPointwise()
+    with pytest.raises(ValueError, match=r"one image \(1,3,H,W\)"):
+        fit_implicit(backbone, rectangles(2, 24), steps=1, **IMP_FAST)
+    with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
+        fit_implicit(backbone, torch.rand(3, 24, 24), steps=1, **IMP_FAST)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        fit_implicit(backbone, rectangles(1, 24), steps=0, **IMP_FAST)
+    with pytest.raises(ValueError, match="tv_weight"):
+        fit_implicit(backbone, rectangles(1, 24), steps=1, tv_weight=-0.1, **IMP_FAST)
+    with pytest.raises(ValueError, match=r"features \(B,C,h,w\)"):
+        fit_implicit(lambda x: backbone(x).flatten(2), rectangles(1, 24), steps=1, **IMP_FAST)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data order (the DistributedSampler equivalent)
+
+
+def test_shard_indices_partition_each_epoch_and_reshuffle():
+    n, world = 10, 3
+    for epoch in range(3):
+        shards = [dist_utils.shard_indices(n, epoch, 5, r, world) for r in range(world)]
+        assert all(len(s) == 4 for s in shards)  # ceil(10 / 3), padded by wrapping around
+        flat = torch.cat(shards).tolist()
+        assert set(flat) == set(range(n)) and len(flat) == 12
+        again = [dist_utils.shard_indices(n, epoch, 5, r, world) for r in range(world)]
+        assert all(torch.equal(a, b) for a, b in zip(shards, again))
+    assert not torch.equal(dist_utils.shard_indices(n, 0, 5, 0, 1), dist_utils.shard_indices(n, 1, 5, 0, 1))
+
+
+def test_sources_shard_batches_over_ranks():
+    ctxs = [dist_utils.DistContext(rank=r, world_size=2) for r in range(2)]
+    indexed = [IndexedSource(lambda i: torch.tensor(i), 7, 3, 0, c) for c in ctxs]
+    for step in range(3):
+        a, b = (s.indices(step) for s in indexed)
+        assert len(a) == len(b) == 3
+    epoch0 = [set(s.indices(0) + s.indices(1)[:1]) for s in indexed]  # 4 = ceil(7/2) images per rank
+    assert len(epoch0[0] | epoch0[1]) == 7  # together the ranks cover the corpus in one epoch
+    batches = [torch.full((1, 3, 2, 2), i / 10) for i in range(5)]
+    streams = [IterableSource(batches, 0, c, shard=True) for c in ctxs]
+    got = [[float(s.batch(k)[0, 0, 0, 0]) * 10 for k in range(4)] for s in streams]
+    assert [round(v) for v in got[0]] == [0, 2, 4, 1]  # global batches 0, 2, 4, 6 -> cycled 6 = 1
+    assert [round(v) for v in got[1]] == [1, 3, 0, 2]
+    single = make_source(batches, 4, 0, dist_utils.DistContext())
+    assert round(float(single.batch(6)[0, 0, 0, 0]) * 10) == 1

@@ -1,0 +1,275 @@
+"""``featup train-jbu``: train a JBU upsampler for a backbone on a folder of images (torchrun-ready).
+
+    featup train-jbu --images photos/ --backbone dinov2_vits14 --steps 2000 --out jbu.safetensors
+    torchrun --nproc_per_node 8 -m featup.eval.cli train-jbu --images 'data/**/*.jpg' \\
+        --backbone vit_small_patch16_224 --checkpoint-dir runs/vit --resume
+
+Under torchrun every rank runs this command; ``featup.core.train_jbu`` joins the process group, wraps the
+trainable modules in DistributedDataParallel and gives each rank its own shard of the images. Only rank 0
+writes the final file and prints the summary. This module also holds the helpers ``fit-implicit`` shares:
+finding images, loading them, and resolving a backbone name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from featup.eval.errors import UsageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageFolder",
+    "find_images",
+    "load_image",
+    "rank_and_world",
+    "register",
+    "resolve_backbone",
+    "run",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+#: backbone names served by featup.eval.synthetic (deterministic, weight-free; for tests and demos)
+SYNTHETIC = {"synthetic-a": "a", "synthetic-b": "b"}
+
+
+def find_images(spec: str) -> tuple[Path, list[Path]]:
+    """Image files named by a file, a folder (searched recursively) or a glob pattern, sorted.
+
+    Returns:
+        (root, files): the folder names are relative to (the file's folder, the folder, or the glob's fixed
+        prefix) and the files.
+
+    Raises:
+        UsageError: nothing matches, or a named file is not an image.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        root = path
+    elif path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UsageError(f"expected an image file ({', '.join(IMAGE_SUFFIXES)}), got {spec}")
+        files, root = [path], path.parent
+    else:
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+        files = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        fixed = spec.split("*")[0].split("?")[0].split("[")[0]
+        root = Path(fixed) if fixed.endswith(os.sep) else Path(fixed).parent
+    if not files:
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {spec!r}")
+    return root, files
+
+
+def load_image(path: str | os.PathLike, size: int | None, *, square: bool) -> torch.Tensor:
+    """Read an image as RGB in [0, 1]; shorter side resized to ``size`` (antialiased), cropped if ``square``.
+
+    Shape:
+        - output: (3, H, W); (3, size, size) when ``square``
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            array = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+            w, h = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from None
+    x = array.view(h, w, 3).permute(2, 0, 1).float().div(255.0)
+    if size is not None:
+        scale = size / min(h, w)
+        new = (max(size, round(h * scale)), max(size, round(w * scale)))
+        if new != (h, w):
+            x = F.interpolate(x[None], size=new, mode="bilinear", align_corners=False, antialias=True)[0]
+            x = x.clamp(0.0, 1.0)  # antialiased bilinear can overshoot slightly
+        if square:
+            top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
+            x = x[:, top : top + size, left : left + size]
+    return x.contiguous()
+
+
+class ImageFolder(Dataset):
+    """Map-style dataset of square RGB images in [0, 1], read lazily (``train_jbu`` shards it over ranks).
+
+    Shape:
+        - item: (3, size, size)
+    """
+
+    def __init__(self, files: Sequence[Path], size: int) -> None:
+        self.files = list(files)
+        self.size = int(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.files[index], self.size, square=True)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise UsageError(f"expected integer RANK and WORLD_SIZE from torchrun, got {exc}") from None
+
+
+def resolve_backbone(name: str, weights: str | None, pretrained: bool, device: torch.device) -> Callable:
+    """A frozen backbone ``(B,3,H,W) -> (B,C,h,w)`` on ``device``, by registry name or ``synthetic-a|b``."""
+    if name in SYNTHETIC:
+        from featup.eval.synthetic import SyntheticExtractor
+
+        if weights is not None:
+            raise UsageError(f"backbone {name!r} has no weights; drop --weights")
+        return SyntheticExtractor(SYNTHETIC[name]).to(device)
+    if weights is not None and not Path(weights).is_file():
+        raise UsageError(f"expected a weights file at {weights}, found none")
+    try:
+        from featup.backbones import create_backbone, list_backbones
+    except ImportError as exc:
+        raise UsageError(f"featup.backbones is unavailable ({exc}); use --backbone synthetic-a") from None
+    known = list(list_backbones()) + list(SYNTHETIC)
+    if name not in known:
+        raise UsageError(f"unknown backbone {name!r}; expected one of {sorted(known)}")
+    kwargs = {"weights": weights} if weights is not None else {"pretrained": pretrained}
+    return create_backbone(name, **kwargs).to(device).eval()
+
+
+def _device(spec: str | None) -> torch.device:
+    if spec is not None:
+        try:
+            return torch.device(spec)
+        except RuntimeError as exc:
+            raise UsageError(f"expected a torch device such as cpu or cuda:0, got {spec!r} ({exc})") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments ``train-jbu`` and ``fit-implicit`` share."""
+    p.add_argument("--backbone", required=True, help="registered backbone name, or synthetic-a / synthetic-b")
+    p.add_argument("--weights", help="local backbone weights (.safetensors); default: the pretrained weights")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, smoke runs)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000, Table 7)")
+    p.add_argument("--size", type=int, default=224, help="image load size, shorter side in px (default 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: torchrun's local GPU, else cpu)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_common(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise UsageError(f"expected --steps >= 1, got {args.steps}")
+    if args.size < 16:
+        raise UsageError(f"expected --size >= 16 px, got {args.size}")
+    if args.checkpoint_every < 1:
+        raise UsageError(f"expected --checkpoint-every >= 1, got {args.checkpoint_every}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-jbu",
+        help="train a JBU upsampler on a folder of images (runs under torchrun)",
+        description="Train FeatUp's JBU upsampler for a frozen backbone with the multi-view loss. "
+        "Under torchrun each rank trains on its own shard (DDP); rank 0 writes the files.",
+    )
+    p.add_argument("--images", required=True, help="image folder (recursive), image file, or glob pattern")
+    add_backbone_arguments(p)
+    p.add_argument("--batch-size", type=int, default=4, help="images per step and rank (default 4)")
+    p.add_argument("--n-jitters", type=int, default=2, help="jittered views per image (default 2)")
+    p.add_argument("--proj-dim", type=int, default=30, help="random projection width (default 30)")
+    p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
+    p.add_argument("--kernel-size", type=int, default=16, help="downsampler kernel (default 16)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16 runs the forward passes under bfloat16 autocast (adaptive conv accumulates in fp32)",
+    )
+    p.add_argument(
+        "--out",
+        help="final JBUStack checkpoint (default: CHECKPOINT_DIR/jbu_stack.safetensors, "
+        "else jbu_stack.safetensors)",
+    )
+    p.add_argument("--checkpoint-dir", help="folder for the resumable training state")
+    p.add_argument("--resume", action="store_true", help="continue the run stored in --checkpoint-dir")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from featup.core.precision import mixed_precision
+    from featup.core.training import train_jbu
+
+    check_common(args)
+    if args.batch_size < 1:
+        raise UsageError(f"expected --batch-size >= 1, got {args.batch_size}")
+    rank, world = rank_and_world()
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if args.resume and ckpt_dir is None:
+        raise UsageError("--resume needs --checkpoint-dir (the folder holding the run to continue)")
+    if ckpt_dir is not None and not args.resume and any(ckpt_dir.glob("train_state*.safetensors")):
+        raise UsageError(
+            f"{ckpt_dir} already holds a training run; pass --resume to continue it or use another "
+            "--checkpoint-dir"
+        )
+    out = Path(args.out) if args.out else (ckpt_dir or Path(".")) / "jbu_stack.safetensors"
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(out.suffix + ".safetensors")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"expected --out to be a file path, got the folder {out}")
+    _, files = find_images(args.images)
+    device = _device(args.device)
+    backbone = resolve_backbone(args.backbone, args.weights, not args.no_pretrained, device)
+    dataset = ImageFolder(files, args.size)
+    dataset[0]  # fail early, with the file's name, on an unreadable first image
+
+    start = time.perf_counter()
+    with mixed_precision(args.precision, device):
+        up = train_jbu(
+            backbone,
+            dataset,
+            args.steps,
+            batch_size=args.batch_size,
+            n_jitters=args.n_jitters,
+            lr=args.lr,
+            proj_dim=args.proj_dim,
+            downsampler=args.downsampler,
+            kernel_size=args.kernel_size,
+            seed=args.seed,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.quiet and rank == 0,
+            device=device,
+        )
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        extra = {
+            "backbone": args.backbone,
+            "images": len(files),
+            "steps": args.steps,
+            "size": args.size,
+            "world_size": world,
+            "precision": args.precision,
+        }
+        path = up.save(out, extra=extra)
+        n_params = sum(p.numel() for p in up.parameters())
+        print(
+            f"trained JBU upsampler ({n_params} parameters) on {len(files)} images for {args.steps} steps "
+            f"x {world} process(es) in {elapsed:.1f}s -> {path}",
+            file=sys.stdout,
+        )
+    return 0

@@ -1,0 +1,50 @@
+// Entry points of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
+// kernels_avx2.cpp) into namespaces featup::cpu::DEFAULT and featup::cpu::AVX2.
+//
+// Every entry point works on raw pointers of contiguous tensors and a task range, so the per-ISA files need
+// no torch headers; adaptive_conv_cpu.cpp owns tensors, threads (at::parallel_for) and scratch memory.
+//
+// A "conv" computes out[c, h, w] = sum_ij tile[h - h0][i][j][w] * in[c, h + i, w + j] for the output rows
+// [h0, h0 + rows) of one batch element, with a filter tile laid out so that w is the contiguous axis: the
+// forward pass transposes filters[b, h, w, :, :] into it, the input gradient flips and shifts them into it
+// (the input gradient is the same conv applied to the zero-padded output gradient).
+#pragma once
+
+namespace featup::cpu {
+
+using index_t = long long;
+
+// Sizes of one conv: `channels`, output `rows` x `cols`, kernel size K. The input is (rows+K-1) x (cols+K-1).
+struct ConvShape {
+  index_t channels;
+  index_t rows;
+  index_t cols;
+  int K;
+};
+
+#define FEATUP_DECLARE_CPU_KERNELS(T)                                                                       \
+  /* Rows [h0, h0+n) of the filter tile of the forward pass; f points at filters[b] (H, W, K, K). */       \
+  void forward_tile(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile);                        \
+  /* Rows [y0, y0+n) of the filter tile of the input gradient; f points at filters[b] of the forward     */ \
+  /* pass, whose output is (s.rows-K+1) x (s.cols-K+1).                                                  */ \
+  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile);                     \
+  /* Output rows [h0, h0+n) (n <= max_tile_rows()) and channels [c0, c1) of one batch element.           */ \
+  void conv_rows(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0, \
+                 index_t c1);                                                                               \
+  /* grad_filters[b, h] (W, K, K) for output row h; scratch holds K*K*W elements.                        */ \
+  void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
+                        T* scratch);
+
+#define FEATUP_DECLARE_CPU_ISA(ISA)                                                                         \
+  namespace ISA {                                                                                           \
+  FEATUP_DECLARE_CPU_KERNELS(float)                                                                         \
+  FEATUP_DECLARE_CPU_KERNELS(double)                                                                        \
+  /* Output rows per tile and channels per register block of this instruction set. */                     \
+  int max_tile_rows();                                                                                      \
+  int channel_block();                                                                                      \
+  }
+
+FEATUP_DECLARE_CPU_ISA(DEFAULT)
+FEATUP_DECLARE_CPU_ISA(AVX2)
+
+}  // namespace featup::cpu

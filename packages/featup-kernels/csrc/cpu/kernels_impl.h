@@ -1,0 +1,292 @@
+// The CPU kernels, written once and compiled per instruction set: the including file defines FEATUP_CPU_ISA
+// (the namespace), FEATUP_TILE_ROWS and FEATUP_CHANNEL_BLOCK (the register blocking for that ISA).
+//
+// Vectorization uses GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles): one AVX register when
+// compiled with -mavx2, a pair of SSE registers otherwise. Nothing from torch or the standard library is
+// included here (see CMakeLists.txt: inline code compiled with -mavx2 must not be shared with other files).
+//
+// Forward (and input gradient, the same conv on the padded output gradient):
+//   - filters are transposed per tile of output rows into tile[r][i][j][w], so the tap weights of
+//     neighbouring output pixels are contiguous and load as one vector;
+//   - a register block holds CB channels x R output rows of one vector of output columns; each input row
+//     is loaded once per (channel, tap column j) and used by every output row of the block it reaches
+//     (tap row i = input row - output row): the "reuse of loaded rows" that halves the loads per FMA;
+//   - the last vector of a row overlaps the previous one instead of falling back to scalar code (its
+//     results are stored, not accumulated, so recomputing a few columns is harmless);
+//   - rows narrower than one vector use the shared scalar arithmetic of adaptive_conv_math.h.
+// Filter gradient: one output row per task (tasks never write the same element: no atomics), tap rows
+// i and blocks of tap columns j in registers, the channel sum innermost.
+#pragma once
+
+#include "adaptive_conv_math.h"
+#include "cpu/kernels.h"
+
+#ifndef FEATUP_CPU_ISA
+#error "define FEATUP_CPU_ISA before including kernels_impl.h"
+#endif
+
+#define FEATUP_INLINE inline __attribute__((always_inline))
+
+namespace featup::cpu::FEATUP_CPU_ISA {
+namespace {
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int lanes = 8;
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int lanes = 4;
+};
+
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+
+template <typename T>
+FEATUP_INLINE vec_t<T> loadu(const T* p) {
+  vec_t<T> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+FEATUP_INLINE void storeu(T* p, const vec_t<T>& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+constexpr int kTileRows = FEATUP_TILE_ROWS;
+constexpr int kChannelBlock = FEATUP_CHANNEL_BLOCK;
+constexpr int kTapBlock = 8;  // tap columns j per register block of the filter gradient
+
+// ---- forward / input-gradient conv -------------------------------------------------------------------------
+
+// CB channels x R output rows x one vector of columns. `x` points at in[c0, h0, w0], `f` at tile[0][0][0][w0],
+// `o` at out[c0, h0, w0].
+template <typename T, int CB, int R>
+FEATUP_INLINE void conv_block(const T* x, index_t x_chan, index_t x_row, const T* f, index_t f_tap, int K, T* o,
+                              index_t o_chan, index_t o_row) {
+  using V = vec_t<T>;
+  V acc[CB][R];
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[c][r] = V{};
+  }
+  for (int rr = 0; rr < R + K - 1; ++rr) {
+    const T* xr = x + rr * x_row;
+    for (int j = 0; j < K; ++j) {
+      V xv[CB];
+#pragma GCC unroll 8
+      for (int c = 0; c < CB; ++c) xv[c] = loadu(xr + c * x_chan + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int i = rr - r;  // the tap row that input row rr contributes to output row r
+        if (i >= 0 && i < K) {
+          const V fv = loadu(f + ((r * K + i) * K + j) * f_tap);
+#pragma GCC unroll 8
+          for (int c = 0; c < CB; ++c) acc[c][r] += fv * xv[c];
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) storeu(o + c * o_chan + r * o_row, acc[c][r]);
+  }
+}
+
+// All vector columns of CB channels x R rows.
+template <typename T, int CB, int R>
+void conv_columns(const T* x, const T* tile, T* o, const ConvShape& s) {
+  constexpr int N = VecOf<T>::lanes;
+  const index_t in_cols = s.cols + s.K - 1;
+  const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = s.rows * s.cols;
+  for (index_t w0 = 0;; w0 += N) {
+    if (w0 + N > s.cols) w0 = s.cols - N;  // overlap the last vector with the previous one
+    conv_block<T, CB, R>(x + w0, x_chan, in_cols, tile + w0, s.cols, s.K, o + w0, o_chan, s.cols);
+    if (w0 + N >= s.cols) break;
+  }
+}
+
+template <typename T, int CB>
+void conv_columns_rows(const T* x, const T* tile, T* o, const ConvShape& s, index_t n) {
+  static_assert(kTileRows <= 4, "extend the switch below");
+  switch (n) {
+    case 1: conv_columns<T, CB, 1>(x, tile, o, s); break;
+    case 2: if constexpr (kTileRows >= 2) conv_columns<T, CB, 2>(x, tile, o, s); break;
+    case 3: if constexpr (kTileRows >= 3) conv_columns<T, CB, 3>(x, tile, o, s); break;
+    case 4: if constexpr (kTileRows >= 4) conv_columns<T, CB, 4>(x, tile, o, s); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void conv_rows_impl(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0,
+                    index_t c1) {
+  constexpr int N = VecOf<T>::lanes;
+  const int K = s.K;
+  const index_t in_cols = s.cols + K - 1, in_rows = s.rows + K - 1;
+  const index_t x_chan = in_rows * in_cols, o_chan = s.rows * s.cols;
+  if (s.cols < N) {  // narrower than one vector: the shared scalar arithmetic
+    for (index_t c = c0; c < c1; ++c) {
+      for (index_t r = 0; r < n; ++r) {
+        for (index_t w = 0; w < s.cols; ++w) {
+          out[c * o_chan + (h0 + r) * s.cols + w] = math::forward_element<T>(
+              in + c * x_chan + (h0 + r) * in_cols + w, in_cols, 1, tile + r * K * K * s.cols + w,
+              K * s.cols, s.cols, K);
+        }
+      }
+    }
+    return;
+  }
+  index_t c = c0;
+  for (; c + kChannelBlock <= c1; c += kChannelBlock) {
+    conv_columns_rows<T, kChannelBlock>(in + c * x_chan + h0 * in_cols, tile, out + c * o_chan + h0 * s.cols, s, n);
+  }
+  for (; c < c1; ++c) {
+    conv_columns_rows<T, 1>(in + c * x_chan + h0 * in_cols, tile, out + c * o_chan + h0 * s.cols, s, n);
+  }
+}
+
+// ---- filter tiles ------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {
+  const int K = s.K;
+  const index_t W = s.cols, KK = index_t(K) * K;
+  for (index_t r = 0; r < n; ++r) {
+    const T* fr = f + (h0 + r) * W * KK;
+    T* tr = tile + r * KK * W;
+    for (index_t w = 0; w < W; ++w) {
+      for (index_t t = 0; t < KK; ++t) tr[t * W + w] = fr[w * KK + t];
+    }
+  }
+}
+
+// tile[r][i'][j'][x] = filters[y-K+1+i', x-K+1+j', K-1-i', K-1-j'] (zero outside the forward output), so
+// that grad_input[c, y, x] = sum_{i'j'} tile[r][i'][j'][x] * pad(grad_out)[c, y+i', x+j'].
+template <typename T>
+void grad_input_tile_impl(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {
+  const int K = s.K;
+  const index_t X = s.cols, KK = index_t(K) * K;
+  const index_t H = s.rows - K + 1, W = s.cols - K + 1;  // the forward output
+  for (index_t t = 0; t < n * KK * X; ++t) tile[t] = T(0);
+  for (index_t r = 0; r < n; ++r) {
+    for (int ip = 0; ip < K; ++ip) {
+      const index_t h = y0 + r - (K - 1) + ip;
+      if (h < 0 || h >= H) continue;
+      const T* fh = f + h * W * KK + index_t(K - 1 - ip) * K;
+      T* t_row = tile + (r * K + ip) * K * X;
+      for (index_t w = 0; w < W; ++w) {
+        for (int jp = 0; jp < K; ++jp) t_row[jp * X + w + (K - 1 - jp)] = fh[w * KK + (K - 1 - jp)];
+      }
+    }
+  }
+}
+
+// ---- filter gradient ---------------------------------------------------------------------------------------
+
+// Tap row i, tap columns [j0, j0+JB) of one vector of columns, summed over all channels.
+template <typename T, int JB>
+FEATUP_INLINE void grad_filters_block(const T* g, index_t g_chan, const T* x, index_t x_chan, index_t channels,
+                                      T* dst, index_t dst_tap) {
+  using V = vec_t<T>;
+  V acc[JB];
+#pragma GCC unroll 16
+  for (int j = 0; j < JB; ++j) acc[j] = V{};
+  for (index_t c = 0; c < channels; ++c) {
+    const V gv = loadu(g + c * g_chan);
+    const T* xc = x + c * x_chan;
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j) acc[j] += gv * loadu(xc + j);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < JB; ++j) storeu(dst + j * dst_tap, acc[j]);
+}
+
+template <typename T>
+void grad_filters_taps(const T* g, index_t g_chan, const T* x, index_t x_chan, index_t channels, T* dst,
+                       index_t dst_tap, int nj) {
+  switch (nj) {
+    case 1: grad_filters_block<T, 1>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 2: grad_filters_block<T, 2>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 3: grad_filters_block<T, 3>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 4: grad_filters_block<T, 4>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 5: grad_filters_block<T, 5>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 6: grad_filters_block<T, 6>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 7: grad_filters_block<T, 7>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 8: grad_filters_block<T, 8>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void grad_filters_row_impl(const T* g, const T* in, T* gf, const ConvShape& s, index_t h, T* scratch) {
+  constexpr int N = VecOf<T>::lanes;
+  const int K = s.K;
+  const index_t W = s.cols, KK = index_t(K) * K, in_cols = W + K - 1;
+  const index_t g_chan = s.rows * W, x_chan = (s.rows + K - 1) * in_cols;
+  const T* g_row = g + h * W;
+  T* gf_row = gf + h * W * KK;
+  if (W < N) {  // narrower than one vector: the shared scalar arithmetic, straight into grad_filters
+    for (index_t w = 0; w < W; ++w) {
+      for (int i = 0; i < K; ++i) {
+        for (int j = 0; j < K; ++j) {
+          gf_row[w * KK + i * K + j] =
+              math::grad_filter_element<T>(g_row + w, g_chan, in + (h + i) * in_cols + w + j, x_chan, s.channels);
+        }
+      }
+    }
+    return;
+  }
+  // scratch[i][j][w]: w contiguous for the vector stores, transposed into grad_filters[b, h, w, i, j] below.
+  for (index_t w0 = 0;; w0 += N) {
+    if (w0 + N > W) w0 = W - N;
+    for (int i = 0; i < K; ++i) {
+      for (int j0 = 0; j0 < K; j0 += kTapBlock) {
+        const int nj = K - j0 < kTapBlock ? K - j0 : kTapBlock;
+        grad_filters_taps<T>(g_row + w0, g_chan, in + (h + i) * in_cols + w0 + j0, x_chan, s.channels,
+                             scratch + (i * K + j0) * W + w0, W, nj);
+      }
+    }
+    if (w0 + N >= W) break;
+  }
+  for (index_t w = 0; w < W; ++w) {
+    for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = scratch[t * W + w];
+  }
+}
+
+}  // namespace
+
+// ---- the entry points declared in kernels.h ----------------------------------------------------------------
+
+int max_tile_rows() { return kTileRows; }
+int channel_block() { return kChannelBlock; }
+
+#define FEATUP_DEFINE_CPU_KERNELS(T)                                                                        \
+  void forward_tile(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {                       \
+    forward_tile_impl<T>(f, s, h0, n, tile);                                                                \
+  }                                                                                                         \
+  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {                    \
+    grad_input_tile_impl<T>(f, s, y0, n, tile);                                                             \
+  }                                                                                                         \
+  void conv_rows(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0, \
+                 index_t c1) {                                                                              \
+    conv_rows_impl<T>(in, tile, out, s, h0, n, c0, c1);                                                     \
+  }                                                                                                         \
+  void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
+                        T* scratch) {                                                                       \
+    grad_filters_row_impl<T>(grad_out, in, grad_f, s, h, scratch);                                          \
+  }
+
+FEATUP_DEFINE_CPU_KERNELS(float)
+FEATUP_DEFINE_CPU_KERNELS(double)
+
+#undef FEATUP_DEFINE_CPU_KERNELS
+
+}  // namespace featup::cpu::FEATUP_CPU_ISA

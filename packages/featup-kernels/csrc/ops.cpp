@@ -1,0 +1,9 @@
+// The operator schemas. Kernels live in cpu/ and cuda/; autograd and fake (meta) kernels are registered from
+// Python (featup/kernels/_ops.py), autocast in autocast.cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY(featup, m) {
+  m.def("adaptive_conv(Tensor input, Tensor filters) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("adaptive_conv_backward(Tensor grad_out, Tensor input, Tensor filters) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,17 @@
+// Argument checks shared by every backend: each failure is a ValueError saying what was expected and what came.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace featup {
+
+// Sizes of a validated call: input (B, C, H+K-1, W+K-1), filters (B, H, W, K, K), output (B, C, H, W).
+struct AdaptiveConvSizes {
+  int64_t B, C, H, W, K;
+};
+
+AdaptiveConvSizes check_adaptive_conv(const at::Tensor& input, const at::Tensor& filters);
+AdaptiveConvSizes check_adaptive_conv_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                               const at::Tensor& filters);
+
+}  // namespace featup

@@ -1,0 +1,89 @@
+"""Autograd and fake (meta) kernels of ``torch.ops.featup``, registered from Python.
+
+With these, the compiled ops are differentiable (twice: the backward op has its own autograd formula) and
+traceable by ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from featup.kernels._validation import check_adaptive_conv, check_adaptive_conv_backward
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def _adaptive_conv_fake(input: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    b, c, h, w, _ = check_adaptive_conv(input, filters)
+    return input.new_empty((b, c, h, w))
+
+
+def _adaptive_conv_backward_fake(
+    grad_out: torch.Tensor, input: torch.Tensor, filters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_adaptive_conv_backward(grad_out, input, filters)
+    return input.new_empty(input.shape), filters.new_empty(filters.shape)
+
+
+def _adaptive_conv_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    input, filters = inputs
+    ctx.save_for_backward(input, filters)
+
+
+def _adaptive_conv_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    input, filters = ctx.saved_tensors
+    need_input, need_filters = ctx.needs_input_grad
+    if not (need_input or need_filters):
+        return None, None
+    grad_input, grad_filters = torch.ops.featup.adaptive_conv_backward(grad, input, filters)
+    return (grad_input if need_input else None), (grad_filters if need_filters else None)
+
+
+def _backward_setup(ctx: Any, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+    grad_out, input, filters = inputs
+    ctx.save_for_backward(grad_out, input, filters)
+
+
+def _backward_grad(
+    ctx: Any, grad_grad_input: torch.Tensor | None, grad_grad_filters: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Second derivatives: grad_input is bilinear in (grad_out, filters), grad_filters in (grad_out, input).
+
+    With g = grad_out, x = input, f = filters and the incoming gradients gi', gf':
+      d/dg = adaptive_conv(gi', f) + adaptive_conv(x, gf')
+      d/dx = backward(g, x, gf').grad_input     (the input gradient of a conv with filters gf')
+      d/df = backward(g, gi', f).grad_filters   (the filter gradient of a conv over gi')
+    """
+    grad_out, input, filters = ctx.saved_tensors
+    need_g, need_x, need_f = ctx.needs_input_grad
+    d_g = d_x = d_f = None
+    if grad_grad_input is not None:
+        if need_g:
+            d_g = torch.ops.featup.adaptive_conv(grad_grad_input, filters)
+        if need_f:
+            d_f = torch.ops.featup.adaptive_conv_backward(grad_out, grad_grad_input, filters)[1]
+    if grad_grad_filters is not None:
+        if need_g:
+            extra = torch.ops.featup.adaptive_conv(input, grad_grad_filters)
+            d_g = extra if d_g is None else d_g + extra
+        if need_x:
+            d_x = torch.ops.featup.adaptive_conv_backward(grad_out, input, grad_grad_filters)[0]
+    return d_g, d_x, d_f
+
+
+def register() -> None:
+    """Register the fake and autograd kernels (idempotent; called by ``featup.kernels`` at import)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("featup::adaptive_conv", _adaptive_conv_fake)
+    torch.library.register_fake("featup::adaptive_conv_backward", _adaptive_conv_backward_fake)
+    torch.library.register_autograd("featup::adaptive_conv", _adaptive_conv_grad, setup_context=_adaptive_conv_setup)
+    torch.library.register_autograd(
+        "featup::adaptive_conv_backward", _backward_grad, setup_context=_backward_setup
+    )
+    _registered = True
