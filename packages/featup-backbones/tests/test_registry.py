@@ -21,7 +21,19 @@ from featup.backbones import (
     wrap_backbone,
 )
 
-HEAVY = ("dinov2_vitl14", "dinov2_vitl14_reg", "dinov2_vitg14", "dinov2_vitg14_reg")
+SIZES = [(224, 224), (200, 328)]
+SHALLOW = {"depth": 2}
+#: real arithmetic on small odd sizes (the 224 / 200x328 shapes at full depth are checked on the meta device)
+NUMERIC_SIZES = [(64, 64), (45, 61)]
+#: name -> (depth, prefix tokens, parameter count bounds)
+ARCH = {
+    "dinov2_vits14": (12, 1, 21e6, 23e6),
+    "dinov2_vitl14": (24, 1, 300e6, 310e6),
+    "dinov2_vitl14_reg": (24, 5, 300e6, 310e6),
+    "dinov2_vitg14": (40, 1, 1.13e9, 1.14e9),
+    "dinov2_vitg14_reg": (40, 5, 1.13e9, 1.14e9),
+    "clip_vitb16": (12, 1, 85e6, 87e6),
+}
 
 #: the documented table: name -> (feat_dim, stride, patch size)
 EXPECTED = {
@@ -65,8 +77,30 @@ def test_config_metadata(name):
     assert cfg.mean == expected_mean
 
 
+def _expected_grid(height, width, stride):
+    # documented rule: resize to the nearest multiple of the stride, at least one cell
+    return max(1, math.floor(height / stride + 0.5)), max(1, math.floor(width / stride + 0.5))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-@pytest.mark.parametrize("size", [(224, 224), (200, 328)])
+def test_full_architecture_on_meta_device(name):
+    # every name at full depth (giant included) builds with pretrained=False; shapes propagate on the meta
+    # device, which runs the real code path without 4.5 GB of initialization or any arithmetic
+    with torch.device("meta"):
+        bb = create_backbone(name, check_range=False)
+        outs = [bb(torch.rand(1, 3, h, w)) for h, w in SIZES]
+    feat_dim, stride, patch = EXPECTED[name]
+    assert (bb.feat_dim, bb.stride, getattr(bb, "patch_size", None)) == (feat_dim, stride, patch)
+    for (h, w), out in zip(SIZES, outs):
+        assert tuple(out.shape) == (1, feat_dim, *_expected_grid(h, w, stride))
+    if name in ARCH:
+        depth, prefix, lo, hi = ARCH[name]
+        assert len(bb.model.blocks) == depth and bb.model.num_prefix_tokens == prefix
+        assert lo < sum(p.numel() for p in bb.parameters()) < hi
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("size", NUMERIC_SIZES)
 def test_shape_and_metadata(built, name, size):
     bb = built(name)
     feat_dim, stride, _ = EXPECTED[name]
@@ -77,34 +111,31 @@ def test_shape_and_metadata(built, name, size):
     height, width = size
     with torch.no_grad():
         feats = bb(torch.rand(1, 3, height, width))
-    # documented rule: resize to the nearest multiple of the stride
-    expected = (max(1, math.floor(height / stride + 0.5)), max(1, math.floor(width / stride + 0.5)))
+    expected = _expected_grid(height, width, stride)
     assert tuple(feats.shape) == (1, feat_dim, *expected)
     assert bb.output_size(height, width) == expected
     assert torch.isfinite(feats).all()
 
 
+def test_real_forward_at_the_documented_sizes(built):
+    # the meta-device shapes are backed by real arithmetic at full size for two models (two blocks)
+    for name in ("dino_vits16", "dinov2_vits14_reg"):
+        bb = built(name)
+        for h, w in SIZES:
+            with torch.no_grad():
+                out = bb(torch.rand(1, 3, h, w))
+            assert tuple(out.shape) == (1, bb.feat_dim, *_expected_grid(h, w, bb.stride))
+            assert torch.isfinite(out).all()
+
+
 def test_documented_grids():
     # spelled out so a change of the rule cannot go unnoticed: no 224 -> 256 surprise for /14 models
-    assert create_backbone("dinov2_vits14", model_kwargs={"depth": 1}).output_size(224, 224) == (16, 16)
-    assert create_backbone("dinov2_vits14", model_kwargs={"depth": 1}).output_size(200, 328) == (14, 23)
-    assert create_backbone("resnet50").output_size(200, 328) == (6, 10)
-    assert create_backbone("dino_vits16", model_kwargs={"depth": 1}).output_size(200, 328) == (13, 21)
-
-
-@pytest.mark.parametrize(
-    ("name", "depth", "prefix"),
-    [("dinov2_vitl14", 24, 1), ("dinov2_vitl14_reg", 24, 5), ("dinov2_vitg14", 40, 1), ("dinov2_vitg14_reg", 40, 5)],
-)
-def test_heavy_models_full_architecture(name, depth, prefix):
-    # the full-depth model is built on the meta device: architecture and metadata without 4.5 GB of init
-    assert name in HEAVY
     with torch.device("meta"):
-        bb = create_backbone(name)
-    assert len(bb.model.blocks) == depth and bb.model.num_prefix_tokens == prefix
-    assert bb.feat_dim == bb.model.embed_dim == EXPECTED[name][0]
-    n_params = sum(p.numel() for p in bb.parameters())
-    assert (300e6 < n_params < 310e6) if "vitl" in name else (1.13e9 < n_params < 1.14e9)
+        v2 = create_backbone("dinov2_vits14")
+        assert v2.output_size(224, 224) == (16, 16) and v2.output_size(200, 328) == (14, 23)
+        assert create_backbone("resnet50").output_size(200, 328) == (6, 10)
+        assert create_backbone("dino_vits16").output_size(200, 328) == (13, 21)
+        assert create_backbone("resnet50", fit="pad").output_size(200, 328) == (7, 11)
 
 
 def test_unknown_name_lists_the_choices():
@@ -114,15 +145,15 @@ def test_unknown_name_lists_the_choices():
 
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="facet"):
-        create_backbone("dino_vits16", facet="keys")
+        create_backbone("dino_vits16", facet="keys", model_kwargs=SHALLOW)
     with pytest.raises(ValueError, match="layer"):
-        create_backbone("dino_vits16", layer=12)
+        create_backbone("dino_vits16", layer=12, model_kwargs=SHALLOW)
     with pytest.raises(ValueError, match="stride"):
-        create_backbone("dino_vits16", stride=32)
+        create_backbone("dino_vits16", stride=32, model_kwargs=SHALLOW)
     with pytest.raises(ValueError, match="fit"):
         create_backbone("resnet50", fit="crop")
     with pytest.raises(ValueError, match="project"):
-        create_backbone("dino_vits16", project=True)
+        create_backbone("dino_vits16", project=True, model_kwargs=SHALLOW)
     with pytest.raises(ValueError, match="layer"):
         create_backbone("resnet50", layer=5)
 

@@ -77,11 +77,11 @@ def test_learnable_baselines_get_gradients_everywhere(name):
 def test_classic_jbu_sharpens_an_edge_bilinear_blurs():
     image = torch.zeros(1, 3, 64, 64)
     image[..., 37:] = 1.0  # the edge falls inside a low-res cell
-    feats = F.adaptive_avg_pool2d(image[:, :1], (8, 8))  # low-res features of the image (cell 4 is mixed)
+    feats = image[:, :1, 4::8, 4::8].contiguous()  # low-res features: the image sampled at cell centers
     target = image[:, :1]
     jbu = create_upsampler("jbu_classic")(feats, image)
     bil = create_upsampler("bilinear")(feats, image)
-    assert (jbu - target).abs().mean() < 0.7 * (bil - target).abs().mean()
+    assert (jbu - target).abs().mean() < 0.85 * (bil - target).abs().mean()
     const = torch.full((1, 2, 8, 8), -1.5)  # normalized kernels preserve constants
     torch.testing.assert_close(
         create_upsampler("jbu_classic")(const, image), torch.full((1, 2, 64, 64), -1.5)
@@ -102,22 +102,21 @@ def test_classic_jbu_kernel_is_the_fixed_bilateral_product():
 
 
 def test_carafe_reassembly_matches_the_definition_at_2x():
-    """out[c, 2y + a, 2x + b] = sum_ij W[ij, 2y + a, 2x + b] * x_pad[c, y + i, x + j] (zero padding)."""
+    """out[c, 2y + a, 2x + b] = sum_ij W[ij, 2y + a, 2x + b] * x_pad[c, y + i, x + j] (replicate padding)."""
     x = torch.randn(1, 3, 4, 5, dtype=torch.float64)
     weights = torch.softmax(torch.randn(1, 9, 8, 10, dtype=torch.float64), dim=1)
-    patches = F.unfold(F.pad(x, [1] * 4), 3).view(1, 3, 9, 4, 5)
+    patches = F.unfold(F.pad(x, [1] * 4, mode="replicate"), 3).view(1, 3, 9, 4, 5)
     patches = patches.repeat_interleave(2, -2).repeat_interleave(2, -1)
     expected = (patches * weights[:, None]).sum(2)
     torch.testing.assert_close(lr_neighborhood_sum(weights, x, 1), expected)
 
 
-def test_carafe_and_sapa_reproduce_constants_inside():
-    const = torch.full((1, 4, 6, 6), 0.7)
-    image = torch.rand(1, 3, 24, 24)
+def test_carafe_and_sapa_reproduce_constants():
+    const = torch.full((1, 4, 6, 5), 0.7)
+    image = torch.rand(1, 3, 24, 19)
     for up in (CARAFEUpsampler(feat_dim=4).eval(), SAPAUpsampler(feat_dim=4).eval()):
-        out = up(const, image)
-        # softmax weights sum to one; zero padding only touches the 2-cell border (4x -> 8 px)
-        torch.testing.assert_close(out[..., 8:-8, 8:-8], torch.full_like(out[..., 8:-8, 8:-8], 0.7))
+        # softmax weights sum to one and replicate padding keeps the border in the feature space
+        torch.testing.assert_close(up(const, image), torch.full((1, 4, 24, 19), 0.7))
     stage = CARAFEStage(4)
     assert stage(const, (12, 12)).shape == (1, 4, 12, 12)
 

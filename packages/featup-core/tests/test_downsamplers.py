@@ -120,12 +120,37 @@ def test_eval_deterministic_train_stochastic():
     assert not torch.equal(ds(hr, 4), ds(hr, 4))  # dropout before the salience conv
 
 
+def dense_window_pool(x: torch.Tensor, weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Gather every window explicitly (taps outside the map skipped) and contract."""
+    kh, kw = weights.shape[-2:]
+    rows, vr = window_indices(x.shape[-2], h, kh)
+    cols, vc = window_indices(x.shape[-1], w, kw)
+    patches = x[:, :, rows][:, :, :, :, cols]  # (B, C, h, kh, w, kw)
+    mask = (vr[:, :, None, None] & vc[None, None, :, :]).to(x.dtype)
+    return torch.einsum("bcikjl,bijkl,ikjl->bcij", patches, weights.expand(x.shape[0], -1, -1, -1, -1), mask)
+
+
+@pytest.mark.parametrize(
+    "shape", [(9, 7, 3, 2, 4, 5), (13, 30, 4, 3, 7, 6), (5, 5, 5, 5, 3, 3), (20, 11, 2, 7, 9, 4)]
+)
+def test_window_pool_matches_dense_gather(shape):
+    H, W, h, w, kh, kw = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(2, 3, H, W, generator=gen, dtype=torch.float64)
+    wts = torch.rand(2, h, w, kh, kw, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(window_pool(x, wts, (h, w)), dense_window_pool(x, wts, h, w))
+    shared = wts[:1]
+    torch.testing.assert_close(window_pool(x, shared, (h, w)), dense_window_pool(x, shared, h, w))
+
+
 def test_window_pool_gradcheck():
-    rows, _ = window_indices(9, 3, 4)
-    cols, _ = window_indices(7, 2, 5)
     x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
     wts = torch.rand(2, 3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: window_pool(a, b, rows, cols), (x, wts))
+    assert torch.autograd.gradcheck(lambda a, b: window_pool(a, b, (3, 2)), (x, wts))
+    # border windows (taps outside the map) and a broadcast weight batch
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    wts = torch.rand(1, 2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: window_pool(a, b, (2, 3)), (x, wts))
 
 
 @pytest.mark.parametrize("cls", ["simple", "attention"])

@@ -120,6 +120,24 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_gradcheck_float64():
+    # moderate frequencies: with exp(10) the finite differences themselves would be the inaccurate side
+    model, _ = make_model(size=(3, 4), n_freqs=3, hidden_dim=6, log_freq_range=(-2.0, 2.0))
+    model = model.double().eval()
+    image = torch.rand(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model.forward_compressed, (image,))
+    phases = model.phases.detach().clone().requires_grad_()
+
+    def with_phases(ph: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, {"phases": ph}, (image.detach(),), strict=False)
+
+    model.forward = model.forward_compressed  # functional_call goes through forward
+    try:
+        assert torch.autograd.gradcheck(with_phases, (phases,))
+    finally:
+        del model.forward
+
+
 def test_fits_a_target_in_pca_space():
     """A few optimiser steps reduce the error to a fixed compressed target (the field is trainable)."""
     model, image = make_model(size=(12, 12), hidden_dim=32)

@@ -46,9 +46,11 @@ def test_stage_sizes_properties(h, w, out_h, out_w):
     assert sizes[-1] == (out_h, out_w)
     prev = (h, w)
     for size in sizes:
-        for d in range(2):  # every step grows by at most ~2x and never overshoots the target
-            assert size[d] <= max(2**1.1 * prev[d], (out_h, out_w)[d]) + 1e-9
-            assert size[d] <= max(prev[d] * 2**1.1, 1) or size[d] == (out_h, out_w)[d]
+        for d, target in enumerate((out_h, out_w)):
+            if target > prev[d]:  # growing: at most 2**1.1 per stage, never beyond the target
+                assert prev[d] < size[d] <= min(2**1.1 * prev[d], target) + 1e-9
+            else:  # already there (or shrinking): straight to the target
+                assert size[d] == target
         prev = size
     assert len(sizes) == max(1, math.ceil(math.log2(max(out_h / h, out_w / w)) - 0.1))
 
@@ -155,7 +157,8 @@ def test_range_kernel_follows_the_guidance_edge():
 
 
 def test_horizontal_flip_equivariance():
-    up = _randomize(JBUStack(feat_dim=5, key_dim=8, kernel_fixup=True), seed=4)
+    # (kernel_fixup / original=True are not equivariant: their learned 1x1 conv mixes the taps)
+    up = _randomize(JBUStack(feat_dim=5, key_dim=8), seed=4)
     x, image = torch.randn(2, 5, 7, 9), torch.rand(2, 3, 61, 75)
     out = up(x, image)
     flipped = up(x.flip(-1), image.flip(-1))
@@ -177,7 +180,7 @@ def test_gradients_reach_every_parameter(kwargs):
 def test_gradcheck_float64():
     up = _randomize(JBUStack(feat_dim=2, radius=1, key_dim=4, n_stages=2, kernel_fixup=True), seed=6).double()
     x = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
-    image = torch.rand(1, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda f, i: up(f, i, output_size=(11, 8)), (x, image))
     names = ["up1.range_temp", "up2.sigma_spatial", "up1.range_proj.0.weight", "fixup_proj.1.weight"]
     params = {n: p.detach().clone().requires_grad_(True) for n, p in up.named_parameters() if n in names}

@@ -68,8 +68,11 @@ def test_identity_params_give_identity():
 def test_flip_is_an_involution_and_mirrors():
     x = torch.randn(2, 4, 11, 17)
     p = JitterParams(flip=True)
-    torch.testing.assert_close(apply_jitter(x, p), x.flip(-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(apply_jitter(apply_jitter(x, p), p), x, atol=1e-5, rtol=0)
+    assert torch.equal(apply_jitter(x, p), x.flip(-1))
+    assert torch.equal(apply_jitter(apply_jitter(x, p), p), x)
+    # with zoom and pad too: flipping the jittered map undoes the flip of the jitter
+    q = JitterParams(pad=0.1, zoom=1.4, top=0.3, left=0.8, flip=True)
+    assert torch.equal(apply_jitter(x, q).flip(-1), apply_jitter(x, JitterParams(0.1, 1.4, 0.3, 0.8, False)))
 
 
 def test_integer_shift_is_exact_with_reflect_padding():

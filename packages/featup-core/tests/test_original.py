@@ -165,7 +165,7 @@ def test_unreadable_files(tmp_path):
         JBUStack.from_original(truncated)
     unsafe = tmp_path / "unsafe.ckpt"  # arbitrary pickled objects are refused, never executed
     with unsafe.open("wb") as fh:
-        pickle.dump({"state_dict": original_state_dict(3), "obj": _NotATensor()}, fh)
+        pickle.dump({"state_dict": original_state_dict(3), "obj": _NotATensor()}, fh, protocol=2)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         JBUStack.from_original(unsafe)
 

@@ -79,7 +79,7 @@ def _inputs(b, c, h, w, ih, iw, seed=0):
 @pytest.mark.parametrize(
     ("lr_hw", "img_hw", "out_hw", "tile"),
     [
-        ((20, 23), (80, 92), None, 16),  # 4x, odd non-square, output = image size
+        ((14, 17), (56, 68), None, 20),  # 4x, odd non-square, output = image size
         ((18, 21), (72, 84), (36, 42), 8),  # output smaller than the image (2x), image guidance at 4x
         ((12, 9), (40, 30), None, 10),  # non-integer ratio 10/3: alignment unit of 3 cells
     ],
@@ -106,14 +106,21 @@ def test_halo_is_needed():
     assert (bad - ref).abs().max() > 1e-3
 
 
-def test_tiled_equals_untiled_jbu_stack():
+@pytest.mark.parametrize(
+    ("kwargs", "lr_hw", "scale", "tile"),
+    [({}, (20, 23), 4, 24), ({"original": True, "feat_dim": 6}, (9, 7), 16, 80)],
+)
+def test_tiled_equals_untiled_jbu_stack(kwargs, lr_hw, scale, tile):
     from featup.core.jbu import JBUStack
 
-    up = JBUStack().double().eval()
-    lr, img = _inputs(1, 6, 14, 17, 224, 272, seed=1)
+    torch.manual_seed(0)
+    up = JBUStack(**kwargs).double().eval()
+    lr, img = _inputs(1, 6, *lr_hw, lr_hw[0] * scale, lr_hw[1] * scale, seed=1)
     with torch.no_grad():
         ref = up(lr, img)
-    tiled = tiled_upsample(up, lr, img, tile=64)
+    rec = Recorder(up)
+    tiled = tiled_upsample(rec, lr, img, tile=tile)
+    assert len(rec.calls) >= 4
     torch.testing.assert_close(tiled, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -126,13 +133,16 @@ def test_tiled_bilinear_unguided():
     torch.testing.assert_close(tiled_upsample(up, lr, None, (40, 52), tile=8), ref, rtol=1e-10, atol=1e-10)
 
 
+def _bilinear(lr, image, output_size):
+    return F.interpolate(lr, output_size, mode="bilinear", align_corners=False)
+
+
 def test_memory_bounded_structurally():
     """Each call sees at most tile + 2 halo cells, however large the output; the cores partition it."""
-    up = MiniJBU().double().eval()
     tile, halo = 16, DEFAULT_HALO_CELLS
-    for n_lr in (24, 48):
+    for n_lr in (24, 48, 96):
         lr, img = _inputs(1, 2, n_lr, n_lr, 4 * n_lr, 4 * n_lr)
-        rec = Recorder(up)
+        rec = Recorder(_bilinear)
         tiled_upsample(rec, lr, img, tile=tile)
         core_cells = tile // 4
         assert len(rec.calls) == math.ceil(n_lr / core_cells) ** 2
@@ -146,6 +156,22 @@ def test_memory_bounded_structurally():
         (y0, y1), (x0, x1) = t.core_out
         covered[y0:y1, x0:x1] += 1
     assert bool((covered == 1).all())
+
+
+def test_implicit_rendered_in_chunks():
+    from featup.core.implicit import ImplicitUpsampler
+    from featup.core.pca import PCA
+
+    torch.manual_seed(0)
+    imp = ImplicitUpsampler(6, (20, 24), pca_dim=4, hidden_dim=16, n_freqs=4).eval()
+    imp.set_image(torch.rand(1, 3, 20, 24))
+    imp.set_pca(PCA(6, 4).fit(torch.randn(1, 6, 8, 8)))
+    lr = torch.randn(1, 6, 5, 6)
+    ref = imp.render((40, 36))
+    torch.testing.assert_close(tiled_upsample(imp, lr, None, (40, 36), tile=7), ref, rtol=1e-6, atol=1e-6)
+    buf = torch.zeros(1, 6, 40, 36)
+    assert tiled_upsample(imp, lr, None, (40, 36), tile=7, out=buf) is buf
+    torch.testing.assert_close(buf, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_out_buffer_and_alignment():

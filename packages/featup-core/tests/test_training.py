@@ -1,7 +1,7 @@
 """train_jbu / fit_implicit: they learn on a problem with known high-res features, are reproducible,
 resume exactly, and reject bad input with clear errors.
 
-The synthetic problem: images are piecewise-constant (random rectangles of random colours), the "true"
+The synthetic problem: images are piecewise-constant (regions cut by random lines), the "true"
 high-resolution features are a fixed pointwise nonlinearity of the pixel colours, ``phi(x) = tanh(A x + b)``,
 and the frozen backbone is their strided average pool. So the ideal upsampled features are known exactly and
 an edge-aware upsampler must beat bilinear interpolation of the pooled features.
@@ -47,18 +47,21 @@ class PooledPointwise(nn.Module):
         return F.avg_pool2d(self.hr_features(x), self.stride)
 
 
-def rectangles(n: int, size: int | tuple[int, int] = 32, seed: int = 0, n_rects: int = 4) -> torch.Tensor:
-    """Piecewise-constant RGB images in [0,1]: a background and a few random rectangles."""
+def regions(n: int, size: int | tuple[int, int] = 32, seed: int = 0, n_lines: int = 2) -> torch.Tensor:
+    """Piecewise-constant RGB images in [0,1]: regions cut by random straight lines, one colour each."""
     h, w = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(seed)
-    imgs = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, h, w).clone()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    imgs = torch.empty(n, 3, h, w)
     for i in range(n):
-        for _ in range(n_rects):
-            y0 = int(torch.randint(0, h - 4, (1,), generator=g))
-            x0 = int(torch.randint(0, w - 4, (1,), generator=g))
-            y1 = int(torch.randint(y0 + 3, h + 1, (1,), generator=g))
-            x1 = int(torch.randint(x0 + 3, w + 1, (1,), generator=g))
-            imgs[i, :, y0:y1, x0:x1] = torch.rand(3, 1, 1, generator=g)
+        code = torch.zeros(h, w, dtype=torch.long)
+        for _ in range(n_lines):
+            angle = float(torch.rand(1, generator=g)) * 2 * torch.pi
+            offset = float(torch.rand(1, generator=g)) - 0.5
+            side = (torch.cos(torch.tensor(angle)) * xx + torch.sin(torch.tensor(angle)) * yy) > offset
+            code = code * 2 + side.long()
+        colours = torch.rand(2**n_lines, 3, generator=g)
+        imgs[i] = colours[code].permute(2, 0, 1)
     return imgs
 
 
@@ -100,13 +103,18 @@ IMP_FAST = dict(
 
 def test_train_jbu_lowers_loss_and_beats_bilinear():
     backbone = PooledPointwise()
-    train, held_out = rectangles(16, 32, seed=1), rectangles(8, 32, seed=2)
+    train, held_out = regions(16, 32, seed=1), regions(8, 32, seed=2)
     losses: list[float] = []
+    # lr 3e-3: on this toy, much larger rates drive the spatial kernels to a delta (plain 2x bilinear stages)
     up = train_jbu(
-        backbone, train, steps=120, callback=lambda s, logs: losses.append(logs["loss"]), **JBU_FAST
+        backbone,
+        train,
+        steps=100,
+        callback=lambda s, logs: losses.append(logs["loss"]),
+        **{**JBU_FAST, "lr": 3e-3},
     )
     assert isinstance(up, JBUStack) and not up.training
-    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     err_jbu, err_bilinear = upsample_error(up, backbone, held_out), upsample_error(None, backbone, held_out)
     print(
         f"train_jbu loss {first:.4f} -> {last:.4f}; held-out MSE {err_jbu:.5f} vs bilinear {err_bilinear:.5f}"
@@ -117,13 +125,13 @@ def test_train_jbu_lowers_loss_and_beats_bilinear():
 
 def test_fit_implicit_lowers_loss_and_beats_bilinear():
     backbone = PooledPointwise()
-    image = rectangles(1, 32, seed=3)
+    image = regions(1, 32, seed=3)
     losses: list[float] = []
     imp = fit_implicit(
-        backbone, image, steps=150, callback=lambda s, logs: losses.append(logs["rec_loss"]), **IMP_FAST
+        backbone, image, steps=40, callback=lambda s, logs: losses.append(logs["rec_loss"]), **IMP_FAST
     )
     assert isinstance(imp, ImplicitUpsampler) and not imp.training
-    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     with torch.no_grad():
         rendered = imp.render((32, 32))
     assert rendered.shape == (1, 8, 32, 32)
@@ -141,7 +149,7 @@ def test_fit_implicit_lowers_loss_and_beats_bilinear():
 
 def test_train_jbu_is_bitwise_reproducible_and_leaves_global_rng_alone():
     backbone = PooledPointwise()
-    images = rectangles(6, 24, seed=4)
+    images = regions(6, 24, seed=4)
     before = torch.get_rng_state()
     a = params_of(train_jbu(backbone, images, steps=4, seed=7, **JBU_FAST))
     assert torch.equal(torch.get_rng_state(), before)
@@ -153,7 +161,7 @@ def test_train_jbu_is_bitwise_reproducible_and_leaves_global_rng_alone():
 
 def test_fit_implicit_is_bitwise_reproducible():
     backbone = PooledPointwise()
-    image = rectangles(1, 24, seed=5)
+    image = regions(1, 24, seed=5)
     a = params_of(fit_implicit(backbone, image, steps=3, seed=1, **IMP_FAST))
     b = params_of(fit_implicit(backbone, image, steps=3, seed=1, **IMP_FAST))
     c = params_of(fit_implicit(backbone, image, steps=3, seed=2, **IMP_FAST))
@@ -175,7 +183,7 @@ def interrupt_at(step: int):
 
 def test_train_jbu_resume_after_interruption_is_exact(tmp_path):
     backbone = PooledPointwise()
-    images = rectangles(5, 24, seed=6)  # 5 images, batch 4: batches straddle epochs
+    images = regions(5, 24, seed=6)  # 5 images, batch 4: batches straddle epochs
     full = train_jbu(
         backbone, images, steps=8, checkpoint_dir=tmp_path / "full", checkpoint_every=3, **JBU_FAST
     )
@@ -221,7 +229,7 @@ def test_train_jbu_resume_after_interruption_is_exact(tmp_path):
 
 def test_fit_implicit_resume_after_interruption_is_exact(tmp_path):
     backbone = PooledPointwise()
-    image = rectangles(1, 24, seed=7)
+    image = regions(1, 24, seed=7)
     full = fit_implicit(
         backbone, image, steps=6, checkpoint_path=tmp_path / "full", checkpoint_every=2, **IMP_FAST
     )
@@ -241,14 +249,12 @@ def test_fit_implicit_resume_after_interruption_is_exact(tmp_path):
     assert_bitwise_equal(params_of(full), params_of(resumed))
     # a checkpoint of another image is refused
     with pytest.raises(CheckpointError, match="different image"):
-        fit_implicit(
-            backbone, rectangles(1, 24, seed=8), steps=7, checkpoint_path=tmp_path / "cut", **IMP_FAST
-        )
+        fit_implicit(backbone, regions(1, 24, seed=8), steps=7, checkpoint_path=tmp_path / "cut", **IMP_FAST)
 
 
 def test_resume_with_other_hyperparameters_is_refused(tmp_path):
     backbone = PooledPointwise()
-    images = rectangles(4, 24, seed=9)
+    images = regions(4, 24, seed=9)
     train_jbu(backbone, images, steps=2, checkpoint_dir=tmp_path, **JBU_FAST)
     with pytest.raises(CheckpointError, match="n_jitters"):
         train_jbu(backbone, images, steps=4, checkpoint_dir=tmp_path, **{**JBU_FAST, "n_jitters": 3})
@@ -260,7 +266,7 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path):
 
 def test_corrupted_training_state_is_a_clear_error(tmp_path):
     backbone = PooledPointwise()
-    images = rectangles(4, 24, seed=10)
+    images = regions(4, 24, seed=10)
     train_jbu(backbone, images, steps=1, checkpoint_dir=tmp_path, **JBU_FAST)
     state = tmp_path / JBU_STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
@@ -270,7 +276,7 @@ def test_corrupted_training_state_is_a_clear_error(tmp_path):
 
 def test_callback_returning_true_stops_and_checkpoints(tmp_path):
     backbone = PooledPointwise()
-    images = rectangles(4, 24, seed=11)
+    images = regions(4, 24, seed=11)
     seen: list[int] = []
 
     def stop_at_3(step: int, logs: dict) -> bool:
@@ -297,7 +303,7 @@ def test_callback_returning_true_stops_and_checkpoints(tmp_path):
 
 def test_train_jbu_accepts_lists_datasets_and_dataloaders():
     backbone = PooledPointwise()
-    images = rectangles(8, 24, seed=12)
+    images = regions(8, 24, seed=12)
     from_tensor = params_of(train_jbu(backbone, images, steps=2, **JBU_FAST))
 
     class Images(Dataset):
@@ -319,7 +325,7 @@ def test_train_jbu_accepts_lists_datasets_and_dataloaders():
 
 def test_train_jbu_odd_non_square_images_and_given_upsampler():
     backbone = PooledPointwise()
-    images = rectangles(4, (20, 28), seed=13)
+    images = regions(4, (20, 28), seed=13)
     up = JBUStack(radius=1, key_dim=8)
     out = train_jbu(backbone, images, steps=2, upsampler=up, **JBU_FAST)
     assert out is up and not out.training
@@ -329,7 +335,7 @@ def test_train_jbu_odd_non_square_images_and_given_upsampler():
 
 def test_backbone_mode_restored():
     backbone = PooledPointwise().train()
-    train_jbu(backbone, rectangles(4, 24), steps=1, **JBU_FAST)
+    train_jbu(backbone, regions(4, 24), steps=1, **JBU_FAST)
     assert backbone.training
 
 
@@ -357,18 +363,18 @@ def test_train_jbu_bad_inputs(images, kwargs, error, match):
 
 
 def test_one_shot_iterator_that_runs_out_is_a_clear_error():
-    batches = iter([rectangles(2, 24)])
+    batches = iter([regions(2, 24)])
     with pytest.raises(ValueError, match="one-shot iterator"):
         train_jbu(PooledPointwise(), batches, steps=3, **JBU_FAST)
 
 
 def test_bad_backbones():
-    images = rectangles(2, 24)
+    images = regions(2, 24)
     with pytest.raises(TypeError, match="callable"):
         train_jbu("dino", images, steps=1, **JBU_FAST)
-    with pytest.raises(ValueError, match=r"features \(B,C,h,w\).*got shape \(2, 8, 6\)"):
+    with pytest.raises(ValueError, match=r"features \(B,C,h,w\).*got shape \(\d, 8, 6\)"):
         train_jbu(lambda x: PooledPointwise()(x)[:, :, 0], images, steps=1, **JBU_FAST)
-    with pytest.raises(ValueError, match="B=2"):
+    with pytest.raises(ValueError, match=r"B=4 for images \(4, 3, 24, 24\), got shape \(1, 8, 6, 6\)"):
         train_jbu(lambda x: PooledPointwise()(x)[:1], images, steps=1, **JBU_FAST)
     with pytest.raises(TypeError, match="return a tensor"):
         train_jbu(lambda x: [PooledPointwise()(x)], images, steps=1, **JBU_FAST)
@@ -377,15 +383,15 @@ def test_bad_backbones():
 def test_fit_implicit_bad_inputs():
     backbone = PooledPointwise()
     with pytest.raises(ValueError, match=r"one image \(1,3,H,W\)"):
-        fit_implicit(backbone, rectangles(2, 24), steps=1, **IMP_FAST)
+        fit_implicit(backbone, regions(2, 24), steps=1, **IMP_FAST)
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         fit_implicit(backbone, torch.rand(3, 24, 24), steps=1, **IMP_FAST)
     with pytest.raises(ValueError, match="steps >= 1"):
-        fit_implicit(backbone, rectangles(1, 24), steps=0, **IMP_FAST)
+        fit_implicit(backbone, regions(1, 24), steps=0, **IMP_FAST)
     with pytest.raises(ValueError, match="tv_weight"):
-        fit_implicit(backbone, rectangles(1, 24), steps=1, tv_weight=-0.1, **IMP_FAST)
+        fit_implicit(backbone, regions(1, 24), steps=1, tv_weight=-0.1, **IMP_FAST)
     with pytest.raises(ValueError, match=r"features \(B,C,h,w\)"):
-        fit_implicit(lambda x: backbone(x).flatten(2), rectangles(1, 24), steps=1, **IMP_FAST)
+        fit_implicit(lambda x: backbone(x).flatten(2), regions(1, 24), steps=1, **IMP_FAST)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,3 +425,17 @@ def test_sources_shard_batches_over_ranks():
     assert [round(v) for v in got[1]] == [1, 3, 0, 2]
     single = make_source(batches, 4, 0, dist_utils.DistContext())
     assert round(float(single.batch(6)[0, 0, 0, 0]) * 10) == 1
+
+
+def test_training_works_when_called_inside_inference_mode():
+    backbone = PooledPointwise()
+    up = JBUStack()
+    before = params_of(up)
+    with torch.inference_mode():
+        images, image = regions(4, 24, seed=14), regions(1, 24, seed=15)
+        train_jbu(backbone, images, steps=2, upsampler=up, **JBU_FAST)
+        imp = fit_implicit(backbone, image, steps=2, **IMP_FAST)
+    assert not up.training and not imp.training
+    after = params_of(up)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
+    assert all(torch.isfinite(p).all() for p in imp.parameters())

@@ -12,9 +12,13 @@ torch.set_num_threads(1)
 
 
 def _features(b=2, c=16, h=7, w=9, seed=0):
+    """Features with three known, exactly uncorrelated latent directions of decreasing variance."""
     g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(3, c, generator=g)
-    z = torch.randn(b, 3, h, w, generator=g) * torch.tensor([5.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    basis = torch.linalg.qr(torch.randn(c, 3, generator=g))[0].T  # orthonormal directions
+    n = b * h * w
+    samples = torch.randn(n, 3, generator=g)
+    samples = torch.linalg.qr(samples - samples.mean(0))[0] * n**0.5  # centered, exactly uncorrelated
+    z = (samples * torch.tensor([5.0, 2.0, 0.5])).view(b, h, w, 3).permute(0, 3, 1, 2)
     return torch.einsum("bkhw,kc->bchw", z, basis) + 0.01 * torch.randn(b, c, h, w, generator=g), z
 
 

@@ -58,39 +58,41 @@ Kernels<T> kernels() {
           DEFAULT::max_tile_rows(), DEFAULT::channel_block()};
 }
 
-// out[b] = conv(in[b], tile(filters[b])) for every batch element, in parallel over (batch, row tile, channel
-// group). A task builds its filter tile in a thread-local buffer (kept in cache, never materialized for the
-// whole tensor) unless the previous task of the same thread already built the same one.
+// out[b] = conv(in[b], tile(filters[b])) for every batch element, in parallel over tasks of (batch element,
+// channel group, chunk of row tiles). Within a task the row tiles run in order, so the K-1 input rows two
+// consecutive tiles share are still in cache: the group is sized so that a window of R+K-1 input rows of
+// all its channels fits in ~256 KB (L2). The filter tile of a row tile is built in a thread-local buffer
+// (never materialized for the whole tensor) and used by every channel of the group.
 template <typename T, bool kGradInput>
 void run_conv(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s, index_t filters_batch) {
   const Kernels<T> k = kernels<T>();
-  const index_t R = k.tile_rows, KK = index_t(s.K) * s.K;
+  const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K;
+  const index_t in_cols = s.cols + s.K - 1;
+  const index_t in_batch = s.channels * (s.rows + s.K - 1) * in_cols, out_batch = s.channels * s.rows * s.cols;
+  const index_t window_bytes = (R + s.K - 1) * in_cols * index_t(sizeof(T));
+  index_t group = std::max<index_t>(CB, (256 * 1024 / window_bytes) / CB * CB);
+  group = std::min(group, s.channels);
+  const index_t n_groups = (s.channels + group - 1) / group;
   const index_t row_tiles = (s.rows + R - 1) / R;
-  const index_t in_batch = s.channels * (s.rows + s.K - 1) * (s.cols + s.K - 1), out_batch = s.channels * s.rows * s.cols;
-  // Enough tasks to balance the threads; channel groups stay a multiple of the register block and large
-  // enough to amortize the tile.
-  const index_t want = 8 * at::get_num_threads();
-  const index_t blocks = (s.channels + k.channel_block - 1) / k.channel_block;
-  const index_t groups = std::clamp<index_t>((want + B * row_tiles - 1) / (B * row_tiles), 1,
-                                              std::max<index_t>(1, blocks / 4));
-  const index_t group_size = ((blocks + groups - 1) / groups) * k.channel_block;
-  const index_t n_groups = (s.channels + group_size - 1) / group_size;
-  at::parallel_for(0, B * row_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(static_cast<size_t>(R * KK * s.cols));
-    index_t built = -1;
+  const index_t want = 4 * at::get_num_threads();
+  const index_t chunks_wanted = std::clamp<index_t>((want + B * n_groups - 1) / (B * n_groups), 1, row_tiles);
+  const index_t tiles_per_chunk = (row_tiles + chunks_wanted - 1) / chunks_wanted;
+  const index_t chunks = (row_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  at::parallel_for(0, B * n_groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(static_cast<size_t>(R * KK * s.tile_stride));
     for (int64_t t = begin; t < end; ++t) {
-      const index_t bt = t / n_groups, g = t % n_groups;
-      const index_t b = bt / row_tiles, h0 = (bt % row_tiles) * R, n = std::min(R, s.rows - h0);
-      if (bt != built) {
+      const index_t b = t / (n_groups * chunks), g = (t / chunks) % n_groups, chunk = t % chunks;
+      const index_t c0 = g * group, c1 = std::min(s.channels, c0 + group);
+      const index_t tile_end = std::min(row_tiles, (chunk + 1) * tiles_per_chunk);
+      for (index_t rt = chunk * tiles_per_chunk; rt < tile_end; ++rt) {
+        const index_t h0 = rt * R, n = std::min(R, s.rows - h0);
         if constexpr (kGradInput) {
           k.grad_input_tile(filters + b * filters_batch, s, h0, n, tile.data());
         } else {
           k.forward_tile(filters + b * filters_batch, s, h0, n, tile.data());
         }
-        built = bt;
+        k.conv_rows(in + b * in_batch, tile.data(), out + b * out_batch, s, h0, n, c0, c1);
       }
-      const index_t c0 = g * group_size, c1 = std::min(s.channels, c0 + group_size);
-      k.conv_rows(in + b * in_batch, tile.data(), out + b * out_batch, s, h0, n, c0, c1);
     }
   });
 }
@@ -106,7 +108,7 @@ at::Tensor adaptive_conv_cpu(const at::Tensor& input, const at::Tensor& filters)
   }
   const at::Tensor x = input.contiguous(), f = filters.contiguous();
   at::Tensor out = at::empty({z.B, z.C, z.H, z.W}, x.options());
-  const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K)};
+  const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_cpu", [&] {
     run_conv<scalar_t, false>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
                               out.mutable_data_ptr<scalar_t>(), z.B, s, z.H * z.W * z.K * z.K);
@@ -128,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_backward_cpu(const at::Tensor& 
   const at::Tensor g_pad = at::constant_pad_nd(g, {z.K - 1, z.K - 1, z.K - 1, z.K - 1}, 0.0);
   at::Tensor grad_input = at::empty_like(x);
   at::Tensor grad_filters = at::empty_like(f);
-  const ConvShape gi_shape{z.C, z.H + K - 1, z.W + K - 1, K};
-  const ConvShape gf_shape{z.C, z.H, z.W, K};
+  const ConvShape gi_shape{z.C, z.H + K - 1, z.W + K - 1, K, tile_stride_for(z.W + K - 1)};
+  const ConvShape gf_shape{z.C, z.H, z.W, K, tile_stride_for(z.W)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_backward_cpu", [&] {
     run_conv<scalar_t, true>(g_pad.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
                              grad_input.mutable_data_ptr<scalar_t>(), z.B, gi_shape, z.H * z.W * z.K * z.K);
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_backward_cpu(const at::Tensor& 
     const index_t g_batch = z.C * z.H * z.W, x_batch = x.numel() / z.B, f_batch = z.H * z.W * z.K * z.K;
     // One task per output row: each writes its own rows of grad_filters (no atomics, no races).
     at::parallel_for(0, z.B * z.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(static_cast<size_t>(z.K * z.K * z.W));
+      std::vector<scalar_t> scratch(static_cast<size_t>(z.K * z.K * (gf_shape.tile_stride + 8)));
       for (int64_t t = begin; t < end; ++t) {
         const index_t b = t / z.H, h = t % z.H;
         k.grad_filters_row(gp + b * g_batch, xp + b * x_batch, gfp + b * f_batch, gf_shape, h, scratch.data());

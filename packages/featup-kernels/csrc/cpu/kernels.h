@@ -15,12 +15,23 @@ namespace featup::cpu {
 using index_t = long long;
 
 // Sizes of one conv: `channels`, output `rows` x `cols`, kernel size K. The input is (rows+K-1) x (cols+K-1).
+// `tile_stride` (>= cols) is the distance between two taps in a filter tile; see tile_stride_for.
 struct ConvShape {
   index_t channels;
   index_t rows;
   index_t cols;
   int K;
+  index_t tile_stride;
 };
+
+// Tap stride of filter tiles and scratch rows for `cols` columns: a multiple of 16 elements that is not a
+// multiple of 256, so the K*K tap rows of a tile do not all map to the same few L1 sets (a power-of-two
+// stride such as 512 floats would make the transposition thrash 8-way sets). Internal linkage on purpose.
+static inline index_t tile_stride_for(index_t cols) {
+  index_t stride = (cols + 15) / 16 * 16;
+  if (stride % 256 == 0) stride += 16;
+  return stride;
+}
 
 #define FEATUP_DECLARE_CPU_KERNELS(T)                                                                       \
   /* Rows [h0, h0+n) of the filter tile of the forward pass; f points at filters[b] (H, W, K, K). */       \
@@ -31,7 +42,7 @@ struct ConvShape {
   /* Output rows [h0, h0+n) (n <= max_tile_rows()) and channels [c0, c1) of one batch element.           */ \
   void conv_rows(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0, \
                  index_t c1);                                                                               \
-  /* grad_filters[b, h] (W, K, K) for output row h; scratch holds K*K*W elements.                        */ \
+  /* grad_filters[b, h] (W, K, K) for output row h; scratch holds K*K*(tile_stride+8) elements.          */ \
   void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
                         T* scratch);
 

@@ -108,7 +108,7 @@ void conv_columns(const T* x, const T* tile, T* o, const ConvShape& s) {
   const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = s.rows * s.cols;
   for (index_t w0 = 0;; w0 += N) {
     if (w0 + N > s.cols) w0 = s.cols - N;  // overlap the last vector with the previous one
-    conv_block<T, CB, R>(x + w0, x_chan, in_cols, tile + w0, s.cols, s.K, o + w0, o_chan, s.cols);
+    conv_block<T, CB, R>(x + w0, x_chan, in_cols, tile + w0, s.tile_stride, s.K, o + w0, o_chan, s.cols);
     if (w0 + N >= s.cols) break;
   }
 }
@@ -137,8 +137,8 @@ void conv_rows_impl(const T* in, const T* tile, T* out, const ConvShape& s, inde
       for (index_t r = 0; r < n; ++r) {
         for (index_t w = 0; w < s.cols; ++w) {
           out[c * o_chan + (h0 + r) * s.cols + w] = math::forward_element<T>(
-              in + c * x_chan + (h0 + r) * in_cols + w, in_cols, 1, tile + r * K * K * s.cols + w,
-              K * s.cols, s.cols, K);
+              in + c * x_chan + (h0 + r) * in_cols + w, in_cols, 1, tile + r * K * K * s.tile_stride + w,
+              K * s.tile_stride, s.tile_stride, K);
         }
       }
     }
@@ -148,22 +148,38 @@ void conv_rows_impl(const T* in, const T* tile, T* out, const ConvShape& s, inde
   for (; c + kChannelBlock <= c1; c += kChannelBlock) {
     conv_columns_rows<T, kChannelBlock>(in + c * x_chan + h0 * in_cols, tile, out + c * o_chan + h0 * s.cols, s, n);
   }
-  for (; c < c1; ++c) {
-    conv_columns_rows<T, 1>(in + c * x_chan + h0 * in_cols, tile, out + c * o_chan + h0 * s.cols, s, n);
+  if (c < c1) {  // the remaining channels as one narrower block (not one by one: fewer filter loads)
+    const T* x = in + c * x_chan + h0 * in_cols;
+    T* o = out + c * o_chan + h0 * s.cols;
+    static_assert(kChannelBlock <= 8, "extend the switch below");
+    switch (c1 - c) {
+      case 1: conv_columns_rows<T, 1>(x, tile, o, s, n); break;
+      case 2: if constexpr (kChannelBlock > 2) conv_columns_rows<T, 2>(x, tile, o, s, n); break;
+      case 3: if constexpr (kChannelBlock > 3) conv_columns_rows<T, 3>(x, tile, o, s, n); break;
+      case 4: if constexpr (kChannelBlock > 4) conv_columns_rows<T, 4>(x, tile, o, s, n); break;
+      case 5: if constexpr (kChannelBlock > 5) conv_columns_rows<T, 5>(x, tile, o, s, n); break;
+      case 6: if constexpr (kChannelBlock > 6) conv_columns_rows<T, 6>(x, tile, o, s, n); break;
+      case 7: if constexpr (kChannelBlock > 7) conv_columns_rows<T, 7>(x, tile, o, s, n); break;
+      default: break;
+    }
   }
 }
 
 // ---- filter tiles ------------------------------------------------------------------------------------------
 
+// Transposed in blocks of 16 columns: the reads stay within a few cache lines, the writes are contiguous runs.
 template <typename T>
 void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {
   const int K = s.K;
-  const index_t W = s.cols, KK = index_t(K) * K;
+  const index_t W = s.cols, KK = index_t(K) * K, ts = s.tile_stride;
   for (index_t r = 0; r < n; ++r) {
     const T* fr = f + (h0 + r) * W * KK;
-    T* tr = tile + r * KK * W;
-    for (index_t w = 0; w < W; ++w) {
-      for (index_t t = 0; t < KK; ++t) tr[t * W + w] = fr[w * KK + t];
+    T* tr = tile + r * KK * ts;
+    for (index_t w0 = 0; w0 < W; w0 += 16) {
+      const index_t w1 = w0 + 16 < W ? w0 + 16 : W;
+      for (index_t t = 0; t < KK; ++t) {
+        for (index_t w = w0; w < w1; ++w) tr[t * ts + w] = fr[w * KK + t];
+      }
     }
   }
 }
@@ -173,32 +189,36 @@ void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T*
 template <typename T>
 void grad_input_tile_impl(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {
   const int K = s.K;
-  const index_t X = s.cols, KK = index_t(K) * K;
+  const index_t X = s.cols, KK = index_t(K) * K, ts = s.tile_stride;
   const index_t H = s.rows - K + 1, W = s.cols - K + 1;  // the forward output
-  for (index_t t = 0; t < n * KK * X; ++t) tile[t] = T(0);
+  for (index_t t = 0; t < n * KK * ts; ++t) tile[t] = T(0);
   for (index_t r = 0; r < n; ++r) {
     for (int ip = 0; ip < K; ++ip) {
       const index_t h = y0 + r - (K - 1) + ip;
       if (h < 0 || h >= H) continue;
       const T* fh = f + h * W * KK + index_t(K - 1 - ip) * K;
-      T* t_row = tile + (r * K + ip) * K * X;
-      for (index_t w = 0; w < W; ++w) {
-        for (int jp = 0; jp < K; ++jp) t_row[jp * X + w + (K - 1 - jp)] = fh[w * KK + (K - 1 - jp)];
+      T* t_row = tile + (r * K + ip) * K * ts;
+      for (int jp = 0; jp < K; ++jp) {
+        T* dst = t_row + jp * ts + (K - 1 - jp);
+        const T* src = fh + (K - 1 - jp);
+        for (index_t w = 0; w < W; ++w) dst[w] = src[w * KK];
       }
     }
   }
+  (void)X;
 }
 
 // ---- filter gradient ---------------------------------------------------------------------------------------
 
-// Tap row i, tap columns [j0, j0+JB) of one vector of columns, summed over all channels.
+// Tap row i, tap columns [j0, j0+JB) of one vector of columns, summed over `channels` channels and added
+// to (or, for the first channel chunk, stored into) dst.
 template <typename T, int JB>
 FEATUP_INLINE void grad_filters_block(const T* g, index_t g_chan, const T* x, index_t x_chan, index_t channels,
-                                      T* dst, index_t dst_tap) {
+                                      T* dst, index_t dst_tap, bool first) {
   using V = vec_t<T>;
   V acc[JB];
 #pragma GCC unroll 16
-  for (int j = 0; j < JB; ++j) acc[j] = V{};
+  for (int j = 0; j < JB; ++j) acc[j] = first ? V{} : loadu(dst + j * dst_tap);
   for (index_t c = 0; c < channels; ++c) {
     const V gv = loadu(g + c * g_chan);
     const T* xc = x + c * x_chan;
@@ -211,16 +231,16 @@ FEATUP_INLINE void grad_filters_block(const T* g, index_t g_chan, const T* x, in
 
 template <typename T>
 void grad_filters_taps(const T* g, index_t g_chan, const T* x, index_t x_chan, index_t channels, T* dst,
-                       index_t dst_tap, int nj) {
+                       index_t dst_tap, int nj, bool first) {
   switch (nj) {
-    case 1: grad_filters_block<T, 1>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 2: grad_filters_block<T, 2>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 3: grad_filters_block<T, 3>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 4: grad_filters_block<T, 4>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 5: grad_filters_block<T, 5>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 6: grad_filters_block<T, 6>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 7: grad_filters_block<T, 7>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
-    case 8: grad_filters_block<T, 8>(g, g_chan, x, x_chan, channels, dst, dst_tap); break;
+    case 1: grad_filters_block<T, 1>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 2: grad_filters_block<T, 2>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 3: grad_filters_block<T, 3>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 4: grad_filters_block<T, 4>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 5: grad_filters_block<T, 5>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 6: grad_filters_block<T, 6>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 7: grad_filters_block<T, 7>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
+    case 8: grad_filters_block<T, 8>(g, g_chan, x, x_chan, channels, dst, dst_tap, first); break;
     default: break;
   }
 }
@@ -229,7 +249,7 @@ template <typename T>
 void grad_filters_row_impl(const T* g, const T* in, T* gf, const ConvShape& s, index_t h, T* scratch) {
   constexpr int N = VecOf<T>::lanes;
   const int K = s.K;
-  const index_t W = s.cols, KK = index_t(K) * K, in_cols = W + K - 1;
+  const index_t W = s.cols, KK = index_t(K) * K, in_cols = W + K - 1, ts = s.tile_stride;
   const index_t g_chan = s.rows * W, x_chan = (s.rows + K - 1) * in_cols;
   const T* g_row = g + h * W;
   T* gf_row = gf + h * W * KK;
@@ -244,20 +264,38 @@ void grad_filters_row_impl(const T* g, const T* in, T* gf, const ConvShape& s, i
     }
     return;
   }
-  // scratch[i][j][w]: w contiguous for the vector stores, transposed into grad_filters[b, h, w, i, j] below.
-  for (index_t w0 = 0;; w0 += N) {
-    if (w0 + N > W) w0 = W - N;
-    for (int i = 0; i < K; ++i) {
-      for (int j0 = 0; j0 < K; j0 += kTapBlock) {
-        const int nj = K - j0 < kTapBlock ? K - j0 : kTapBlock;
-        grad_filters_taps<T>(g_row + w0, g_chan, in + (h + i) * in_cols + w0 + j0, x_chan, s.channels,
-                             scratch + (i * K + j0) * W + w0, W, nj);
+  // Channels in chunks small enough that a chunk's K+1 rows stay in L1 while every tap and column block
+  // reads them; scratch[i][j][w] (w contiguous) accumulates across chunks and is transposed at the end.
+  // A last, partial vector of columns overlaps the previous one, so it accumulates into its own area
+  // (scratch + K*K*ts, K*K vectors) and only its new columns are copied out.
+  const index_t chunk_bytes = 12 * 1024, row_bytes = (index_t(K) + 1) * (in_cols * index_t(sizeof(T)) + 64);
+  const index_t chunk = row_bytes * 8 > chunk_bytes ? 8 : chunk_bytes / row_bytes;
+  const index_t w_full = W / N * N;
+  T* tail = scratch + KK * ts;
+  for (index_t c0 = 0; c0 < s.channels; c0 += chunk) {
+    const index_t nc = s.channels - c0 < chunk ? s.channels - c0 : chunk;
+    const bool first = c0 == 0;
+    for (index_t w0 = 0; w0 < W; w0 += N) {
+      const bool partial = w0 + N > W;
+      const index_t ws = partial ? W - N : w0;
+      for (int i = 0; i < K; ++i) {
+        for (int j0 = 0; j0 < K; j0 += kTapBlock) {
+          const int nj = K - j0 < kTapBlock ? K - j0 : kTapBlock;
+          T* dst = partial ? tail + (i * K + j0) * N : scratch + (i * K + j0) * ts + w0;
+          grad_filters_taps<T>(g_row + c0 * g_chan + ws, g_chan, in + c0 * x_chan + (h + i) * in_cols + ws + j0,
+                               x_chan, nc, dst, partial ? N : ts, nj, first);
+        }
       }
     }
-    if (w0 + N >= W) break;
   }
-  for (index_t w = 0; w < W; ++w) {
-    for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = scratch[t * W + w];
+  for (index_t w0 = 0; w0 < w_full; w0 += 16) {
+    const index_t w1 = w0 + 16 < w_full ? w0 + 16 : w_full;
+    for (index_t w = w0; w < w1; ++w) {
+      for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = scratch[t * ts + w];
+    }
+  }
+  for (index_t w = w_full; w < W; ++w) {
+    for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = tail[t * N + w - (W - N)];
   }
 }
 

@@ -176,11 +176,16 @@ def resolve_pretrained(config: BackboneConfig) -> Path:
         ) from exc
 
 
-def _is_safetensors(path: Path) -> bool:
-    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
+def _file_kind(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    # torch.save: a zip archive (current format) or a raw pickle (legacy format, protocol >= 2)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    return "unknown"
 
 
 def unwrap_state_dict(obj: Any, where: str = "weights") -> dict[str, torch.Tensor]:
@@ -218,7 +223,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"expected a weight file (.safetensors or .pth) at {p}, found none")
-    if _is_safetensors(p):
+    kind = _file_kind(p)
+    if kind == "unknown":
+        raise ValueError(f"could not read {p}: neither a safetensors nor a torch.save file")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:

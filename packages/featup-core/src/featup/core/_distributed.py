@@ -17,9 +17,10 @@ from torch import nn
 
 __all__ = [
     "DistContext",
-    "barrier",
-    "launched_by_torchrun",
     "any_true",
+    "barrier",
+    "default_device",
+    "launched_by_torchrun",
     "setup",
     "shard_indices",
     "teardown",
@@ -147,6 +148,10 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mo
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # a JBU stack uses only the stages its upsampling ratio needs (4x: up1, up2), so some parameters get
+    # no gradient in a given step; DDP must look for them instead of waiting forever
     if device.type == "cuda":
-        return DistributedDataParallel(module, device_ids=[device], output_device=device)
-    return DistributedDataParallel(module)
+        return DistributedDataParallel(
+            module, device_ids=[device], output_device=device, find_unused_parameters=True
+        )
+    return DistributedDataParallel(module, find_unused_parameters=True)

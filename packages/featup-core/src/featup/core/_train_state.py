@@ -19,7 +19,14 @@ from torch import nn
 
 from featup.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-__all__ = ["TRAIN_FORMAT", "check_hparams", "load_train_state", "save_train_state"]
+__all__ = [
+    "TRAIN_FORMAT",
+    "check_hparams",
+    "load_train_state",
+    "restore_modules",
+    "restore_optimizer",
+    "save_train_state",
+]
 
 TRAIN_FORMAT = "featup-train-state/1"
 RNG_SCHEME = "blake2b(seed:rank:step:purpose)/1"

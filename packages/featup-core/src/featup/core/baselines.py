@@ -29,6 +29,7 @@ from featup.core.jbu import (
     _taps,
     apply_kernel,
     neighborhood_sqdist,
+    pad2d,
     pool_guidance,
     resize,
     spatial_gaussian,
@@ -66,7 +67,8 @@ def lr_neighborhood_sum(weights: torch.Tensor, x: torch.Tensor, radius: int) -> 
     """Reassemble: each output pixel mixes the K x K low-res neighborhood around its nearest low-res cell.
 
     ``out[b, c, l] = sum_p weights[b, p, l] * x_pad[b, c, src(l) + offset_p]`` with ``src`` the nearest-exact
-    source cell of output pixel ``l`` and zero padding (as in CARAFE and SAPA).
+    source cell of output pixel ``l``. Borders are replicate-padded (CARAFE and SAPA zero-pad, which shrinks
+    features at the image border; replicate keeps them in the feature space).
 
     Shape:
         - weights: (B, K * K, H, W), tap index ``i * K + j``
@@ -75,7 +77,7 @@ def lr_neighborhood_sum(weights: torch.Tensor, x: torch.Tensor, radius: int) -> 
     """
     size = weights.shape[-2:]
     h, w = x.shape[-2:]
-    xp = F.pad(x, [radius] * 4)
+    xp = pad2d(x, radius, "replicate")
     out = None
     for p, (i, j) in enumerate(_taps(radius)):
         term = weights[:, p : p + 1] * resize(xp[:, :, i : i + h, j : j + w], size, "nearest-exact")
@@ -139,14 +141,16 @@ class ClassicJBU(Upsampler):
     """Kopf et al.'s joint bilateral upsampling: fixed Gaussian range kernel on RGB, fixed spatial Gaussian.
 
     Per 2x step: ``k = exp(-|g_c - g_n|^2 / (2 sigma_range^2)) * exp(-|d|^2 / (2 sigma_spatial^2))``
-    normalized over the K x K window (d in [-1, 1] window coordinates), applied to the bilinearly resampled
-    features with the adaptive convolution. No parameters, nothing to train.
+    normalized over the K x K window (d in [-1, 1] window coordinates), applied with the adaptive convolution
+    to the features resampled by ``resample`` (nearest by default: as in Kopf et al., every output mixes the
+    low-resolution samples themselves, not values already blended across an edge). No parameters.
 
     Args:
         feat_dim: ignored (uniform factory call).
         radius: window radius (K = 2 * radius + 1).
         sigma_spatial: spatial width in normalized window coordinates.
         sigma_range: range width in RGB units ([0, 1] images).
+        resample: how features are brought to each step's grid ("nearest-exact", "bilinear" or "bicubic").
 
     Shape:
         - lr_feats: (B, C, h, w); image: (B, 3, H, W)
@@ -158,8 +162,9 @@ class ClassicJBU(Upsampler):
         feat_dim: int | None = None,
         *,
         radius: int = 3,
-        sigma_spatial: float = 0.5,
-        sigma_range: float = 0.1,
+        sigma_spatial: float = 1.0,
+        sigma_range: float = 0.15,
+        resample: str = "nearest-exact",
     ) -> None:
         super().__init__()
         if sigma_spatial <= 0 or sigma_range <= 0:
@@ -168,6 +173,7 @@ class ClassicJBU(Upsampler):
         self.radius = radius
         self.sigma_spatial = float(sigma_spatial)
         self.sigma_range = float(sigma_range)
+        self.resample = resample
 
     def config(self) -> dict[str, Any]:
         return {
@@ -175,6 +181,7 @@ class ClassicJBU(Upsampler):
             "radius": self.radius,
             "sigma_spatial": self.sigma_spatial,
             "sigma_range": self.sigma_range,
+            "resample": self.resample,
         }
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
@@ -191,7 +198,8 @@ class ClassicJBU(Upsampler):
         x = lr_feats
         guidance = image.to(lr_feats.dtype)
         for stage_size in stage_sizes(lr_feats.shape[-2:], size):
-            x = apply_kernel(x, self.kernel(pool_guidance(guidance, stage_size)), self.radius)
+            kernel = self.kernel(pool_guidance(guidance, stage_size))
+            x = apply_kernel(x, kernel, self.radius, resize_mode=self.resample)
         return x
 
 
@@ -323,7 +331,7 @@ class SAPAStage(nn.Module):
         size = guidance.shape[-2:]
         h, w = x.shape[-2:]
         q = self.q(self.norm_y(guidance.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        k = F.pad(self.k(self.norm_x(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2), [self.up_radius] * 4)
+        k = pad2d(self.k(self.norm_x(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2), self.up_radius, "replicate")
         taps = _taps(self.up_radius)
         logits = torch.stack(
             [(q * resize(k[:, :, i : i + h, j : j + w], size, "nearest-exact")).sum(1) for i, j in taps],

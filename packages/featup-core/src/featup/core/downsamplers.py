@@ -8,9 +8,9 @@ ratio work (the original code assumed square inputs and ``(H - k) / (h - 1)`` st
 of the softmax, so the pooling weights always sum to 1 over the taps that exist: features stay in their
 space and a constant map stays constant.
 
-The weighted window sum is a custom autograd function that walks the kernel rows, so neither forward nor
-backward ever holds the ``(B, C, h, w, k, k)`` tensor of gathered windows (for k = 29 that would be ~3x the
-high-resolution map).
+The weighted window sum is a custom autograd function made of one batched matrix product per output row, so
+neither forward nor backward ever holds the ``(B, C, h, w, k, k)`` tensor of gathered windows (for k = 29
+that would be ~3x the high-resolution map), and it runs at GEMM speed.
 """
 
 from __future__ import annotations
@@ -31,63 +31,103 @@ def window_indices(
     Shape:
         - output: indices (out_size, kernel_size) long, valid (out_size, kernel_size) bool
     """
-    i = torch.arange(out_size, device=device, dtype=torch.long)
-    # start = floor((i + 1/2) * in/out - k/2 + 1/2), in exact integer arithmetic
-    start = ((2 * i + 1) * in_size + out_size - kernel_size * out_size) // (2 * out_size)
+    start = torch.tensor(_window_starts(in_size, out_size, kernel_size), device=device, dtype=torch.long)
     idx = start[:, None] + torch.arange(kernel_size, device=device, dtype=torch.long)[None, :]
     valid = (idx >= 0) & (idx < in_size)
     return idx.clamp(0, in_size - 1), valid
 
 
+def _window_starts(in_size: int, out_size: int, kernel_size: int) -> list[int]:
+    # start = floor((i + 1/2) * in/out - k/2 + 1/2), in exact integer arithmetic
+    return [
+        ((2 * i + 1) * in_size + out_size - kernel_size * out_size) // (2 * out_size) for i in range(out_size)
+    ]
+
+
+def _row_scatter_index(length: int, width: int, cols: torch.Tensor, out_w: int) -> torch.Tensor:
+    """Flat positions in the (length * width, out_w) pooling matrix of one output row. Shape: (w, L, kw)."""
+    u = torch.arange(length, device=cols.device)[None, :, None]
+    j = torch.arange(out_w, device=cols.device)[:, None, None]
+    return (u * width + cols[:, None, :]) * out_w + j
+
+
 class _WindowPool(torch.autograd.Function):
-    """out[b,c,i,j] = sum_{u,v} weights[b,i,j,u,v] * x[b,c,rows[i,u],cols[j,v]], one kernel row at a time."""
+    """out[b,c,i,j] = sum_{u,v} weights[b,i,j,u,v] * x[b,c,row_i+u,cols[j,v]], over taps inside the map.
+
+    Per output row ``i`` the rows its windows read form one contiguous slice of ``x`` (L rows), so the row
+    is a batched matrix product ``x[:, :, slice].view(B, C, L*W) @ M_i`` with a mostly-zero pooling
+    matrix ``M_i`` (L*W, w) scattered from the weights. GEMMs beat gathering ``k^2`` shifted copies several
+    times over on the CPU, and only one row's ``M_i`` exists at a time (it is rebuilt in backward).
+    """
 
     @staticmethod
-    def forward(ctx, x, weights, rows, cols):  # type: ignore[override]
-        b, c = x.shape[:2]
-        h, w, kr, kc = rows.shape[0], cols.shape[0], rows.shape[1], cols.shape[1]
-        flat_cols = cols.reshape(-1)
-        out = x.new_zeros(b, c, h, w)
-        for u in range(kr):
-            xg = x.index_select(2, rows[:, u]).index_select(3, flat_cols).view(b, c, h, w, kc)
-            out += (xg * weights[:, None, :, :, u, :]).sum(-1)
-        ctx.save_for_backward(x, weights, rows, cols)
+    def forward(ctx, x, weights, plan, cols):  # type: ignore[override]
+        b, c, _, in_w = x.shape
+        h, w = weights.shape[1], weights.shape[2]
+        x = x.contiguous()
+        out = x.new_empty(b, c, h, w)
+        for i, (first, u0, u1) in enumerate(plan):
+            length = u1 - u0
+            idx = _row_scatter_index(length, in_w, cols, w).reshape(1, -1).expand(b, -1)
+            vals = weights[:, i, :, u0:u1, :].reshape(b, -1)
+            mat = x.new_zeros(b, length * in_w * w).scatter_add_(1, idx, vals).view(b, length * in_w, w)
+            rows = x[:, :, first : first + length, :].reshape(b, c, length * in_w)
+            out[:, :, i, :] = torch.bmm(rows, mat)
+        ctx.plan = plan
+        ctx.save_for_backward(x, weights, cols)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        x, weights, rows, cols = ctx.saved_tensors
-        b, c, in_h, in_w = x.shape
-        h, w, kr, kc = rows.shape[0], cols.shape[0], rows.shape[1], cols.shape[1]
-        flat_cols = cols.reshape(-1)
+        x, weights, cols = ctx.saved_tensors
+        b, c, _, in_w = x.shape
+        w = weights.shape[2]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.empty_like(weights) if need_w else None
-        for u in range(kr):
-            if need_w:
-                xg = x.index_select(2, rows[:, u]).index_select(3, flat_cols).view(b, c, h, w, kc)
-                grad_w[:, :, :, u, :] = (xg * grad[..., None]).sum(1)
+        grad_w = torch.zeros_like(weights) if need_w else None
+        grad = grad.contiguous()
+        for i, (first, u0, u1) in enumerate(ctx.plan):
+            length = u1 - u0
+            idx = _row_scatter_index(length, in_w, cols, w).reshape(1, -1).expand(b, -1)
+            g = grad[:, :, i, :]  # (B, C, w)
             if need_x:
-                contrib = (grad[..., None] * weights[:, None, :, :, u, :]).reshape(b, c, h, w * kc)
-                row_grad = x.new_zeros(b, c, h, in_w).index_add_(3, flat_cols, contrib)
-                grad_x.index_add_(2, rows[:, u], row_grad)
+                vals = weights[:, i, :, u0:u1, :].reshape(b, -1)
+                mat = x.new_zeros(b, length * in_w * w).scatter_add_(1, idx, vals).view(b, length * in_w, w)
+                grad_x[:, :, first : first + length, :] += torch.bmm(g, mat.transpose(1, 2)).view(
+                    b, c, length, in_w
+                )
+            if need_w:
+                rows = x[:, :, first : first + length, :].reshape(b, c, length * in_w)
+                grad_mat = torch.bmm(rows.transpose(1, 2), g).reshape(b, -1)  # (B, L*W*w)
+                grad_w[:, i, :, u0:u1, :] = grad_mat.gather(1, idx).view(b, w, length, -1)
         return grad_x, grad_w, None, None
 
 
-def window_pool(
-    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """Weighted sum of each output pixel's window (memory-light; differentiable in ``x`` and ``weights``).
+def window_pool(x: torch.Tensor, weights: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+    """Weighted sum over each output pixel's window (:func:`window_indices`), skipping taps outside the map.
+
+    Differentiable in ``x`` and ``weights``; memory stays ``O(B C H W)`` (no tensor of gathered windows).
 
     Shape:
         - x: (B, C, H, W)
-        - weights: (B, h, w, kh, kw)
-        - rows: (h, kh) long indices into H; cols: (w, kw) long indices into W
-        - output: (B, C, h, w)
+        - weights: (B or 1, h, w, kh, kw)
+        - output: (B, C, h, w) with (h, w) = ``output_size``
     """
-    weights = weights.expand(x.shape[0], -1, -1, -1, -1).to(x.dtype)
-    return _WindowPool.apply(x, weights, rows, cols)
+    h, w = _resolve_output_size(output_size)
+    if weights.dim() != 5 or tuple(weights.shape[1:3]) != (h, w):
+        raise ValueError(f"expected weights (B,{h},{w},kh,kw), got {tuple(weights.shape)}")
+    in_h, in_w = x.shape[-2:]
+    kh, kw = weights.shape[-2:]
+    plan = []
+    for start in _window_starts(in_h, h, kh):
+        u0, u1 = max(0, -start), min(kh, in_h - start)
+        plan.append((start + u0, u0, u1))
+    cols, valid_cols = window_indices(in_w, w, kw, x.device)
+    # columns outside the map were clamped onto the border: zero their weights so they are skipped
+    weights = weights.to(x.dtype) * valid_cols.to(x.dtype)[None, None, :, None, :]
+    weights = weights.expand(x.shape[0], -1, -1, -1, -1)
+    return _WindowPool.apply(x, weights, plan, cols)
 
 
 def _check_hr(hr: object, name: str = "hr") -> torch.Tensor:
@@ -157,9 +197,7 @@ class SimpleDownsampler(nn.Module):
     def forward(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
         _check_hr(hr)
         h, w = _resolve_output_size(output_size)
-        rows, _ = window_indices(hr.shape[-2], h, self.kernel_size, hr.device)
-        cols, _ = window_indices(hr.shape[-1], w, self.kernel_size, hr.device)
-        return window_pool(hr, self.kernels(hr, (h, w)), rows, cols)
+        return window_pool(hr, self.kernels(hr, (h, w)), (h, w))
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}"
@@ -235,10 +273,7 @@ class AttentionDownsampler(nn.Module):
 
     def forward(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
         h, w = _resolve_output_size(output_size)
-        weights = self.kernels(hr, (h, w))
-        rows, _ = window_indices(hr.shape[-2], h, self.kernel_size, hr.device)
-        cols, _ = window_indices(hr.shape[-1], w, self.kernel_size, hr.device)
-        return window_pool(hr, weights, rows, cols)
+        return window_pool(hr, self.kernels(hr, (h, w)), (h, w))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}, dropout={self.dropout}"

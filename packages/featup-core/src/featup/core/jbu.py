@@ -414,7 +414,8 @@ class JBUStack(Upsampler, CheckpointMixin):
         for k, stage_size in enumerate(stage_sizes(lr_feats.shape[-2:], size)):
             x = stages[min(k, len(stages) - 1)](x, pool_guidance(guidance, stage_size))
         if self.fixup_proj is not None:
-            x = x + self.proj_scale * self.fixup_proj(x)
+            conv_dtype = self.fixup_proj[1].weight.dtype
+            x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
         return x
 
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -185,10 +185,20 @@ def apply_jitter(
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"expected mode 'bilinear' or 'nearest', got {mode!r}")
     plist = _as_param_list(params, x.shape[0])
-    if all(p.is_identity for p in plist):
-        return x.clone()
-    grid = jitter_grid(plist, (x.shape[-2], x.shape[-1]), x.shape[0], device=x.device, dtype=x.dtype)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+    # the flip is applied exactly, after resampling (mirroring the output equals mirroring the grid)
+    unflipped = [replace(p, flip=False) for p in plist]
+    if all(p.is_identity for p in unflipped):
+        out = x.clone()
+    else:
+        grid = jitter_grid(unflipped, (x.shape[-2], x.shape[-1]), x.shape[0], device=x.device, dtype=x.dtype)
+        out = F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+    flips = [p.flip for p in plist]
+    if all(flips):
+        return out.flip(-1)
+    if any(flips):
+        mask = torch.tensor(flips, device=x.device).view(-1, 1, 1, 1)
+        return torch.where(mask, out.flip(-1), out)
+    return out
 
 
 def _as_param_list(params: JitterParams | Sequence[JitterParams], batch: int) -> list[JitterParams]:

@@ -176,6 +176,9 @@ def tiled_upsample(
         out: optional preallocated (B, C, H, W) tensor (e.g. over a ``numpy.memmap``) receiving the result,
             so outputs larger than RAM can be produced.
 
+    An :class:`~featup.core.implicit.ImplicitUpsampler` is not cropped (its field depends on absolute
+    coordinates): it is rendered with ``render(size, chunk_pixels=tile * tile)``, already bounded in memory.
+
     Returns:
         The (B, C, H, W) output (``out`` itself if given).
 
@@ -185,10 +188,26 @@ def tiled_upsample(
         - output: (B, C, H, W)
     """
     check_features(lr_feats, "lr_feats")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"expected tile >= 1 output pixels, got {tile!r}")
     if image is not None:
         check_image(image, lr_feats)
     elif getattr(up, "guided", False):
         raise ValueError(f"{type(up).__name__} is guided: expected image (B,3,H,W), got None")
+    from featup.core.implicit import ImplicitUpsampler
+
+    if isinstance(up, ImplicitUpsampler):
+        # an implicit field is a function of the pixel coordinates and the stored image, not of a crop:
+        # its render is already evaluated in chunks, here of tile x tile pixels
+        size = resolve_size(output_size, image) if (output_size is not None or image is not None) else None
+        res = up.render(size, chunk_pixels=tile * tile, dtype=lr_feats.dtype).to(lr_feats.device)
+        if out is None:
+            return res
+        if tuple(out.shape) != tuple(res.shape):
+            raise ValueError(f"expected out of shape {tuple(res.shape)}, got {tuple(out.shape)}")
+        with torch.inference_mode():
+            out.copy_(res)
+        return out
     oh, ow = resolve_size(output_size, image)
     b, c, h, w = lr_feats.shape
     halo_cells = float(getattr(up, "tile_halo", DEFAULT_HALO_CELLS))

@@ -18,6 +18,7 @@ checkpoint and resumed ends exactly where the uninterrupted run does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -142,10 +143,11 @@ def _frozen(backbone: object):
 
 
 @contextmanager
-def _private_rng(device: torch.device):
-    """Fork the global RNGs so the seeding done by training never leaks to the caller."""
+def _training_context(device: torch.device):
+    """Fork the global RNGs (the seeding done by training never leaks to the caller) and make sure autograd
+    is on, even when the caller sits inside ``torch.no_grad`` or ``torch.inference_mode``."""
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         yield
 
 
@@ -297,7 +299,7 @@ def train_jbu(
     device = _resolve_device(backbone, device)
     ctx = dist_utils.setup(device)
     try:
-        with _frozen(backbone), _private_rng(device):
+        with _frozen(backbone), _training_context(device):
             return _train_jbu(
                 backbone,
                 images,
@@ -387,7 +389,7 @@ def _train_jbu(
     elif (
         saved is not None
         and hasattr(upsampler, "config")
-        and saved[1]["upsampler"]["kwargs"] != upsampler.config()
+        and saved[1]["upsampler"]["kwargs"] != json.loads(json.dumps(upsampler.config()))  # tuples -> lists
     ):
         raise CheckpointError(
             f"cannot resume from {state_path}: it holds a {saved[1]['upsampler']['class']} with "
@@ -567,10 +569,10 @@ def fit_implicit(
     if upsampler_kwargs is not None and not isinstance(upsampler_kwargs, dict):
         raise TypeError(f"expected upsampler_kwargs as a dict or None, got {type(upsampler_kwargs).__name__}")
     device = _resolve_device(backbone, device)
-    with _frozen(backbone), _private_rng(device):
+    with _frozen(backbone), _training_context(device):
         return _fit_implicit(
             backbone,
-            image.to(device),
+            image.to(device).clone(),  # a normal tensor even if the caller made it under inference_mode
             steps,
             n_jitters=n_jitters,
             lr=lr,
@@ -635,18 +637,26 @@ def _fit_implicit(
 
     torch.manual_seed(derive_seed(seed, "init"))
     pca = PCA(feat_dim, pca_dim).to(device).fit(lr_feats)
-    kwargs = {"pca_dim": pca_dim, **upsampler_kwargs}
+    kwargs = {
+        "feat_dim": feat_dim,
+        "image_size": list(image.shape[-2:]),
+        "pca_dim": pca_dim,
+        **upsampler_kwargs,
+    }
     if saved is not None:
-        kwargs = saved[1]["upsampler"]["kwargs"]
-        if saved[1]["feat_dim"] != feat_dim:
+        stored = saved[1]["upsampler"]["kwargs"]
+        if stored["feat_dim"] != feat_dim or list(stored["image_size"]) != kwargs["image_size"]:
             raise CheckpointError(
-                f"cannot resume from {checkpoint_path}: fitted to {saved[1]['feat_dim']}-channel features, "
-                f"the backbone now gives {feat_dim}"
+                f"cannot resume from {checkpoint_path}: fitted to {stored['feat_dim']}-channel features of a "
+                f"{tuple(stored['image_size'])} image, now {feat_dim} channels of {tuple(image.shape[-2:])}"
             )
-    imp = ImplicitUpsampler(feat_dim, tuple(image.shape[-2:]), **kwargs).to(device)
+        kwargs = stored
+    imp = ImplicitUpsampler(**kwargs).to(device)
     imp.set_image(image)
     imp.set_pca(pca)
-    n_comp = int(pca.components.shape[0])
+    # the network predicts imp.pca_dim channels; components the data could not support are zero-padded
+    n_comp = int(imp.pca_dim)
+    pca = imp.pca
     down = create_downsampler(downsampler, n_comp, kernel_size).to(device)
     head = UncertaintyHead(n_comp).to(device)
     modules = {"upsampler": imp, "downsampler": down, "head": head}

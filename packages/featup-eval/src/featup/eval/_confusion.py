@@ -29,7 +29,9 @@ def confusion_matrix(
         - output: (K, K)
     """
     if pred.shape != target.shape:
-        raise ValueError(f"expected pred and target of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected pred and target of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if n_classes < 1:
         raise ValueError(f"expected n_classes >= 1, got {n_classes}")
     pred = pred.reshape(-1).long()
@@ -37,10 +39,14 @@ def confusion_matrix(
     valid = target != ignore_index
     pred, target = pred[valid], target[valid]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
-        raise ValueError(f"expected targets in [0, {n_classes}) or {ignore_index}, got range "
-                         f"[{int(target.min())}, {int(target.max())}]")
+        raise ValueError(
+            f"expected targets in [0, {n_classes}) or {ignore_index}, got range "
+            f"[{int(target.min())}, {int(target.max())}]"
+        )
     if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= n_classes):
-        raise ValueError(f"expected predictions in [0, {n_classes}), got range [{int(pred.min())}, {int(pred.max())}]")
+        raise ValueError(
+            f"expected predictions in [0, {n_classes}), got range [{int(pred.min())}, {int(pred.max())}]"
+        )
     idx = target * n_classes + pred
     return torch.bincount(idx.cpu(), minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 

@@ -52,7 +52,9 @@ class ResultStore:
             data = read_json(self.path)
             stored = data.get("config") or {}
             if stored != self.config:
-                keys = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+                keys = sorted(
+                    k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k)
+                )
                 raise ValueError(
                     f"{self.path} holds results of a different run ({', '.join(keys)} differ); "
                     f"use another --out folder or --no-resume"
@@ -84,8 +86,14 @@ def format_number(value: Any, digits: int = 2) -> str:
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table with the first column left-aligned and the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
     def line(cells: Sequence[str]) -> str:
         out = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(cells)]
         return "| " + " | ".join(out) + " |"
-    sep = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+
+    sep = (
+        "|"
+        + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
     return "\n".join([line(header), sep, *(line(r) for r in rows)])

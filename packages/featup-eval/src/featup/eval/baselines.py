@@ -71,7 +71,7 @@ _TRAINED = ("resize_conv", "carafe", "sapa", "jbu")
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """``"bilinear,jbu"`` or a list -> validated names in Table 1 order; None or "all" -> all; bilinear always in."""
+    """``"bilinear,jbu"`` or a list -> names in Table 1 order; None or "all" -> all; bilinear always added."""
     if text is None or text == "all" or (not isinstance(text, str) and list(text) == ["all"]):
         return list(METHODS)
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
@@ -91,9 +91,9 @@ def load_backbone(
 ) -> nn.Module:
     """A frozen backbone in eval mode from a registry name or a ``module.path:factory`` spec.
 
-    ``module.path:factory`` imports ``factory`` and calls it with ``kwargs`` (so ``stride=`` reaches it for the
-    strided baseline); ``weights`` is then a safetensors state dict loaded strictly. Any other name goes to
-    ``featup.backbones.create_backbone(name, pretrained=..., weights=..., **kwargs)``.
+    ``module.path:factory`` imports ``factory`` and calls it with ``kwargs`` (so ``stride=`` reaches it for
+    the strided baseline); ``weights`` is then a safetensors state dict loaded strictly. Any other name goes
+    to ``featup.backbones.create_backbone(name, pretrained=..., weights=..., **kwargs)``.
     """
     if ":" in name:
         module_name, _, attr = name.partition(":")
@@ -107,7 +107,7 @@ def load_backbone(
 
             try:
                 state = load_file(str(weights))
-            except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            except Exception as exc:
                 raise OSError(f"cannot read backbone weights {weights}: {exc}") from None
             model.load_state_dict(state, strict=True)
     else:
@@ -293,10 +293,13 @@ def build_method(
         return FeatureMethod(name, large)
     if name == "strided":
         if backbone_factory is None or backbone_stride is None:
-            raise ValueError("the strided baseline needs a backbone factory taking stride= and the backbone's stride")
+            raise ValueError(
+                "the strided baseline needs a backbone factory taking stride= and the backbone's stride"
+            )
         if backbone_stride % cfg.strided_factor != 0:
             raise ValueError(
-                f"expected strided_factor to divide the backbone stride {backbone_stride}, got {cfg.strided_factor}"
+                f"expected strided_factor to divide the backbone stride {backbone_stride}, "
+                f"got {cfg.strided_factor}"
             )
         strided = backbone_factory(stride=backbone_stride // cfg.strided_factor)
         return FeatureMethod(name, lambda x: _resize(strided(x), x.shape[-2:]))
@@ -310,19 +313,32 @@ def build_method(
             outs = []
             for i in range(x.shape[0]):
                 with torch.enable_grad():
-                    imp = fit_implicit(backbone, x[i : i + 1], cfg.implicit_steps, n_jitters=cfg.n_jitters,
-                                       seed=cfg.seed, progress=False)
+                    imp = fit_implicit(
+                        backbone,
+                        x[i : i + 1],
+                        cfg.implicit_steps,
+                        n_jitters=cfg.n_jitters,
+                        seed=cfg.seed,
+                        progress=False,
+                    )
                 outs.append(imp.render(tuple(x.shape[-2:])))
             return torch.cat(outs)
 
         return FeatureMethod(name, implicit)
+
     # dip
     def dip(x: torch.Tensor) -> torch.Tensor:
         outs = []
         for i in range(x.shape[0]):
             with torch.enable_grad():
-                up = fit_dip(backbone, x[i : i + 1], cfg.dip_steps, n_jitters=cfg.n_jitters, seed=cfg.seed,
-                             progress=False)
+                up = fit_dip(
+                    backbone,
+                    x[i : i + 1],
+                    cfg.dip_steps,
+                    n_jitters=cfg.n_jitters,
+                    seed=cfg.seed,
+                    progress=False,
+                )
             outs.append(up(backbone(x[i : i + 1]), x[i : i + 1]))
         return torch.cat(outs)
 
@@ -337,14 +353,16 @@ class _Down(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, padding_mode="reflect"),
-            nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2),
+            nn.GroupNorm(1, c_out),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode="reflect"),
-            nn.GroupNorm(1, c_out), nn.LeakyReLU(0.2),
+            nn.GroupNorm(1, c_out),
+            nn.LeakyReLU(0.2),
         )
 
 
 class DIPNet(nn.Module):
-    """Ulyanov et al.'s encoder-decoder with skip connections, from a noise code to an ``out_dim``-channel map.
+    """Ulyanov et al.'s encoder-decoder with skip connections: noise code -> ``out_dim``-channel map.
 
     Strided-conv encoder, bilinear-upsampling decoder, 1x1 skip branches, LeakyReLU, GroupNorm (a batch of
     one makes BatchNorm an instance norm anyway). Works at any H, W: decoder levels resize to the exact size
@@ -355,13 +373,18 @@ class DIPNet(nn.Module):
         - output: (1, out_dim, H, W)
     """
 
-    def __init__(self, out_dim: int, *, noise_dim: int = 32, width: int = 64, depth: int = 4, skip: int = 4) -> None:
+    def __init__(
+        self, out_dim: int, *, noise_dim: int = 32, width: int = 64, depth: int = 4, skip: int = 4
+    ) -> None:
         super().__init__()
         self.down = nn.ModuleList(_Down(noise_dim if i == 0 else width, width) for i in range(depth))
         self.skips = nn.ModuleList(nn.Conv2d(noise_dim if i == 0 else width, skip, 1) for i in range(depth))
         self.up = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width + skip, width, 3, padding=1, padding_mode="reflect"),
-                          nn.GroupNorm(1, width), nn.LeakyReLU(0.2))
+            nn.Sequential(
+                nn.Conv2d(width + skip, width, 3, padding=1, padding_mode="reflect"),
+                nn.GroupNorm(1, width),
+                nn.LeakyReLU(0.2),
+            )
             for _ in range(depth)
         )
         self.head = nn.Conv2d(width, out_dim, 1)
@@ -393,10 +416,13 @@ class DIPUpsampler(Upsampler):
             raise ValueError(f"expected fitted features (1,C,H,W), got shape {tuple(features.shape)}")
         self.register_buffer("features", features.detach())
 
-    def upsample(self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    def upsample(
+        self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
         if lr_feats.shape[0] != 1 or lr_feats.shape[1] != self.features.shape[1]:
             raise ValueError(
-                f"expected lr_feats (1,{self.features.shape[1]},h,w) of the fitted image, got {tuple(lr_feats.shape)}"
+                f"expected lr_feats (1,{self.features.shape[1]},h,w) of the fitted image, "
+                f"got {tuple(lr_feats.shape)}"
             )
         return _resize(self.features, size).to(lr_feats.dtype)
 
@@ -416,8 +442,11 @@ def fit_dip(
     max_pad: int = 30,
     max_zoom: float = 1.8,
     noise_std: float = 1.0 / 30,
+    width: int = 64,
+    depth: int = 4,
     seed: int = 0,
     progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
 ) -> DIPUpsampler:
     """Fit a Deep Image Prior to one image's features with FeatUp's multi-view loss (eq. 1).
 
@@ -431,6 +460,8 @@ def fit_dip(
         backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``.
         image: the image, RGB in [0, 1].
         steps: optimiser steps.
+        width, depth: channels and levels of :class:`DIPNet`.
+        callback: called as ``callback(step, loss)`` after every step.
 
     Returns:
         A :class:`DIPUpsampler` holding the rendered, un-compressed high-res features (eval mode).
@@ -453,28 +484,31 @@ def fit_dip(
     out_size = tuple(lr_feats.shape[-2:])
     pca = PCA(int(lr_feats.shape[1]), pca_dim).fit(lr_feats)
     k = int(pca.components.shape[0])
-    with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
+    # every draw (init, dropout of the downsampler, noise) is seeded without touching the caller's RNG
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = DIPNet(k)
+        net = DIPNet(k, width=width, depth=depth)
         down = create_downsampler("attention", k, kernel_size)
         head = UncertaintyHead(k)
-    noise = torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1
-    params = [p for m in (net, down, head) for p in m.parameters()]
-    optim = torch.optim.NAdam(params, lr=lr)
-    for m in (net, down, head):
-        m.train()
-    for _ in tqdm(range(steps), disable=not progress, desc="fit_dip"):
-        jitters = [sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom) for _ in range(n_jitters)]
-        views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
+        noise = torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1
+        params = [p for m in (net, down, head) for p in m.parameters()]
+        optim = torch.optim.NAdam(params, lr=lr)
+        for m in (net, down, head):
+            m.train()
+        for step in tqdm(range(steps), disable=not progress, desc="fit_dip"):
+            jitters = [sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom) for _ in range(n_jitters)]
+            views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
+            with torch.no_grad():
+                targets = pca.transform(backbone(views))
+            hr = net(noise + noise_std * torch.randn(noise.shape, generator=gen))
+            pred = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
+            loss = reconstruction_loss(pred, targets, head(targets))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if callback is not None:
+                callback(step + 1, float(loss.detach()))
+        net.eval()
         with torch.no_grad():
-            targets = pca.transform(backbone(views))
-        hr = net(noise + noise_std * torch.randn(noise.shape, generator=gen))
-        pred = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
-        loss = reconstruction_loss(pred, targets, head(targets))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-    net.eval()
-    with torch.no_grad():
-        feats = pca.inverse_transform(net(noise))
+            feats = pca.inverse_transform(net(noise))
     return DIPUpsampler(feats).eval()

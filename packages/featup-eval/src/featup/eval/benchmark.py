@@ -85,9 +85,17 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         """A configuration that runs in seconds, for tests (the numbers mean little)."""
         return cls(
-            size=(70, 84), n_train=8, n_eval=2, jbu_steps=6, baseline_steps=2, implicit_steps=6,
-            implicit_pca_dim=8, probe_steps=60, batch_size=2, implicit_jitters=2,
-        )  # fmt: skip
+            size=(70, 84),
+            n_train=8,
+            n_eval=2,
+            jbu_steps=6,
+            baseline_steps=2,
+            implicit_steps=6,
+            implicit_pca_dim=8,
+            probe_steps=60,
+            batch_size=2,
+            implicit_jitters=2,
+        )
 
     def validate(self) -> BenchConfig:
         h, w = self.size
@@ -141,7 +149,9 @@ def _machine() -> dict[str, Any]:
 class _Scorer:
     """Scores high-res features of the evaluation split for one extractor (ground truth + frozen probe)."""
 
-    def __init__(self, extractor: SyntheticExtractor, train: SyntheticSplit, evals: SyntheticSplit, cfg: BenchConfig):
+    def __init__(
+        self, extractor: SyntheticExtractor, train: SyntheticSplit, evals: SyntheticSplit, cfg: BenchConfig
+    ):
         with torch.no_grad():
             train_lr = torch.cat([extractor(x) for x in train.images.split(16)])
             self.lr = torch.cat([extractor(x) for x in evals.images.split(16)])
@@ -174,20 +184,33 @@ def _make_baseline(name: str, feat_dim: int) -> nn.Module:
         return create_upsampler(name)
 
 
-def _train(extractor: nn.Module, images: torch.Tensor, steps: int, cfg: BenchConfig, upsampler=None, progress=False):
+def _train(
+    extractor: nn.Module, images: torch.Tensor, steps: int, cfg: BenchConfig, upsampler=None, progress=False
+):
     from featup.core.training import train_jbu
 
     return train_jbu(
-        extractor, images, steps=steps, upsampler=upsampler, batch_size=cfg.batch_size, n_jitters=cfg.n_jitters,
-        lr=cfg.lr, max_pad=cfg.max_pad, max_zoom=cfg.max_zoom, seed=cfg.seed, progress=progress,
-    )  # fmt: skip
+        extractor,
+        images,
+        steps=steps,
+        upsampler=upsampler,
+        batch_size=cfg.batch_size,
+        n_jitters=cfg.n_jitters,
+        lr=cfg.lr,
+        max_pad=cfg.max_pad,
+        max_zoom=cfg.max_zoom,
+        seed=cfg.seed,
+        progress=progress,
+    )
 
 
 def _row(method: str, training: str, scores: dict[str, float], seconds: float) -> dict[str, Any]:
     return {"method": method, "training": training, **scores, "seconds": round(seconds, 2)}
 
 
-def run_benchmark(cfg: BenchConfig | None = None, *, progress: bool = True, log: Log | None = None) -> BenchResult:
+def run_benchmark(
+    cfg: BenchConfig | None = None, *, progress: bool = True, log: Log | None = None
+) -> BenchResult:
     """Run the synthetic benchmark (see the module docstring); returns every row and the trained models.
 
     Args:
@@ -204,7 +227,11 @@ def run_benchmark(cfg: BenchConfig | None = None, *, progress: bool = True, log:
     ext_a = SyntheticExtractor("a")
     scorer = _Scorer(ext_a, train, evals, cfg)
     rows: list[dict[str, Any]] = []
-    examples: dict[str, torch.Tensor] = {"image": evals.images[:1], "lr": scorer.lr[:1], "stride-1": scorer.gt[:1]}
+    examples: dict[str, torch.Tensor] = {
+        "image": evals.images[:1],
+        "lr": scorer.lr[:1],
+        "stride-1": scorer.gt[:1],
+    }
     models: dict[str, nn.Module] = {}
     baseline_steps = cfg.jbu_steps if cfg.baseline_steps is None else cfg.baseline_steps
 
@@ -231,8 +258,12 @@ def run_benchmark(cfg: BenchConfig | None = None, *, progress: bool = True, log:
     t0 = time.perf_counter()
     jbu = _train(ext_a, train.images, cfg.jbu_steps, cfg, progress=progress)
     models["jbu"] = jbu
-    add("FeatUp JBU", f"multi-view, {cfg.jbu_steps} steps", _apply(jbu, scorer.lr, evals.images),
-        time.perf_counter() - t0)  # fmt: skip
+    add(
+        "FeatUp JBU",
+        f"multi-view, {cfg.jbu_steps} steps",
+        _apply(jbu, scorer.lr, evals.images),
+        time.perf_counter() - t0,
+    )
 
     if cfg.implicit_steps > 0:
         from featup.core.training import fit_implicit
@@ -241,16 +272,27 @@ def run_benchmark(cfg: BenchConfig | None = None, *, progress: bool = True, log:
         outs = []
         for i in range(len(evals)):
             imp = fit_implicit(
-                ext_a, evals.images[i : i + 1], steps=cfg.implicit_steps, n_jitters=cfg.implicit_jitters,
-                lr=cfg.implicit_lr, pca_dim=cfg.implicit_pca_dim, max_pad=cfg.max_pad,
-                max_zoom=cfg.implicit_max_zoom, seed=cfg.seed + i, progress=progress,
-            )  # fmt: skip
+                ext_a,
+                evals.images[i : i + 1],
+                steps=cfg.implicit_steps,
+                n_jitters=cfg.implicit_jitters,
+                lr=cfg.implicit_lr,
+                pca_dim=cfg.implicit_pca_dim,
+                max_pad=cfg.max_pad,
+                max_zoom=cfg.implicit_max_zoom,
+                seed=cfg.seed + i,
+                progress=progress,
+            )
             if i == 0:
                 models["implicit"] = imp
             with torch.inference_mode():
                 outs.append(imp.render(tuple(cfg.size)))
-        add("FeatUp implicit", f"per image, {cfg.implicit_steps} steps", torch.cat(outs),
-            time.perf_counter() - t0)  # fmt: skip
+        add(
+            "FeatUp implicit",
+            f"per image, {cfg.implicit_steps} steps",
+            torch.cat(outs),
+            time.perf_counter() - t0,
+        )
 
     add("stride-1 extractor (upper bound)", "n/a (ground truth)", scorer.gt, 0.0)
 
@@ -269,22 +311,38 @@ def run_benchmark(cfg: BenchConfig | None = None, *, progress: bool = True, log:
         for name in ("bilinear", "jbu_classic"):
             if name in list_upsamplers():
                 t0 = time.perf_counter()
-                add_b(name, "none (fixed)", _apply(create_upsampler(name), scorer_b.lr, evals.images),
-                      time.perf_counter() - t0)  # fmt: skip
+                add_b(
+                    name,
+                    "none (fixed)",
+                    _apply(create_upsampler(name), scorer_b.lr, evals.images),
+                    time.perf_counter() - t0,
+                )
         t0 = time.perf_counter()
-        add_b("FeatUp JBU trained on A (transfer)", "none on B", _apply(jbu, scorer_b.lr, evals.images),
-              time.perf_counter() - t0)  # fmt: skip
+        add_b(
+            "FeatUp JBU trained on A (transfer)",
+            "none on B",
+            _apply(jbu, scorer_b.lr, evals.images),
+            time.perf_counter() - t0,
+        )
         t0 = time.perf_counter()
         jbu_b = _train(ext_b, train.images, cfg.jbu_steps, cfg, progress=progress)
         models["jbu_b"] = jbu_b
-        add_b("FeatUp JBU trained on B", f"multi-view, {cfg.jbu_steps} steps",
-              _apply(jbu_b, scorer_b.lr, evals.images), time.perf_counter() - t0)  # fmt: skip
+        add_b(
+            "FeatUp JBU trained on B",
+            f"multi-view, {cfg.jbu_steps} steps",
+            _apply(jbu_b, scorer_b.lr, evals.images),
+            time.perf_counter() - t0,
+        )
         add_b("stride-1 extractor B (upper bound)", "n/a (ground truth)", scorer_b.gt, 0.0)
 
     return BenchResult(
         config={**asdict(cfg), "classes": list(CLASS_NAMES)},
-        rows=rows, transfer=transfer, machine=_machine(), examples=examples, models=models,
-    )  # fmt: skip
+        rows=rows,
+        transfer=transfer,
+        machine=_machine(),
+        examples=examples,
+        models=models,
+    )
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -300,9 +358,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [
-            r["method"], r["training"], f"{r['cosine']:.4f}", f"{r['mse']:.4f}", f"{100 * r['miou']:.1f}",
-            f"{100 * r['accuracy']:.1f}", f"{100 * r['boundary_f']:.1f}", f"{r['seconds']:.1f}",
-        ]  # fmt: skip
+            r["method"],
+            r["training"],
+            f"{r['cosine']:.4f}",
+            f"{r['mse']:.4f}",
+            f"{100 * r['miou']:.1f}",
+            f"{100 * r['accuracy']:.1f}",
+            f"{100 * r['boundary_f']:.1f}",
+            f"{r['seconds']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""CAM faithfulness (Sections 4.3 and 6.10): Average Drop and Average Increase of CAMs from upsampled features.
+"""CAM faithfulness (Sections 4.3, 6.10): Average Drop and Average Increase of CAMs from upsampled features.
 
 The classifier is linear on max-pooled backbone features, ``logits = W · maxpool(f(x)) + b``, trained on the
 training split. The CAM of class c on features F (at any resolution) is ``W_c · F[:, i, j]``: low-res features
@@ -12,8 +12,8 @@ image (the top 50% of CAM values kept, the other 50% of pixels replaced by a Gau
     Average Increase = (1/N) sum_i 1[Y_i < O_i] * 100                  (higher is better)
 
 (The paper's 6.10 prints the drop as a plain sum; the 1/N of an average, as in Grad-CAM++ where the metric
-comes from, is what its Table 1 values imply.) The paper does not give the blur; we use sigma = 10 px at 224 px
-(scaled with the image size) and a kernel of 4 sigma on each side.
+comes from, is what its Table 1 values imply.) The paper does not give the blur; we use sigma = 10 px at
+224 px (scaled with the image size) and a kernel of 4 sigma on each side.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class MaxPoolClassifier(nn.Module, CheckpointMixin):
         return self.linear(feats.amax(dim=(2, 3)))
 
 
-def class_activation_map(feats: torch.Tensor, classifier: MaxPoolClassifier, classes: torch.Tensor) -> torch.Tensor:
+def class_activation_map(
+    feats: torch.Tensor, classifier: MaxPoolClassifier, classes: torch.Tensor
+) -> torch.Tensor:
     """CAM of ``classes[b]`` on ``feats[b]``: the class weight vector dotted with every feature vector.
 
     The bias is left out: it shifts every pixel of one CAM equally and so never changes which half is kept.
@@ -94,7 +96,9 @@ def class_activation_map(feats: torch.Tensor, classifier: MaxPoolClassifier, cla
     if feats.dim() != 4 or feats.shape[1] != classifier.dim:
         raise ValueError(f"expected features (B,{classifier.dim},H,W), got shape {tuple(feats.shape)}")
     if classes.shape != (feats.shape[0],):
-        raise ValueError(f"expected one class per image ({feats.shape[0]},), got shape {tuple(classes.shape)}")
+        raise ValueError(
+            f"expected one class per image ({feats.shape[0]},), got shape {tuple(classes.shape)}"
+        )
     w = classifier.linear.weight[classes.long()].to(feats.dtype)  # (B, C)
     return torch.einsum("bc,bchw->bhw", w, feats)
 
@@ -176,7 +180,10 @@ def average_drop(y: torch.Tensor, o: torch.Tensor) -> float:
         - y, o: (N,) confidences of the true class on the original and the masked images
     """
     if y.shape != o.shape or y.dim() != 1 or y.numel() == 0:
-        raise ValueError(f"expected two non-empty (N,) confidence vectors, got {tuple(y.shape)} and {tuple(o.shape)}")
+        raise ValueError(
+            f"expected two non-empty (N,) confidence vectors, got {tuple(y.shape)} and {tuple(o.shape)}"
+        )
+    y, o = y.detach().double(), o.detach().double()
     return float(((y - o).clamp_min(0) / y).mean() * 100)
 
 
@@ -187,13 +194,18 @@ def average_increase(y: torch.Tensor, o: torch.Tensor) -> float:
         - y, o: (N,)
     """
     if y.shape != o.shape or y.dim() != 1 or y.numel() == 0:
-        raise ValueError(f"expected two non-empty (N,) confidence vectors, got {tuple(y.shape)} and {tuple(o.shape)}")
-    return float((y < o).double().mean() * 100)
+        raise ValueError(
+            f"expected two non-empty (N,) confidence vectors, got {tuple(y.shape)} and {tuple(o.shape)}"
+        )
+    return float((y.detach() < o.detach()).double().mean() * 100)
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"image": torch.stack([s["image"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples]), "name": [s["name"] for s in samples]}
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples]),
+        "name": [s["name"] for s in samples],
+    }
 
 
 def train_classifier(
@@ -312,8 +324,10 @@ def evaluate_cam(
     """
     indices, y_all = selection["indices"], selection["confidence"]
     if not indices:
-        raise ValueError("no validation image is classified correctly, so A.D./A.I. are undefined; "
-                         "train the classifier longer or use more images")
+        raise ValueError(
+            "no validation image is classified correctly, so A.D./A.I. are undefined; "
+            "train the classifier longer or use more images"
+        )
     state = Path(state_path).with_suffix(".json") if state_path is not None else None
     o_all: list[float] = list(read_json(state)["o"]) if state is not None and state.is_file() else []
     bar = tqdm(total=len(indices), initial=len(o_all), disable=not progress, desc=desc)
@@ -333,13 +347,19 @@ def evaluate_cam(
     if state is not None:
         state.unlink(missing_ok=True)
     y, o = torch.tensor(y_all, dtype=torch.float64), torch.tensor(o_all, dtype=torch.float64)
-    return {"average_drop": average_drop(y, o), "average_increase": average_increase(y, o), "n_images": len(indices)}
+    return {
+        "average_drop": average_drop(y, o),
+        "average_increase": average_increase(y, o),
+        "n_images": len(indices),
+    }
 
 
 def cam_table(results: dict[str, dict[str, Any]]) -> str:
     """The paper's Table 1 CAM columns as markdown."""
-    rows = [[METHODS.get(m, m), format_number(r.get("average_drop")), format_number(r.get("average_increase"))]
-            for m, r in results.items()]
+    rows = [
+        [METHODS.get(m, m), format_number(r.get("average_drop")), format_number(r.get("average_increase"))]
+        for m, r in results.items()
+    ]
     return markdown_table(["Method", "A.D. ↓", "A.I. ↑"], rows)
 
 
@@ -377,15 +397,33 @@ def run_cam(
     train = ImageFolder(data, train_split, image_size, max_images=max_train_images)
     val = ImageFolder(data, val_split, image_size, classes=train.classes)
     run_config = {
-        "backbone": backbone, "weights": str(weights) if weights else None, "pretrained": pretrained,
-        "data": str(Path(data).resolve()), "image_size": image_size, "n_train": len(train), "n_val": len(val),
-        "n_classes": len(train.classes), "max_images": max_images, "classifier_epochs": classifier_epochs,
-        "keep": keep, "sigma": sigma, "seed": cfg.seed,
+        "backbone": backbone,
+        "weights": str(weights) if weights else None,
+        "pretrained": pretrained,
+        "data": str(Path(data).resolve()),
+        "image_size": image_size,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_classes": len(train.classes),
+        "max_images": max_images,
+        "classifier_epochs": classifier_epochs,
+        "keep": keep,
+        "sigma": sigma,
+        "seed": cfg.seed,
     }
     store = ResultStore(out_dir / "cam_results.json", run_config, resume=resume)
-    clf = train_classifier(bb, train, len(train.classes), epochs=classifier_epochs, lr=classifier_lr,
-                           seed=cfg.seed, cache_path=out_dir / "pooled_train", progress=progress,
-                           checkpoint_path=out_dir / "classifier", resume=resume)
+    clf = train_classifier(
+        bb,
+        train,
+        len(train.classes),
+        epochs=classifier_epochs,
+        lr=classifier_lr,
+        seed=cfg.seed,
+        cache_path=out_dir / "pooled_train",
+        progress=progress,
+        checkpoint_path=out_dir / "classifier",
+        resume=resume,
+    )
     sel_path = out_dir / "selection.json"
     if resume and sel_path.is_file():
         selection = read_json(sel_path)
@@ -401,11 +439,33 @@ def run_cam(
             log(f"{METHODS.get(name, name)}: done in an earlier run, skipped")
             continue
         method = build_method(
-            name, bb, feat_dim=feat_dim, cfg=cfg, train_data=train,
-            backbone_factory=lambda **kw: load_backbone(backbone, weights=weights, pretrained=pretrained, **kw),
-            backbone_stride=getattr(bb, "stride", None), work_dir=out_dir, progress=progress,
+            name,
+            bb,
+            feat_dim=feat_dim,
+            cfg=cfg,
+            train_data=train,
+            backbone_factory=lambda **kw: load_backbone(
+                backbone, weights=weights, pretrained=pretrained, **kw
+            ),
+            backbone_stride=getattr(bb, "stride", None),
+            work_dir=out_dir,
+            progress=progress,
         )
-        store.put(name, evaluate_cam(bb, clf, method, val, selection, keep=keep, sigma=sigma, batch_size=batch_size,
-                                     state_path=out_dir / "partial" / f"cam_{name}-{settings_tag(settings)}", progress=progress,
-                                     desc=f"cam {name}"), settings)
+        store.put(
+            name,
+            evaluate_cam(
+                bb,
+                clf,
+                method,
+                val,
+                selection,
+                keep=keep,
+                sigma=sigma,
+                batch_size=batch_size,
+                state_path=out_dir / "partial" / f"cam_{name}-{settings_tag(settings)}",
+                progress=progress,
+                desc=f"cam {name}",
+            ),
+            settings,
+        )
     return {n: store.get(n, method_settings(n, cfg)) for n in names}  # type: ignore[misc]

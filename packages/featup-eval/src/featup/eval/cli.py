@@ -17,7 +17,9 @@ from featup.eval.errors import UsageError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: command modules, in the order ``featup --help`` lists them
-COMMANDS: tuple[str, ...] = ("upsample", "similarity", "train_jbu", "fit_implicit", "bench", "demo")
+COMMANDS: tuple[str, ...] = (
+    "upsample", "similarity", "train_jbu", "fit_implicit", "bench", "demo", "probe", "cam", "segment"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
 """Readers for the evaluation datasets in their standard on-disk layouts.
 
-- COCO-Stuff (``images/<split>/*.jpg`` + ``annotations/<split>/*.png`` stuffthingmaps with fine labels 0..181 and
-  255 = unlabeled), mapped to the 27 coarse classes used by the paper's linear probes (the STEGO/PiCIE mapping).
-- A depth folder: ``images/<split>/*.jpg`` + ``depth/<split>/<stem>.{npy,png,tif,tiff}`` (pseudo-depth, e.g. MiDaS
-  output). A COCO-Stuff root with a ``depth/`` folder beside ``annotations/`` serves both probes at once.
+- COCO-Stuff (``images/<split>/*.jpg`` + ``annotations/<split>/*.png`` stuffthingmaps with fine labels
+  0..181 and 255 = unlabeled), mapped to the 27 coarse classes of the paper's linear probes (STEGO/PiCIE).
+- A depth folder: ``images/<split>/*.jpg`` + ``depth/<split>/<stem>.{npy,png,tif,tiff}`` (pseudo-depth, e.g.
+  MiDaS output). A COCO-Stuff root with ``depth/`` beside ``annotations/`` serves both probes at once.
 - An ImageNet-style folder: ``<split>/<class>/*.JPEG`` (torchvision ``ImageFolder`` layout).
 - ADE20K (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` + ``annotations/.../*.png`` with
   0 = other (ignored) and 1..150 the classes, shifted to 0..149 (mmsegmentation's ``reduce_zero_label``).
@@ -46,23 +46,28 @@ ADE20K_N_CLASSES = 150
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEPTH_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")
 
-#: fine stuffthingmaps index (0..181) -> coarse class (0..26), as in STEGO / PiCIE (12 thing + 15 stuff groups)
+#: fine stuffthingmaps index (0..181) -> coarse class (0..26), as in STEGO / PiCIE (12 thing, 15 stuff groups)
+# fmt: off
 COCOSTUFF_FINE_TO_COARSE: tuple[int, ...] = (
     9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
-    6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5,
-    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0,
-    1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16, 13, 12, 12, 17, 17,
-    23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26, 14, 14, 15, 22, 21, 21, 24, 20, 22,
-    15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14,
-    21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18,
-    26, 26, 19, 19, 24,
+    6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5, 5, 5, 5, 5, 5, 5,
+    5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0,
+    0, 0, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16,
+    13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26, 14, 14, 15, 22, 21,
+    21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21, 24,
+    20, 17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18,
+    18, 18, 26, 26, 19, 19, 24,
 )
+# fmt: on
 
+# fmt: off
 COCOSTUFF27_CLASSES: tuple[str, ...] = (
-    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
-    "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff", "furniture-stuff", "rawmaterial",
-    "textile", "wall", "window", "building", "ground", "plant", "sky", "solid", "structural", "water",
+    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory",
+    "animal", "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff", "furniture-stuff",
+    "rawmaterial", "textile", "wall", "window", "building", "ground", "plant", "sky", "solid", "structural",
+    "water",
 )
+# fmt: on
 
 _COARSE_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
 _COARSE_LUT[: len(COCOSTUFF_FINE_TO_COARSE)] = torch.tensor(COCOSTUFF_FINE_TO_COARSE)
@@ -78,11 +83,15 @@ def coarse_labels(fine: torch.Tensor) -> torch.Tensor:
     if fine.is_floating_point():
         raise TypeError(f"expected integer COCO-Stuff labels, got dtype {fine.dtype}")
     if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) > 255):
-        raise ValueError(f"expected COCO-Stuff labels in [0, 255], got range [{int(fine.min())}, {int(fine.max())}]")
+        raise ValueError(
+            f"expected COCO-Stuff labels in [0, 255], got range [{int(fine.min())}, {int(fine.max())}]"
+        )
     return _COARSE_LUT.to(fine.device)[fine.long()]
 
 
-def _resize_crop_box(width: int, height: int, size: int | None) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+def _resize_crop_box(
+    width: int, height: int, size: int | None
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Shorter side to ``size`` then a centered size x size crop (the paper's 224 px center crop)."""
     if size is None:
         return (width, height), (0, 0, width, height)
@@ -131,7 +140,7 @@ def load_label(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
 
 
 def load_depth(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """Read a depth map (``.npy`` float, or 8/16-bit/float ``.png``/``.tif``), resized like :func:`load_image`.
+    """Read a depth map (``.npy`` float, or 8/16-bit/float ``.png``/``.tif``), resized like ``load_image``.
 
     Values are returned as stored (pseudo-depth is relative, so no unit conversion is applied); resizing uses
     area averaging when shrinking and bilinear interpolation when enlarging.
@@ -168,7 +177,9 @@ def load_depth(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"expected an image folder at {folder}, found none")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not files:
         raise FileNotFoundError(f"expected images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}, found none")
     return files
@@ -207,7 +218,7 @@ class CocoStuff(_Limited):
         coarse: map to the 27 coarse classes (the paper's probe); False keeps fine labels 0..181.
         image_list: optional text file of image ids (one per line), e.g. STEGO's curated
             ``curated/<split>/Coco164kFull_Stuff_Coarse_7.txt``; default: every image in the folder.
-        depth_dir: folder holding ``<split>/<stem>.npy|png|tif`` pseudo-depth; default ``root/depth`` if present.
+        depth_dir: folder with ``<split>/<stem>.npy|png|tif`` pseudo-depth; default ``root/depth`` if present.
         max_images: keep only the first N images (sorted by name).
 
     Shape:
@@ -239,7 +250,9 @@ class CocoStuff(_Limited):
             self.image_files = [image_dir / f"{i}.jpg" for i in ids]
             missing = [p for p in self.image_files if not p.is_file()]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} images of {image_list} are missing, e.g. {missing[0]}")
+                raise FileNotFoundError(
+                    f"{len(missing)} images of {image_list} are missing, e.g. {missing[0]}"
+                )
         else:
             self.image_files = _list_images(image_dir)
         self.label_files = {p.stem: label_dir / f"{p.stem}.png" for p in self.image_files}
@@ -252,7 +265,9 @@ class CocoStuff(_Limited):
             found = {p.stem: _find_depth(depth_root / split, p.stem) for p in self.image_files}
             if depth_dir is not None and any(v is None for v in found.values()):
                 stem = next(s for s, v in found.items() if v is None)
-                raise FileNotFoundError(f"expected a depth map for {stem} in {depth_root / split}, found none")
+                raise FileNotFoundError(
+                    f"expected a depth map for {stem} in {depth_root / split}, found none"
+                )
             if all(v is not None for v in found.values()):
                 self.depth_files = found  # type: ignore[assignment]
         elif depth_dir is not None:
@@ -277,7 +292,7 @@ class CocoStuff(_Limited):
 
 
 class DepthFolder(_Limited):
-    """Images with pseudo-depth maps: ``images/<split>/*.jpg`` and ``depth/<split>/<stem>.{npy,png,tif,tiff}``.
+    """Images with pseudo-depth: ``images/<split>/*.jpg`` and ``depth/<split>/<stem>.{npy,png,tif,tiff}``.
 
     Shape:
         - sample["image"]: (3, S, S); sample["depth"]: (S, S) float32
@@ -339,7 +354,9 @@ class ImageFolder(_Limited):
         self.root = Path(root) / split
         self.image_size = image_size
         if not self.root.is_dir():
-            raise FileNotFoundError(f"expected an ImageNet-style folder {self.root} (<split>/<class>/<image>), found none")
+            raise FileNotFoundError(
+                f"expected an ImageNet-style folder {self.root} (<split>/<class>/<image>), found none"
+            )
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not found:
             raise FileNotFoundError(f"expected class sub-folders in {self.root}, found none")
@@ -347,7 +364,9 @@ class ImageFolder(_Limited):
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = [c for c in found if c not in index]
         if unknown:
-            raise ValueError(f"class folder {unknown[0]!r} in {self.root} is not among the {len(self.classes)} classes")
+            raise ValueError(
+                f"class folder {unknown[0]!r} in {self.root} is not among the {len(self.classes)} classes"
+            )
         self.samples: list[tuple[Path, int]] = []
         for c in found:
             files = sorted(p for p in (self.root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -393,7 +412,8 @@ class ADE20K(_Limited):
         label_dir = self.root / "annotations" / split
         if not label_dir.is_dir():
             raise FileNotFoundError(
-                f"expected ADE20K annotations in {label_dir} (layout: images/<split>/*.jpg, annotations/<split>/*.png)"
+                f"expected ADE20K annotations in {label_dir} "
+                "(layout: images/<split>/*.jpg, annotations/<split>/*.png)"
                 ", found no such folder"
             )
         self.image_files = _list_images(self.root / "images" / split)
@@ -414,7 +434,9 @@ class ADE20K(_Limited):
             height, width = image.shape[-2:]
             scale = self.image_size / min(height, width)
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+            image = F.interpolate(
+                image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+            )[0]
             label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
             image = image.clamp_(0, 1)
         # reduce_zero_label: 0 (other) -> ignored, 1..150 -> 0..149
@@ -437,5 +459,7 @@ def open_probe_dataset(
     if not root.is_dir():
         raise FileNotFoundError(f"expected a dataset folder at {root}, found none")
     if (root / "annotations").is_dir():
-        return CocoStuff(root, split, image_size, image_list=image_list, depth_dir=depth_dir, max_images=max_images)
+        return CocoStuff(
+            root, split, image_size, image_list=image_list, depth_dir=depth_dir, max_images=max_images
+        )
     return DepthFolder(root, split, image_size, depth_dir=depth_dir, max_images=max_images)

@@ -5,8 +5,8 @@ seconds, through the same readers a user's real COCO-Stuff / ImageNet / ADE20K f
 drawn so labels are predictable from the pixels: each class has its own colour (with noise) and shape, objects
 sit at random places and sizes, and images are non-square so the readers' resize-and-crop path is exercised.
 
-``tiny_backbone`` is importable by spec (``--backbone featup.eval.fixtures:tiny_backbone``), so the commands can
-be tried without any pretrained weights; its ``stride`` argument gives the strided baseline.
+``tiny_backbone`` is importable by spec (``--backbone featup.eval.fixtures:tiny_backbone``), so the commands
+can be tried without any pretrained weights; its ``stride`` argument gives the strided baseline.
 """
 
 from __future__ import annotations
@@ -66,7 +66,11 @@ class TinyBackbone(nn.Module):
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"expected image (B,3,H,W), got shape {tuple(image.shape)}")
         extra = self.patch - self.stride
-        x = F.pad((image - 0.45) / 0.25, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2), mode="replicate")
+        x = F.pad(
+            (image - 0.45) / 0.25,
+            (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2),
+            mode="replicate",
+        )
         f = F.gelu(self.embed(x))
         return f + self.mix(F.gelu(f))
 
@@ -74,17 +78,23 @@ class TinyBackbone(nn.Module):
         return f"dim={self.feat_dim}, patch={self.patch}, stride={self.stride}, seed={self.seed}"
 
 
-def tiny_backbone(stride: int | None = None, dim: int = 16, patch: int = 8, seed: int = 0, **_: object) -> TinyBackbone:
+def tiny_backbone(
+    stride: int | None = None, dim: int = 16, patch: int = 8, seed: int = 0, **_: object
+) -> TinyBackbone:
     """Factory for ``--backbone featup.eval.fixtures:tiny_backbone`` (extra keyword arguments are ignored)."""
     return TinyBackbone(dim=dim, patch=patch, stride=stride, seed=seed)
 
 
-def _noisy(color: tuple[int, int, int], shape: tuple[int, int], rng: np.random.Generator, amp: float = 18) -> np.ndarray:
+def _noisy(
+    color: tuple[int, int, int], shape: tuple[int, int], rng: np.random.Generator, amp: float = 18
+) -> np.ndarray:
     base = np.array(color, dtype=np.float32)[None, None] * rng.uniform(0.8, 1.15)
     return np.clip(base + rng.normal(0, amp, (*shape, 3)), 0, 255)
 
 
-def _shape_mask(height: int, width: int, rng: np.random.Generator, *, min_frac: float = 0.2, max_frac: float = 0.5) -> np.ndarray:
+def _shape_mask(
+    height: int, width: int, rng: np.random.Generator, *, min_frac: float = 0.2, max_frac: float = 0.5
+) -> np.ndarray:
     """A random ellipse or rectangle covering roughly min_frac..max_frac of each side."""
     h = max(2, int(rng.uniform(min_frac, max_frac) * height))
     w = max(2, int(rng.uniform(min_frac, max_frac) * width))
@@ -118,9 +128,9 @@ def make_cocostuff(
     """Write a tiny COCO-Stuff: ``images/{train2017,val2017}/*.jpg``, ``annotations/...*.png`` (fine labels).
 
     Scenes: sky over grass or brick wall, with one or two things (person, car, dog) in front and an unlabeled
-    (255) border strip. With ``depth=True`` also writes ``depth/<split>/`` pseudo-depth: ``.npy`` float maps for
-    train2017 and 16-bit PNGs for val2017 (both formats the reader accepts, both in the same units: depth x 100); depth grows towards the horizon,
-    things are near.
+    (255) border strip. With ``depth=True`` also writes ``depth/<split>/`` pseudo-depth: ``.npy`` float maps
+    for train2017 and 16-bit PNGs for val2017 (both formats the reader accepts, same units: depth x 100);
+    depth grows towards the horizon, things are near.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -133,8 +143,11 @@ def make_cocostuff(
             bottom_cls = list(_COCO_STUFF_BOTTOM)[i % 2]
             label = np.full((height, width), bottom_cls, np.int64)
             label[:horizon] = 156
-            img = np.where((yy < horizon)[..., None], _noisy(_COCO_STUFF_TOP[156], size, rng),
-                           _noisy(_COCO_STUFF_BOTTOM[bottom_cls], size, rng))
+            img = np.where(
+                (yy < horizon)[..., None],
+                _noisy(_COCO_STUFF_TOP[156], size, rng),
+                _noisy(_COCO_STUFF_BOTTOM[bottom_cls], size, rng),
+            )
             dep = np.where(yy < horizon, 80.0, 2.0 + 30.0 * (height - yy) / max(1, height - horizon))
             for k in range(1 + int(rng.integers(0, 2))):
                 cls = list(_COCO_THINGS)[(i + k) % len(_COCO_THINGS)]
@@ -164,7 +177,7 @@ def make_imagenet_folder(
     size: tuple[int, int] = (48, 56),
     seed: int = 0,
 ) -> Path:
-    """Write a tiny ImageNet-style folder ``{train,val}/<wnid>/<name>.JPEG``: one coloured object per image."""
+    """Write a tiny ImageNet-style folder ``{train,val}/<wnid>/<name>.JPEG``: one coloured object each."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     palette = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 210, 30), (150, 60, 190)]
@@ -187,7 +200,7 @@ def make_ade20k(
     size: tuple[int, int] = (48, 64),
     seed: int = 0,
 ) -> Path:
-    """Write a tiny ``ADEChallengeData2016``: ``images/{training,validation}/ADE_*.jpg`` and label PNGs (0..150)."""
+    """Write a tiny ``ADEChallengeData2016``: ``images/{training,validation}/*.jpg`` and labels (0..150)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     height, width = size

@@ -41,8 +41,9 @@ def load_image(path: str | os.PathLike, size: Sequence[int] | None = None) -> to
         raise UsageError(f"cannot read image {path}: it has no pixels")
     image = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
     if size is not None:
-        image = F.interpolate(image, size=tuple(int(s) for s in size), mode="bilinear", antialias=True,
-                              align_corners=False).clamp(0, 1)  # fmt: skip
+        image = F.interpolate(
+            image, size=tuple(int(s) for s in size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     return image
 
 

@@ -4,7 +4,8 @@
 - :class:`LinearProbe`: the paper's frozen-probe protocol (Section 4.2): a 1x1 linear classifier trained on
   *low-resolution* features, then frozen and applied to every upsampler's output at image resolution. It only
   scores well on upsampled features that stay in the backbone's feature space.
-- :func:`confusion_matrix`, :func:`miou`, :func:`pixel_accuracy`, :func:`boundary_fscore`: segmentation scores.
+- :func:`confusion_matrix`, :func:`miou`, :func:`pixel_accuracy`, :func:`boundary_fscore`: segmentation
+scores.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ __all__ = [
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, what: str) -> None:
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError(f"expected {what} as torch.Tensors, got {type(pred).__name__} and {type(target).__name__}")
+        raise TypeError(
+            f"expected {what} as torch.Tensors, got {type(pred).__name__} and {type(target).__name__}"
+        )
     if pred.shape != target.shape:
         raise ValueError(f"expected {what} of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
 
@@ -124,8 +127,10 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 def boundary_fscore(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2) -> float:
     """Boundary F-score: precision and recall of boundary pixels matched within ``tolerance`` pixels.
 
-    Precision is the fraction of predicted boundary pixels within ``tolerance`` (Euclidean) of a true boundary,
-    recall the fraction of true boundary pixels within ``tolerance`` of a predicted one; counts are summed over
+    Precision is the fraction of predicted boundary pixels within ``tolerance`` (Euclidean) of a true
+    boundary,
+    recall the fraction of true boundary pixels within ``tolerance`` of a predicted one; counts are summed
+    over
     the batch. Both maps without boundaries score 1; exactly one without boundaries scores 0.
 
     Shape:
@@ -165,7 +170,8 @@ class LinearProbe(nn.Module):
     """A 1x1 linear classifier on features, trained on low-res features and then frozen.
 
     The low-resolution targets are the class *fractions* of the pixels each feature cell covers (area-pooled
-    one-hot labels), trained with soft cross-entropy: the probe learns p(class | low-res feature), which is the
+    one-hot labels), trained with soft cross-entropy: the probe learns p(class | low-res feature), which is
+    the
     paper's protocol without throwing away the label detail inside a cell.
 
     Args:
@@ -192,9 +198,15 @@ class LinearProbe(nn.Module):
         return self(feats).argmax(1)
 
     def fit(
-        self, lr_feats: torch.Tensor, labels: torch.Tensor, *, steps: int = 300, lr: float = 0.05,
-        weight_decay: float = 1e-4, seed: int = 0,
-    ) -> LinearProbe:  # fmt: skip
+        self,
+        lr_feats: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        steps: int = 300,
+        lr: float = 0.05,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ) -> LinearProbe:
         """Train on low-res features against area-pooled labels; returns ``self`` frozen, in eval mode.
 
         Shape:

@@ -23,7 +23,9 @@ def _fit(rgb: torch.Tensor, size: tuple[int, int], nearest: bool) -> torch.Tenso
     return F.interpolate(x, size=size, mode=mode, **({} if nearest else {"align_corners": False}))[0]
 
 
-def tile_row(tiles: Sequence[tuple[str, torch.Tensor]], tile_size: Sequence[int] | None = None) -> Image.Image:
+def tile_row(
+    tiles: Sequence[tuple[str, torch.Tensor]], tile_size: Sequence[int] | None = None
+) -> Image.Image:
     """One row of titled tiles; low-res tiles are enlarged with nearest neighbours.
 
     Args:
@@ -52,7 +54,7 @@ def tile_row(tiles: Sequence[tuple[str, torch.Tensor]], tile_size: Sequence[int]
 def feature_panel(
     image: torch.Tensor, lr_feats: torch.Tensor, hr: Sequence[tuple[str, torch.Tensor]]
 ) -> Image.Image:
-    """Image | low-res PCA | each high-res map's PCA (PCA fitted on the low-res features, the paper's figures).
+    """Image | low-res PCA | each high-res map's PCA (PCA fitted on low-res features, as in the paper).
 
     Shape:
         - image: (1, 3, H, W); lr_feats: (1, C, h, w); hr[i][1]: (1, C, H_i, W_i)

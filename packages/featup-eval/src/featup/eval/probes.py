@@ -87,7 +87,9 @@ class LinearProbe(nn.Module, CheckpointMixin):
 # label pooling and depth losses / metrics
 
 
-def pool_labels(seg: torch.Tensor, size: Sequence[int], n_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def pool_labels(
+    seg: torch.Tensor, size: Sequence[int], n_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Majority class of each feature cell; a cell that is mostly unlabeled becomes ``ignore_index``.
 
     Shape:
@@ -99,7 +101,10 @@ def pool_labels(seg: torch.Tensor, size: Sequence[int], n_classes: int, ignore_i
     idx = seg.long().clone()
     idx[idx == ignore_index] = n_classes
     if int(idx.max()) > n_classes or int(idx.min()) < 0:
-        raise ValueError(f"expected labels in [0, {n_classes}) or {ignore_index}, got range [{int(seg.min())}, {int(seg.max())}]")
+        raise ValueError(
+            f"expected labels in [0, {n_classes}) or {ignore_index}, "
+            f"got range [{int(seg.min())}, {int(seg.max())}]"
+        )
     onehot = F.one_hot(idx, n_classes + 1).permute(0, 3, 1, 2).float()
     frac = F.adaptive_avg_pool2d(onehot, tuple(size))
     out = frac[:, :n_classes].argmax(1)
@@ -121,7 +126,9 @@ def pool_depth(depth: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total))[:, 0]
 
 
-def scale_shift_align(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def scale_shift_align(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per image, the scale s and shift t minimising ``sum_mask (s * pred + t - target)^2``; returns s*pred+t.
 
     Shape:
@@ -129,20 +136,25 @@ def scale_shift_align(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
         - output: (B, H, W)
     """
     if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"expected pred and target (B,H,W) of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected pred and target (B,H,W) of one shape, "
+            f"got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     m = torch.ones_like(pred) if mask is None else mask.to(pred.dtype)
     n = m.sum((1, 2)).clamp_min(1)
     sp, st = (m * pred).sum((1, 2)), (m * target).sum((1, 2))
     spp, spt = (m * pred * pred).sum((1, 2)), (m * pred * target).sum((1, 2))
     det = n * spp - sp * sp
     ok = det.abs() > 1e-12
-    scale = torch.where(ok, (n * spt - sp * st) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    scale = torch.where(
+        ok, (n * spt - sp * st) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det)
+    )
     shift = (st - scale * sp) / n
     return scale[:, None, None] * pred + shift[:, None, None]
 
 
 def ssi_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MiDaS's scale-and-shift-invariant MSE: the MSE after :func:`scale_shift_align` (gradients flow through it).
+    """MiDaS's scale-and-shift-invariant MSE: the MSE after :func:`scale_shift_align` (differentiable).
 
     Shape:
         - pred, target: (B, H, W); mask: optional (B, H, W) bool
@@ -153,7 +165,9 @@ def ssi_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
     return ((aligned - target) ** 2 * m).sum() / m.sum().clamp_min(1)
 
 
-def depth_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+def depth_errors(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, float]:
     """Summed squared error, pixel count and count of delta < 1.25 after per-image scale-and-shift alignment.
 
     delta = max(y / y*, y* / y); predictions are clamped to a tiny positive value first (an aligned relative
@@ -209,14 +223,21 @@ def export_features(
     out_dir = Path(out_dir)
     n = len(dataset)  # type: ignore[arg-type]
     n_shards = math.ceil(n / batch_size)
-    manifest = {"meta": meta or {}, "n_images": n, "batch_size": batch_size, "n_shards": n_shards,
-                "n_classes": n_classes}
+    manifest = {
+        "meta": meta or {},
+        "n_images": n,
+        "batch_size": batch_size,
+        "n_shards": n_shards,
+        "n_classes": n_classes,
+    }
     mpath = out_dir / "manifest.json"
     if mpath.is_file() and resume:
         old = read_json(mpath)
         if {k: old.get(k) for k in manifest} != manifest:
-            raise ValueError(f"{out_dir} holds an export of another configuration ({old.get('meta')}); "
-                             f"use another --out folder or --no-resume")
+            raise ValueError(
+                f"{out_dir} holds an export of another configuration ({old.get('meta')}); "
+                f"use another --out folder or --no-resume"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(n_shards) if not (resume and (out_dir / f"shard_{i:05d}.safetensors").is_file())]
     if todo:
@@ -237,7 +258,9 @@ def export_features(
         save_checkpoint(out_dir / f"shard_{i:05d}.safetensors", tensors, {"shard": i, "names": batch["name"]})
         bar.update(1)
     bar.close()
-    write_json(mpath, {**manifest, "complete": True, "feat_shape": list(_shard(out_dir, 0)["feats"].shape[1:])})
+    write_json(
+        mpath, {**manifest, "complete": True, "feat_shape": list(_shard(out_dir, 0)["feats"].shape[1:])}
+    )
     return out_dir
 
 
@@ -248,7 +271,7 @@ def _shard(out_dir: Path, i: int) -> dict[str, torch.Tensor]:
 def iter_exported(
     export_dir: str | os.PathLike, *, shuffle: bool = False, generator: torch.Generator | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the shards of :func:`export_features` (features back in float32), optionally in a shuffled order."""
+    """Yield the shards of :func:`export_features` (features back in float32), optionally shuffled."""
     export_dir = Path(export_dir)
     mpath = export_dir / "manifest.json"
     if not mpath.is_file():
@@ -256,7 +279,11 @@ def iter_exported(
     manifest = read_json(mpath)
     if not manifest.get("complete"):
         raise ValueError(f"the export in {export_dir} is incomplete; rerun the export to finish it")
-    order = torch.randperm(manifest["n_shards"], generator=generator) if shuffle else torch.arange(manifest["n_shards"])
+    order = (
+        torch.randperm(manifest["n_shards"], generator=generator)
+        if shuffle
+        else torch.arange(manifest["n_shards"])
+    )
     for i in order.tolist():
         shard = _shard(export_dir, i)
         shard["feats"] = shard["feats"].float()
@@ -308,7 +335,9 @@ def train_probe(
     if checkpoint_path is not None and resume and Path(checkpoint_path).with_suffix(".safetensors").is_file():
         tensors, cfg = load_checkpoint(Path(checkpoint_path).with_suffix(".safetensors"))
         if cfg.get("kwargs") != probe.config() or cfg.get("extra", {}).get("task") != task:
-            raise ValueError(f"{checkpoint_path} holds a different probe ({cfg.get('kwargs')}); use another --out")
+            raise ValueError(
+                f"{checkpoint_path} holds a different probe ({cfg.get('kwargs')}); use another --out"
+            )
         probe.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
         start = int(cfg["extra"]["epoch"])
         for _ in range(start):  # keep the shuffling order of an uninterrupted run
@@ -319,7 +348,9 @@ def train_probe(
         total, count = 0.0, 0
         for shard in iter_exported(export_dir, shuffle=True, generator=gen):
             if task not in shard:
-                raise ValueError(f"the export in {export_dir} has no {task!r} targets (dataset without them?)")
+                raise ValueError(
+                    f"the export in {export_dir} has no {task!r} targets (dataset without them?)"
+                )
             feats, target = shard["feats"], shard[task]
             perm = torch.randperm(feats.shape[0], generator=gen)
             for s in range(0, feats.shape[0], batch_size):
@@ -372,12 +403,18 @@ class ProbeScores:
             s = segmentation_scores(self.conf)
             out.update(accuracy=s["aacc"], miou=s["miou"])
         if self.depth_count > 0:
-            out.update(rmse=math.sqrt(self.sq_err / self.depth_count), delta125=self.delta_ok / self.depth_count)
+            out.update(
+                rmse=math.sqrt(self.sq_err / self.depth_count), delta125=self.delta_ok / self.depth_count
+            )
         return out
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {"conf": self.conf}, {"sq_err": self.sq_err, "depth_count": self.depth_count,
-                                     "delta_ok": self.delta_ok, "n_images": self.n_images}
+        return {"conf": self.conf}, {
+            "sq_err": self.sq_err,
+            "depth_count": self.depth_count,
+            "delta_ok": self.delta_ok,
+            "n_images": self.n_images,
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ProbeScores:
@@ -426,7 +463,10 @@ def evaluate_probes(
         with torch.no_grad():
             feats = method(image)
             if tuple(feats.shape[-2:]) != tuple(image.shape[-2:]):
-                raise ValueError(f"expected features at image resolution {tuple(image.shape[-2:])}, got {tuple(feats.shape)}")
+                raise ValueError(
+                    f"expected features at image resolution {tuple(image.shape[-2:])}, "
+                    f"got {tuple(feats.shape)}"
+                )
             if seg_probe is not None and "seg" in batch:
                 scores.add_seg(seg_probe(feats), batch["seg"])
             if depth_probe is not None and "depth" in batch:
@@ -445,8 +485,13 @@ def evaluate_probes(
 def probe_table(results: dict[str, dict[str, Any]]) -> str:
     """The paper's Table 1 probe columns as markdown (rows in the order given)."""
     rows = [
-        [METHODS.get(m, m), format_number(r.get("accuracy")), format_number(r.get("miou")),
-         format_number(r.get("rmse")), format_number(r.get("delta125"), 3)]
+        [
+            METHODS.get(m, m),
+            format_number(r.get("accuracy")),
+            format_number(r.get("miou")),
+            format_number(r.get("rmse")),
+            format_number(r.get("delta125"), 3),
+        ]
         for m, r in results.items()
     ]
     return markdown_table(["Method", "Acc. ↑", "mIoU ↑", "RMSE ↓", "δ>1.25 ↑"], rows)
@@ -485,22 +530,52 @@ def run_probes(
     cfg = method_cfg or MethodConfig()
     out_dir = Path(out_dir)
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained)
-    train = open_probe_dataset(data, train_split, image_size, depth_dir=depth_dir, max_images=max_train_images)
-    val = open_probe_dataset(data, val_split, image_size, depth_dir=depth_dir, image_list=image_list,
-                             max_images=max_val_images)
+    train = open_probe_dataset(
+        data, train_split, image_size, depth_dir=depth_dir, max_images=max_train_images
+    )
+    val = open_probe_dataset(
+        data, val_split, image_size, depth_dir=depth_dir, image_list=image_list, max_images=max_val_images
+    )
     tasks = [t for t, ok in (("seg", hasattr(train, "label_files")), ("depth", train.has_depth)) if ok]
     run_config = {
-        "backbone": backbone, "weights": str(weights) if weights else None, "pretrained": pretrained,
-        "data": str(Path(data).resolve()), "image_size": image_size, "train_split": train_split,
-        "val_split": val_split, "n_train": len(train), "n_val": len(val), "tasks": tasks,
-        "probe_epochs": probe_epochs, "probe_lr": probe_lr,
+        "backbone": backbone,
+        "weights": str(weights) if weights else None,
+        "pretrained": pretrained,
+        "data": str(Path(data).resolve()),
+        "image_size": image_size,
+        "train_split": train_split,
+        "val_split": val_split,
+        "n_train": len(train),
+        "n_val": len(val),
+        "tasks": tasks,
+        "probe_epochs": probe_epochs,
+        "probe_lr": probe_lr,
     }
-    export = export_features(bb, train, out_dir / "features", batch_size=batch_size, resume=resume,
-                             progress=progress, meta={k: run_config[k] for k in ("backbone", "weights", "data",
-                                                                                 "image_size", "train_split", "n_train")})
+    export = export_features(
+        bb,
+        train,
+        out_dir / "features",
+        batch_size=batch_size,
+        resume=resume,
+        progress=progress,
+        meta={
+            k: run_config[k] for k in ("backbone", "weights", "data", "image_size", "train_split", "n_train")
+        },
+    )
     feat_dim = int(read_json(export / "manifest.json")["feat_shape"][0])
-    probes = {t: train_probe(export, t, epochs=probe_epochs, lr=probe_lr, seed=cfg.seed, progress=progress,
-                             checkpoint_path=out_dir / "probes" / f"{t}_probe", resume=resume) for t in tasks}
+    probes = {
+        t: train_probe(
+            export,
+            t,
+            epochs=probe_epochs,
+            lr=probe_lr,
+            seed=cfg.seed,
+            progress=progress,
+            checkpoint_path=out_dir / "probes" / f"{t}_probe",
+            resume=resume,
+        )
+        for t in tasks
+    }
     store = ResultStore(out_dir / "probe_results.json", run_config, resume=resume)
     stride = getattr(bb, "stride", None)
     for name in names:
@@ -509,12 +584,30 @@ def run_probes(
             log(f"{METHODS.get(name, name)}: done in an earlier run, skipped")
             continue
         method = build_method(
-            name, bb, feat_dim=feat_dim, cfg=cfg, train_data=train,
-            backbone_factory=lambda **kw: load_backbone(backbone, weights=weights, pretrained=pretrained, **kw),
-            backbone_stride=stride, work_dir=out_dir, progress=progress,
+            name,
+            bb,
+            feat_dim=feat_dim,
+            cfg=cfg,
+            train_data=train,
+            backbone_factory=lambda **kw: load_backbone(
+                backbone, weights=weights, pretrained=pretrained, **kw
+            ),
+            backbone_stride=stride,
+            work_dir=out_dir,
+            progress=progress,
         )
-        store.put(name, evaluate_probes(
-            method, val, seg_probe=probes.get("seg"), depth_probe=probes.get("depth"), batch_size=batch_size,
-            state_path=out_dir / "partial" / f"{name}-{settings_tag(settings)}", progress=progress, desc=f"probe {name}",
-        ), settings)
+        store.put(
+            name,
+            evaluate_probes(
+                method,
+                val,
+                seg_probe=probes.get("seg"),
+                depth_probe=probes.get("depth"),
+                batch_size=batch_size,
+                state_path=out_dir / "partial" / f"{name}-{settings_tag(settings)}",
+                progress=progress,
+                desc=f"probe {name}",
+            ),
+            settings,
+        )
     return {n: store.get(n, method_settings(n, cfg)) for n in names}  # type: ignore[misc]

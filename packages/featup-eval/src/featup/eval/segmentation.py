@@ -16,7 +16,6 @@ Element-wise work (softmax, normalisation, activations) is not counted by either
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,7 +139,9 @@ class MixTransformer(nn.Module):
         - output: four maps (B, dims[i], ceil(H / 2^(i+2)), ceil(W / 2^(i+2)))
     """
 
-    def __init__(self, dims: Sequence[int], depths: Sequence[int], heads: Sequence[int], sr: Sequence[int]) -> None:
+    def __init__(
+        self, dims: Sequence[int], depths: Sequence[int], heads: Sequence[int], sr: Sequence[int]
+    ) -> None:
         super().__init__()
         self.dims = tuple(dims)
         self.embeds = nn.ModuleList(
@@ -163,10 +164,11 @@ class MixTransformer(nn.Module):
         return outs
 
 
-def _make_upsampler(name: str, dim: int) -> nn.Module:
+def _make_upsampler(name: str, dim: int, n_steps: int) -> nn.Module:
+    """A decoder upsampler with exactly the ``n_steps`` 2x stages it runs (no unused, uncounted parameters)."""
     if name == "jbu":  # encoder-agnostic stack: no per-feature parameters
-        return create_upsampler("jbu")
-    return create_upsampler(name, feat_dim=dim)
+        return create_upsampler("jbu", n_stages=n_steps)
+    return create_upsampler(name, feat_dim=dim, n_stages=n_steps)
 
 
 class SegFormerHead(nn.Module):
@@ -177,18 +179,30 @@ class SegFormerHead(nn.Module):
         - output: (B, n_classes, h_1, w_1)
     """
 
-    def __init__(self, in_dims: Sequence[int], n_classes: int, embed_dim: int = 256, upsampler: str = "bilinear",
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        n_classes: int,
+        embed_dim: int = 256,
+        upsampler: str = "bilinear",
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         if upsampler not in DECODER_UPSAMPLERS:
-            raise ValueError(f"unknown decoder upsampler {upsampler!r}; expected one of {', '.join(DECODER_UPSAMPLERS)}")
+            raise ValueError(
+                f"unknown decoder upsampler {upsampler!r}; expected one of {', '.join(DECODER_UPSAMPLERS)}"
+            )
         self.upsampler_name = upsampler
         self.proj = nn.ModuleList(nn.Conv2d(d, embed_dim, 1) for d in in_dims)
         self.upsamplers = nn.ModuleList(
-            nn.Identity() if upsampler == "bilinear" else _make_upsampler(upsampler, embed_dim) for _ in in_dims[1:]
+            nn.Identity() if upsampler == "bilinear" else _make_upsampler(upsampler, embed_dim, i)
+            for i in range(1, len(in_dims))  # stage i + 1 sits 2^i below stage 1
         )
-        self.fuse = nn.Sequential(nn.Conv2d(embed_dim * len(in_dims), embed_dim, 1, bias=False),
-                                  nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(embed_dim * len(in_dims), embed_dim, 1, bias=False),
+            nn.BatchNorm2d(embed_dim),
+            nn.ReLU(inplace=True),
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classify = nn.Conv2d(embed_dim, n_classes, 1)
 
@@ -220,12 +234,18 @@ class SegFormer(nn.Module):
         - output: (B, n_classes, H, W) logits (decoder output bilinearly enlarged from stride 4)
     """
 
-    def __init__(self, n_classes: int = 150, *, variant: str = "b1", embed_dim: int = 256,
-                 upsampler: str = "bilinear") -> None:
+    def __init__(
+        self, n_classes: int = 150, *, variant: str = "b1", embed_dim: int = 256, upsampler: str = "bilinear"
+    ) -> None:
         super().__init__()
         if variant not in MIT_VARIANTS:
             raise ValueError(f"unknown MiT variant {variant!r}; expected one of {', '.join(MIT_VARIANTS)}")
-        self.n_classes, self.variant, self.embed_dim, self.upsampler = n_classes, variant, embed_dim, upsampler
+        self.n_classes, self.variant, self.embed_dim, self.upsampler = (
+            n_classes,
+            variant,
+            embed_dim,
+            upsampler,
+        )
         spec = MIT_VARIANTS[variant]
         self.encoder = MixTransformer(spec["dims"], spec["depths"], spec["heads"], spec["sr"])
         self.decode_head = SegFormerHead(spec["dims"], n_classes, embed_dim, upsampler)
@@ -233,8 +253,12 @@ class SegFormer(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
     def config(self) -> dict[str, Any]:
-        return {"n_classes": self.n_classes, "variant": self.variant, "embed_dim": self.embed_dim,
-                "upsampler": self.upsampler}
+        return {
+            "n_classes": self.n_classes,
+            "variant": self.variant,
+            "embed_dim": self.embed_dim,
+            "upsampler": self.upsampler,
+        }
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 3:
@@ -260,7 +284,7 @@ def _register_adaptive_conv_flops() -> None:
         return
 
     @register_flop_formula(op)
-    def _flops(inp_shape, filters_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+    def _flops(inp_shape, filters_shape, *args, out_shape=None, **kwargs) -> int:
         b, c = inp_shape[0], inp_shape[1]
         _, h, w, k1, k2 = filters_shape
         return 2 * b * c * h * w * k1 * k2
@@ -284,7 +308,10 @@ def count_gflops(model: nn.Module, size: Sequence[int] = (512, 512)) -> float:
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"image": torch.stack([s["image"] for s in samples]), "seg": torch.stack([s["seg"] for s in samples])}
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "seg": torch.stack([s["seg"] for s in samples]),
+    }
 
 
 def _optimizer_state(optim: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -296,7 +323,9 @@ def _optimizer_state(optim: torch.optim.Optimizer, params: list[nn.Parameter]) -
     return out
 
 
-def _load_optimizer_state(optim: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+def _load_optimizer_state(
+    optim: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
@@ -330,15 +359,20 @@ def train_segmenter(
     head = [p for n, p in model.named_parameters() if n.startswith("decode_head.")]
     enc = [p for n, p in model.named_parameters() if not n.startswith("decode_head.")]
     params = enc + head
-    optim = torch.optim.AdamW([{"params": enc, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}],
-                              lr=lr, weight_decay=weight_decay)
+    optim = torch.optim.AdamW(
+        [{"params": enc, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}],
+        lr=lr,
+        weight_decay=weight_decay,
+    )
     base_lrs = [g["lr"] for g in optim.param_groups]
     start = 0
     ckpt = Path(checkpoint_path).with_suffix(".safetensors") if checkpoint_path is not None else None
     if ckpt is not None and resume and ckpt.is_file():
         tensors, cfg = load_checkpoint(ckpt)
         if cfg.get("model") != model.config():
-            raise ValueError(f"{ckpt} holds another model ({cfg.get('model')}); use another --out or --no-resume")
+            raise ValueError(
+                f"{ckpt} holds another model ({cfg.get('model')}); use another --out or --no-resume"
+            )
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer_state(optim, params, tensors)
         start = int(cfg["step"])
@@ -362,12 +396,14 @@ def train_segmenter(
         seg = torch.where(flip[:, None, None], batch["seg"].flip(-1), batch["seg"])
         for g, base in zip(optim.param_groups, base_lrs):
             g["lr"] = base * (1 - step / max(steps, 1))
-        loss = F.cross_entropy(model(image), seg, ignore_index=IGNORE_INDEX)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
+        with torch.random.fork_rng():  # dropout draws seeded per step, so a resumed run repeats them
+            torch.manual_seed(seed * 1_000_003 + step)
+            loss = F.cross_entropy(model(image), seg, ignore_index=IGNORE_INDEX)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4g}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             save(step + 1)
     bar.close()
@@ -375,18 +411,22 @@ def train_segmenter(
 
 
 @torch.no_grad()
-def evaluate_segmenter(model: SegFormer, dataset: Dataset, *, progress: bool = True, desc: str = "evaluate") -> dict[str, Any]:
+def evaluate_segmenter(
+    model: SegFormer, dataset: Dataset, *, progress: bool = True, desc: str = "evaluate"
+) -> dict[str, Any]:
     """Whole-image inference, one image at a time (any size): mIoU, mAcc, aAcc in percent."""
     model.eval()
     conf = torch.zeros(model.n_classes, model.n_classes, dtype=torch.int64)
-    for batch in tqdm(DataLoader(dataset, batch_size=1, collate_fn=_collate), disable=not progress, desc=desc):
+    for batch in tqdm(
+        DataLoader(dataset, batch_size=1, collate_fn=_collate), disable=not progress, desc=desc
+    ):
         conf += confusion_matrix(model(batch["image"]).argmax(1), batch["seg"], model.n_classes)
     s = segmentation_scores(conf)
     return {"miou": s["miou"], "macc": s["macc"], "aacc": s["aacc"], "n_images": len(dataset)}  # type: ignore[arg-type]
 
 
 def segmentation_table(results: dict[str, dict[str, Any]]) -> str:
-    """Table 2 layout: one column per upsampler; params and GFLOPs absolute for bilinear, added for the rest."""
+    """Table 2 layout: a column per upsampler; params and GFLOPs absolute for bilinear, added for the rest."""
     names = list(results)
     base = results.get("bilinear", {})
     header = ["Metric", *(DECODER_UPSAMPLERS.get(n, n) for n in names)]
@@ -397,11 +437,13 @@ def segmentation_table(results: dict[str, dict[str, Any]]) -> str:
             return format_number(v)
         return f"+{v - base[key]:.2f}"
 
-    rows = [["mIoU", *(format_number(results[n].get("miou"), 1) for n in names)],
-            ["mAcc", *(format_number(results[n].get("macc"), 1) for n in names)],
-            ["aAcc", *(format_number(results[n].get("aacc"), 1) for n in names)],
-            ["Params (M)", *(added(n, "params_m") for n in names)],
-            ["GFLOPs", *(added(n, "gflops") for n in names)]]
+    rows = [
+        ["mIoU", *(format_number(results[n].get("miou"), 1) for n in names)],
+        ["mAcc", *(format_number(results[n].get("macc"), 1) for n in names)],
+        ["aAcc", *(format_number(results[n].get("aacc"), 1) for n in names)],
+        ["Params (M)", *(added(n, "params_m") for n in names)],
+        ["GFLOPs", *(added(n, "gflops") for n in names)],
+    ]
     return markdown_table(header, rows)
 
 
@@ -432,18 +474,35 @@ def run_segmentation(
     if upsamplers is None or upsamplers == "all":
         names = list(DECODER_UPSAMPLERS)
     else:
-        asked = [u.strip() for u in (upsamplers.split(",") if isinstance(upsamplers, str) else upsamplers) if u.strip()]
+        asked = [
+            u.strip()
+            for u in (upsamplers.split(",") if isinstance(upsamplers, str) else upsamplers)
+            if u.strip()
+        ]
         unknown = [u for u in asked if u not in DECODER_UPSAMPLERS]
         if unknown:
-            raise ValueError(f"unknown decoder upsampler {unknown[0]!r}; expected names from {', '.join(DECODER_UPSAMPLERS)}")
+            raise ValueError(
+                f"unknown decoder upsampler {unknown[0]!r}; "
+                f"expected names from {', '.join(DECODER_UPSAMPLERS)}"
+            )
         names = [u for u in DECODER_UPSAMPLERS if u in set(asked) | {"bilinear"}]
     out_dir = Path(out_dir)
     train = ADE20K(data, "training", crop_size, crop=True, max_images=max_train_images)
     val = ADE20K(data, "validation", crop_size, crop=False, max_images=max_val_images)
-    run_config = {"data": str(Path(data).resolve()), "variant": variant, "embed_dim": embed_dim,
-                  "crop_size": crop_size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "encoder_weights": str(encoder_weights) if encoder_weights else None,
-                  "n_train": len(train), "n_val": len(val), "flops_size": flops_size}
+    run_config = {
+        "data": str(Path(data).resolve()),
+        "variant": variant,
+        "embed_dim": embed_dim,
+        "crop_size": crop_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "encoder_weights": str(encoder_weights) if encoder_weights else None,
+        "n_train": len(train),
+        "n_val": len(val),
+        "flops_size": flops_size,
+    }
     store = ResultStore(out_dir / "segment_results.json", run_config, resume=resume)
     for name in names:
         if store.get(name) is not None:
@@ -451,17 +510,31 @@ def run_segmentation(
             continue
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # every upsampler starts from the same encoder and decoder weights
-            model = SegFormer(ADE20K(data, "validation", crop_size).n_classes, variant=variant,
-                              embed_dim=embed_dim, upsampler=name)
+            model = SegFormer(
+                ADE20K(data, "validation", crop_size).n_classes,
+                variant=variant,
+                embed_dim=embed_dim,
+                upsampler=name,
+            )
         if encoder_weights is not None:
             from safetensors.torch import load_file
 
             model.encoder.load_state_dict(load_file(str(encoder_weights)), strict=True)
         params_m = count_params(model) / 1e6
         gflops = count_gflops(model, (flops_size, flops_size))
-        train_segmenter(model, train, steps, batch_size=batch_size, lr=lr, seed=seed,
-                        checkpoint_path=out_dir / "models" / name, checkpoint_every=checkpoint_every,
-                        resume=resume, progress=progress, desc=f"train {name}")
+        train_segmenter(
+            model,
+            train,
+            steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            checkpoint_path=out_dir / "models" / name,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            progress=progress,
+            desc=f"train {name}",
+        )
         scores = evaluate_segmenter(model, val, progress=progress, desc=f"evaluate {name}")
         store.put(name, {**scores, "params_m": params_m, "gflops": gflops})
     return {n: store.get(n) for n in names}  # type: ignore[misc]

@@ -5,12 +5,16 @@ measured here on procedurally generated scenes:
 
 - **Scenes** (:func:`make_scenes`): seeded images of objects with varied shapes and sizes (ellipses, rotated
   rectangles, polygons, wobbly blobs, thin bars), each labelled per pixel. An object's class is carried by its
-  *texture* (stripe orientation and period, checkers), which only a neighbourhood of pixels reveals; colors are
+  *texture* (stripe orientation and period, checkers), which only a neighbourhood of pixels reveals; colors
+  are
   drawn independently of the class, so no single pixel gives the class away and an upsampler cannot read the
   class off the guidance image. Thin "wire" structures a few pixels wide are a class of their own.
-- **Feature extractors** (:class:`SyntheticExtractor`): deterministic functions of the pixels alone (so jittered
-  views are consistent), built from a fixed filter bank (oriented quadrature filters, local color, context pooled
-  over a large window) followed by a fixed random MLP and a channel LayerNorm. They are translation-equivariant
+- **Feature extractors** (:class:`SyntheticExtractor`): deterministic functions of the pixels alone (so
+  jittered
+  views are consistent), built from a fixed filter bank (oriented quadrature filters, local color, context
+  pooled
+  over a large window) followed by a fixed random MLP and a channel LayerNorm. They are
+  translation-equivariant
   at stride 1; the low-resolution output is that stride-1 map average-pooled by ``stride`` (14 or 16), exactly
   how a patch encoder summarises a patch. The stride-1 map is therefore the ground truth an ideal upsampler
   recovers: it is the one high-res map consistent with every translated low-res view.
@@ -47,7 +51,14 @@ __all__ = [
 ]
 
 #: class 0 is the background; classes 1-4 are textured objects; class 5 thin wires
-CLASS_NAMES: tuple[str, ...] = ("background", "stripes_0deg", "stripes_90deg", "stripes_45deg", "checker", "wire")
+CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "stripes_0deg",
+    "stripes_90deg",
+    "stripes_45deg",
+    "checker",
+    "wire",
+)
 
 # (angle in degrees, period in px) of the stripe classes; the checker uses two orientations
 _STRIPES = {1: (0.0, 6.0), 2: (90.0, 6.0), 3: (45.0, 9.0)}
@@ -260,8 +271,12 @@ def _sep_conv(x: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tens
     """Separable per-channel convolution, replicate-padded: kx along W, then ky along H. Same size out."""
     c = x.shape[1]
     hx, hy = kx.numel() // 2, ky.numel() // 2
-    x = F.conv2d(F.pad(x, (hx, hx, 0, 0), mode="replicate"), kx.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, hy, hy), mode="replicate"), ky.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    x = F.conv2d(
+        F.pad(x, (hx, hx, 0, 0), mode="replicate"), kx.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c
+    )
+    return F.conv2d(
+        F.pad(x, (0, 0, hy, hy), mode="replicate"), ky.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
+    )
 
 
 def _pad_kernel(k: torch.Tensor, half: int) -> torch.Tensor:
@@ -299,8 +314,14 @@ def _gabor_energies(image: torch.Tensor, specs: Sequence[tuple[float, float]]) -
         env = torch.exp(-(x**2) / (2 * sigma**2))
         env = env / env.sum()
         k = 2 * math.pi / period
-        cx, sx = (env * torch.cos(k * math.cos(a) * x)).float(), (env * torch.sin(k * math.cos(a) * x)).float()
-        cy, sy = (env * torch.cos(k * math.sin(a) * x)).float(), (env * torch.sin(k * math.sin(a) * x)).float()
+        cx, sx = (
+            (env * torch.cos(k * math.cos(a) * x)).float(),
+            (env * torch.sin(k * math.cos(a) * x)).float(),
+        )
+        cy, sy = (
+            (env * torch.cos(k * math.sin(a) * x)).float(),
+            (env * torch.sin(k * math.sin(a) * x)).float(),
+        )
         xs += [cx, sx, sx, cx]
         ys += [cy, sy, cy, sy]
     r = _bank_conv(image, xs, ys).unflatten(1, (image.shape[1], len(specs), 4))  # (B, C, n, 4, H, W)
@@ -309,7 +330,9 @@ def _gabor_energies(image: torch.Tensor, specs: Sequence[tuple[float, float]]) -
     return (real.pow(2) + imag.pow(2)).sum(1).add(1e-6).sqrt()
 
 
-def _derivative_energies(image: torch.Tensor, scales: Sequence[float], angles: Sequence[float]) -> torch.Tensor:
+def _derivative_energies(
+    image: torch.Tensor, scales: Sequence[float], angles: Sequence[float]
+) -> torch.Tensor:
     """Steered second-derivative-of-Gaussian energies and gradient magnitude per scale: (B, n, H, W)."""
     xs, ys = [], []
     for sigma in scales:
@@ -346,13 +369,23 @@ _VARIANTS = {
     "a": _Variant(
         kind="gabor",
         specs=tuple((a, p) for p in (6.0, 9.0) for a in (0.0, 45.0, 90.0, 135.0)),
-        feat_dim=32, stride=14, pool_sigma=1.5, context_sigma=6.0, hidden=96, seed=1234,
-    ),  # fmt: skip
+        feat_dim=32,
+        stride=14,
+        pool_sigma=1.5,
+        context_sigma=6.0,
+        hidden=96,
+        seed=1234,
+    ),
     "b": _Variant(
         kind="derivative",
         specs=tuple((a, s) for s in (1.2, 2.2) for a in (0.0, 60.0, 120.0)),
-        feat_dim=48, stride=16, pool_sigma=2.0, context_sigma=8.0, hidden=128, seed=98765,
-    ),  # fmt: skip
+        feat_dim=48,
+        stride=16,
+        pool_sigma=2.0,
+        context_sigma=8.0,
+        hidden=128,
+        seed=98765,
+    ),
 }
 
 
@@ -361,9 +394,12 @@ class SyntheticExtractor(nn.Module):
 
     ``dense(image)`` is the stride-1 feature map: quadrature filter energies on the luminance (pooled with a
     small Gaussian), local color, and the same energies pooled over a large window (context), passed through a
-    fixed random two-layer MLP (1x1 convs) and a LayerNorm over channels. ``forward(image)`` average-pools that
-    map by ``stride``, so ``forward`` is what a patch encoder would output and ``dense`` is the ground truth an
-    ideal upsampler recovers. Borders are reflect-padded, so the map is translation-equivariant away from them.
+    fixed random two-layer MLP (1x1 convs) and a LayerNorm over channels. ``forward(image)`` average-pools
+    that
+    map by ``stride``, so ``forward`` is what a patch encoder would output and ``dense`` is the ground truth
+    an
+    ideal upsampler recovers. Borders are reflect-padded, so the map is translation-equivariant away from
+    them.
 
     Args:
         variant: ``"a"`` (Gabor filters, 32 channels, stride 14) or ``"b"`` (Gaussian-derivative filters,
@@ -401,12 +437,17 @@ class SyntheticExtractor(nn.Module):
             n_energy = len({s for _, s in v.specs}) * (len({a for a, _ in v.specs}) + 1)
         n_in = 2 * n_energy + 3 + 1  # energies, context energies, color, local contrast
         g = torch.Generator().manual_seed(v.seed)
-        self.register_buffer("w1", torch.randn(v.hidden, n_in, generator=g) / math.sqrt(n_in), persistent=False)
+        self.register_buffer(
+            "w1", torch.randn(v.hidden, n_in, generator=g) / math.sqrt(n_in), persistent=False
+        )
         self.register_buffer("b1", 0.5 * torch.randn(v.hidden, generator=g), persistent=False)
-        self.register_buffer("w2", torch.randn(v.feat_dim, v.hidden, generator=g) / math.sqrt(v.hidden),
-                             persistent=False)  # fmt: skip
+        self.register_buffer(
+            "w2", torch.randn(v.feat_dim, v.hidden, generator=g) / math.sqrt(v.hidden), persistent=False
+        )
         # inputs are brought to comparable scales before the random MLP, so no cue dominates by accident
-        self.register_buffer("in_scale", torch.tensor([6.0] * (2 * n_energy) + [2.0] * 3 + [8.0]), persistent=False)
+        self.register_buffer(
+            "in_scale", torch.tensor([6.0] * (2 * n_energy) + [2.0] * 3 + [8.0]), persistent=False
+        )
         # Centre the output on fixed reference scenes (as a whitened backbone would be), so cosine similarity
         # measures the varying part of the features rather than a shared offset.
         self.register_buffer("center", torch.zeros(v.feat_dim), persistent=False)
@@ -439,13 +480,17 @@ class SyntheticExtractor(nn.Module):
         if v.kind == "gabor":
             energy = _gabor_energies(image, v.specs)
         else:
-            energy = _derivative_energies(image, sorted({s for _, s in v.specs}), sorted({a for a, _ in v.specs}))
+            energy = _derivative_energies(
+                image, sorted({s for _, s in v.specs}), sorted({a for a, _ in v.specs})
+            )
         local = self._blur(energy, self.pool_kernel)
         context = self._blur(energy, self.context_kernel)
         color = self._blur(image, self.pool_kernel)
         luma = image.mean(1, keepdim=True)
         contrast = self._blur(luma.pow(2), self.pool_kernel) - self._blur(luma, self.pool_kernel).pow(2)
-        x = torch.cat([local, context, color, contrast.clamp_min(0).sqrt()], 1) * self.in_scale.view(1, -1, 1, 1)
+        x = torch.cat([local, context, color, contrast.clamp_min(0).sqrt()], 1) * self.in_scale.view(
+            1, -1, 1, 1
+        )
         hidden = F.gelu(torch.einsum("oc,bchw->bohw", self.w1, x) + self.b1.view(1, -1, 1, 1))
         return torch.einsum("oc,bchw->bohw", self.w2, hidden)
 
@@ -456,5 +501,7 @@ class SyntheticExtractor(nn.Module):
             - image: (B, 3, H, W) with H, W >= stride; output: (B, C, H // stride, W // stride)
         """
         if isinstance(image, torch.Tensor) and image.dim() == 4 and min(image.shape[-2:]) < self.stride:
-            raise ValueError(f"expected an image of at least {self.stride}x{self.stride}, got {tuple(image.shape)}")
+            raise ValueError(
+                f"expected an image of at least {self.stride}x{self.stride}, got {tuple(image.shape)}"
+            )
         return F.avg_pool2d(self.dense(image), self.stride)

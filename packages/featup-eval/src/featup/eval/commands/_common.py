@@ -1,4 +1,5 @@
-"""What ``featup upsample``, ``similarity`` and ``demo`` share: backbone and upsampler options, featurizing."""
+"""What ``featup upsample``, ``similarity`` and ``demo`` share: backbone and upsampler options,
+featurizing."""
 
 from __future__ import annotations
 
@@ -22,22 +23,38 @@ SYNTHETIC_BACKBONES = {"synthetic_a": "a", "synthetic_b": "b"}
 def add_model_options(p: argparse.ArgumentParser, *, default_upsampler: str | None = None) -> None:
     """--backbone/--weights/--pretrained/--no-norm/--upsampler/--checkpoint/--steps/--size/--device."""
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", metavar="NAME",
-                   help="backbone name from featup.backbones (e.g. dinov2_vits14), or synthetic_a / synthetic_b "
-                        "(offline extractors of the synthetic benchmark)")  # fmt: skip
-    g.add_argument("--weights", metavar="PATH", help="local backbone weights (.safetensors or .pth) instead of "
-                   "downloading them")  # fmt: skip
-    g.add_argument("--pretrained", metavar="NAME",
-                   help="the original project's pretrained models: vit, dino16, clip, dinov2, resnet50, maskclip "
-                        "(backbone + published JBU; --checkpoint gives a local copy of the JBU file)")  # fmt: skip
+    g.add_argument(
+        "--backbone",
+        metavar="NAME",
+        help="backbone name from featup.backbones (e.g. dinov2_vits14), or synthetic_a / synthetic_b "
+        "(offline extractors of the synthetic benchmark)",
+    )
+    g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="local backbone weights (.safetensors or .pth) instead of downloading them",
+    )
+    g.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="the original project's pretrained models: vit, dino16, clip, dinov2, resnet50, maskclip "
+        "(backbone + published JBU; --checkpoint gives a local copy of the JBU file)",
+    )
     g.add_argument("--no-norm", action="store_true", help="with --pretrained: the models without use_norm")
-    g.add_argument("--upsampler", default=default_upsampler, metavar="NAME",
-                   help="jbu (needs --checkpoint or --pretrained), implicit (fitted per image), or a baseline: "
-                        "bilinear, nearest, bicubic, jbu_classic, ... (default: jbu with a checkpoint or "
-                        "--pretrained, else implicit)")  # fmt: skip
-    g.add_argument("--checkpoint", metavar="PATH",
-                   help="trained upsampler (featup train-jbu output, a saved implicit model, or an original "
-                        "FeatUp .ckpt)")  # fmt: skip
+    g.add_argument(
+        "--upsampler",
+        default=default_upsampler,
+        metavar="NAME",
+        help="jbu (needs --checkpoint or --pretrained), implicit (fitted per image), or a baseline: "
+        "bilinear, nearest, bicubic, jbu_classic, ... (default: jbu with a checkpoint or "
+        "--pretrained, else implicit)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="trained upsampler (featup train-jbu output, a saved implicit model, or an original "
+        "FeatUp .ckpt)",
+    )
     g.add_argument("--steps", type=int, default=300, help="fit_implicit steps per image (default 300)")
     g.add_argument("--size", metavar="HxW", help="resize images to HxW before featurizing (default: keep)")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -87,8 +104,9 @@ class Featurizer:
         if self.upsampler_name == "implicit" and self.upsampler is None:
             from featup.core.training import fit_implicit
 
-            imp = fit_implicit(self.backbone, image, steps=self.steps, progress=self.progress,
-                               device=image.device)  # fmt: skip
+            imp = fit_implicit(
+                self.backbone, image, steps=self.steps, progress=self.progress, device=image.device
+            )
             with torch.inference_mode():
                 return lr, imp.render(tuple(image.shape[-2:]))
         with torch.inference_mode():
@@ -130,7 +148,9 @@ def _load_upsampler(name: str, checkpoint: str, feat_dim: int) -> nn.Module:
         raise CheckpointError(f"checkpoint {path} does not match {type(up).__name__}: {exc}") from None
     fd = getattr(up, "feat_dim", None)
     if fd is not None and fd != feat_dim:
-        raise CheckpointError(f"checkpoint {path} expects {fd}-channel features; the backbone gives {feat_dim}")
+        raise CheckpointError(
+            f"checkpoint {path} expects {fd}-channel features; the backbone gives {feat_dim}"
+        )
     return up.eval()
 
 
@@ -148,16 +168,21 @@ def build_featurizer(args: argparse.Namespace) -> Featurizer:
             raise UsageError("--pretrained brings its own backbone: drop --backbone")
         if args.upsampler not in (None, "jbu"):
             raise UsageError(f"--pretrained provides a JBU upsampler; got --upsampler {args.upsampler}")
-        model = load_pretrained(args.pretrained, use_norm=not args.no_norm, weights=args.weights,
-                                checkpoint=args.checkpoint).to(args.device)  # fmt: skip
+        model = load_pretrained(
+            args.pretrained, use_norm=not args.no_norm, weights=args.weights, checkpoint=args.checkpoint
+        ).to(args.device)
         return Featurizer(model.backbone, "jbu", model.upsampler, args.steps, progress)
     backbone = resolve_backbone(args.backbone, args.weights, args.device)
     name = args.upsampler or ("jbu" if args.checkpoint else "implicit")
     if name not in (*list_upsamplers(), "implicit"):
-        raise UsageError(f"unknown upsampler {name!r}; expected one of {sorted({*list_upsamplers(), 'implicit'})}")
+        raise UsageError(
+            f"unknown upsampler {name!r}; expected one of {sorted({*list_upsamplers(), 'implicit'})}"
+        )
     feat_dim = int(getattr(backbone, "feat_dim", 0) or 0)
     if args.checkpoint:
-        return Featurizer(backbone, name, _load_upsampler(name, args.checkpoint, feat_dim), args.steps, progress)
+        return Featurizer(
+            backbone, name, _load_upsampler(name, args.checkpoint, feat_dim), args.steps, progress
+        )
     if name == "implicit":
         return Featurizer(backbone, name, None, args.steps, progress)
     if name == "jbu":

@@ -12,8 +12,12 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
     g.add_argument("--quick", action="store_true", help="tiny configuration that runs in seconds (for tests)")
     g.add_argument("--jbu-steps", type=int, metavar="N", help="train_jbu steps")
-    g.add_argument("--baseline-steps", type=int, metavar="N",
-                   help="steps for learnable baselines (default: as --jbu-steps; 0 = leave untrained)")  # fmt: skip
+    g.add_argument(
+        "--baseline-steps",
+        type=int,
+        metavar="N",
+        help="steps for learnable baselines (default: as --jbu-steps; 0 = leave untrained)",
+    )
     g.add_argument("--implicit-steps", type=int, metavar="N", help="fit_implicit steps per evaluation image")
     g.add_argument("--n-train", type=int, metavar="N", help="training scenes")
     g.add_argument("--n-eval", type=int, metavar="N", help="evaluation scenes")
@@ -47,14 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="synthetic benchmark: every upsampler against known ideal features (markdown + JSON)",
-        description="Train FeatUp's JBU on synthetic scenes, fit the implicit upsampler per evaluation scene, "
+        description="Train FeatUp's JBU on synthetic scenes, fit the implicit upsampler per evaluation scene,"
+        " "
         "apply every registered upsampler, and score all of them against the extractor's stride-1 features "
         "(cosine, MSE) and through a frozen linear probe (mIoU, accuracy, boundary F). Offline; the default "
         "takes a few minutes on 2 CPU cores.",
     )
     add_bench_options(p)
-    p.add_argument("--json", metavar="PATH", default="featup-bench.json",
-                   help="where to write the results (default featup-bench.json)")  # fmt: skip
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default="featup-bench.json",
+        help="where to write the results (default featup-bench.json)",
+    )
     p.set_defaults(func=run)
 
 
@@ -67,18 +76,21 @@ def print_tables(result) -> None:
         print("\n## Encoder-agnostic transfer: extractor B (48 channels, stride 16)\n")
         print(format_table(result.transfer))
     cfg = result.config
-    print(f"\n{cfg['n_train']} training / {cfg['n_eval']} evaluation scenes of {cfg['size'][0]}x{cfg['size'][1]} px; "
-          f"machine: {result.machine['processor']}, {result.machine['cpu_count']} CPUs, "
-          f"torch {result.machine['torch']} ({result.machine['torch_threads']} threads)")  # fmt: skip
+    print(
+        f"\n{cfg['n_train']} training / {cfg['n_eval']} evaluation scenes of "
+        f"{cfg['size'][0]}x{cfg['size'][1]} px; "
+        f"machine: {result.machine['processor']}, {result.machine['cpu_count']} CPUs, "
+        f"torch {result.machine['torch']} ({result.machine['torch_threads']} threads)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from featup.core.checkpoint import atomic_write_bytes
     from featup.eval.benchmark import run_benchmark
     from featup.eval.images import ensure_writable_dir
-    from featup.core.checkpoint import atomic_write_bytes
 
     cfg = config_from_args(args)
     json_path = Path(args.json)

@@ -23,11 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="offline demo: train a JBU and fit an implicit upsampler, write featup-demo.png",
-        description="Offline by default (synthetic scenes). With IMAGE... and --backbone NAME (plus network or "
+        description="Offline by default (synthetic scenes). With IMAGE... and --backbone NAME (plus network "
+        "or "
         "--weights PATH) it runs on your photos.",
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="photos to run on (needs --backbone)")
-    p.add_argument("--backbone", metavar="NAME", help="backbone for photos (see featup.backbones.list_backbones)")
+    p.add_argument(
+        "--backbone", metavar="NAME", help="backbone for photos (see featup.backbones.list_backbones)"
+    )
     p.add_argument("--weights", metavar="PATH", help="local backbone weights for photos")
     p.add_argument("--size", default="224x224", metavar="HxW", help="photo size (default 224x224)")
     p.add_argument("--out", default=".", metavar="DIR", help="where featup-demo.png goes (default: here)")
@@ -41,8 +44,12 @@ def _synthetic(args: argparse.Namespace, out) -> int:
     from featup.eval.panels import feature_panel
 
     cfg = config_from_args(args)
-    print("FeatUp demo on synthetic scenes (offline): training a JBU, fitting the implicit upsampler per scene, "
-          "scoring every upsampler against the known ideal features.", flush=True)  # fmt: skip
+    print(
+        "FeatUp demo on synthetic scenes (offline): training a JBU, fitting the implicit upsampler "
+        "per scene, "
+        "scoring every upsampler against the known ideal features.",
+        flush=True,
+    )
     result = run_benchmark(cfg, progress=not args.no_progress, log=lambda line: print(line, flush=True))
     ex = result.examples
     hr = [("bilinear", ex["bilinear"]), ("JBU", ex["FeatUp JBU"])]
@@ -53,10 +60,14 @@ def _synthetic(args: argparse.Namespace, out) -> int:
     from featup.core.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(out / "featup-demo.json", (json.dumps(result.to_json(), indent=2) + "\n").encode())
-    result.models["jbu"].save(out / "featup-demo-jbu.safetensors", extra={"trained_on": "synthetic extractor A"})
+    result.models["jbu"].save(
+        out / "featup-demo-jbu.safetensors", extra={"trained_on": "synthetic extractor A"}
+    )
     print_tables(result)
-    print(f"\nwrote {out / 'featup-demo.png'}, {out / 'featup-demo.json'} and the trained JBU "
-          f"{out / 'featup-demo-jbu.safetensors'}")  # fmt: skip
+    print(
+        f"\nwrote {out / 'featup-demo.png'}, {out / 'featup-demo.json'} and the trained JBU "
+        f"{out / 'featup-demo-jbu.safetensors'}"
+    )
     return 0
 
 
@@ -72,13 +83,19 @@ def _photos(args: argparse.Namespace, out) -> int:
     steps = args.jbu_steps if args.jbu_steps is not None else (10 if args.quick else 300)
     implicit_steps = args.implicit_steps if args.implicit_steps is not None else (10 if args.quick else 300)
     progress = not args.no_progress
-    print(f"training a JBU on {len(images)} photo(s) for {steps} steps, then fitting the implicit upsampler "
-          f"on {args.images[0]} for {implicit_steps} steps", flush=True)  # fmt: skip
+    print(
+        f"training a JBU on {len(images)} photo(s) for {steps} steps, then fitting the implicit upsampler "
+        f"on {args.images[0]} for {implicit_steps} steps",
+        flush=True,
+    )
     jbu = train_jbu(backbone, images, steps=steps, batch_size=min(4, len(images)), progress=progress)
     first = images[:1]
     with torch.inference_mode():
         lr = backbone(first)
-        hr = [("bilinear", torch.nn.functional.interpolate(lr, size=size, mode="bilinear")), ("JBU", jbu(lr, first))]
+        hr = [
+            ("bilinear", torch.nn.functional.interpolate(lr, size=size, mode="bilinear")),
+            ("JBU", jbu(lr, first)),
+        ]
     if implicit_steps > 0:
         imp = fit_implicit(backbone, first, steps=implicit_steps, progress=progress)
         with torch.inference_mode():
@@ -99,5 +116,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("demo on photos needs --backbone NAME (and network, or --weights PATH)")
         return _photos(args, out)
     if args.backbone or args.weights:
-        raise UsageError("--backbone/--weights are for photos: pass IMAGE... too (or drop them for the synthetic demo)")
+        raise UsageError(
+            "--backbone/--weights are for photos: pass IMAGE... too (or drop them for the synthetic demo)"
+        )
     return _synthetic(args, out)

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="similarity heatmaps of a query point, bilinear beside FeatUp",
         description="Compare the feature at --point X,Y (pixels of IMAGE after --size) with every pixel of "
         "--target (default IMAGE itself), using bilinear and FeatUp upsampling; writes OUT/similarity.png "
-        "(query | bilinear heatmap | FeatUp heatmap, red = similar, x = best match) and the maps as safetensors.",
+        "(query | bilinear heatmap | FeatUp heatmap, red = similar, x = best match) and the maps as "
+        "safetensors.",
     )
     p.add_argument("image", metavar="IMAGE", help="query image")
     p.add_argument("--point", required=True, metavar="X,Y", help="query point in pixels (x right, y down)")
@@ -81,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         bx, by = _argmax_xy(sim)
         blend = 0.5 * target_img[0].cpu() + 0.5 * heatmap_rgb(sim.cpu())
         tiles.append((name, mark_point(blend, bx, by)))
-        print(f"{name}: best match at x={bx}, y={by} (cosine {float(sim.max()):.3f}, mean {float(sim.mean()):.3f})")
+        print(
+            f"{name}: best match at x={bx}, y={by} (cosine {float(sim.max()):.3f}, "
+            f"mean {float(sim.mean()):.3f})"
+        )
     save_png(out / "similarity.png", tile_row(tiles, tuple(target_img.shape[-2:])))
     maps = {"bilinear": sim_bil.cpu().contiguous(), "featup": sim_up.cpu().contiguous()}
     atomic_write_bytes(out / "similarity.safetensors", st_save(maps, metadata={"point": args.point}))

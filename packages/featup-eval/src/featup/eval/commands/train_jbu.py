@@ -39,10 +39,6 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
-#: backbone names served by featup.eval.synthetic (deterministic, weight-free; for tests and demos)
-SYNTHETIC = {"synthetic-a": "a", "synthetic-b": "b"}
-
-
 def find_images(spec: str) -> tuple[Path, list[Path]]:
     """Image files named by a file, a folder (searched recursively) or a glob pattern, sorted.
 
@@ -125,24 +121,22 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def resolve_backbone(name: str, weights: str | None, pretrained: bool, device: torch.device) -> Callable:
-    """A frozen backbone ``(B,3,H,W) -> (B,C,h,w)`` on ``device``, by registry name or ``synthetic-a|b``."""
-    if name in SYNTHETIC:
-        from featup.eval.synthetic import SyntheticExtractor
+    """A frozen backbone ``(B,3,H,W) -> (B,C,h,w)`` on ``device``: a registered name or ``synthetic_a|b``.
 
-        if weights is not None:
-            raise UsageError(f"backbone {name!r} has no weights; drop --weights")
-        return SyntheticExtractor(SYNTHETIC[name]).to(device)
-    if weights is not None and not Path(weights).is_file():
-        raise UsageError(f"expected a weights file at {weights}, found none")
-    try:
-        from featup.backbones import create_backbone, list_backbones
-    except ImportError as exc:
-        raise UsageError(f"featup.backbones is unavailable ({exc}); use --backbone synthetic-a") from None
-    known = list(list_backbones()) + list(SYNTHETIC)
+    Same names and messages as ``featup upsample`` (``featup.eval.commands._common``); ``pretrained=False``
+    without ``weights`` gives randomly initialised weights (smoke runs and tests on machines offline).
+    """
+    from featup.eval.commands._common import SYNTHETIC_BACKBONES
+    from featup.eval.commands._common import resolve_backbone as resolve_named
+
+    if pretrained or weights is not None or name in SYNTHETIC_BACKBONES:
+        return resolve_named(name, weights, str(device))
+    from featup.backbones import create_backbone, list_backbones
+
+    known = list_backbones()
     if name not in known:
-        raise UsageError(f"unknown backbone {name!r}; expected one of {sorted(known)}")
-    kwargs = {"weights": weights} if weights is not None else {"pretrained": pretrained}
-    return create_backbone(name, **kwargs).to(device).eval()
+        raise UsageError(f"unknown backbone {name!r}; expected one of {[*known, *SYNTHETIC_BACKBONES]}")
+    return create_backbone(name, pretrained=False).to(device).eval()
 
 
 def _device(spec: str | None) -> torch.device:
@@ -158,7 +152,7 @@ def _device(spec: str | None) -> torch.device:
 
 def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments ``train-jbu`` and ``fit-implicit`` share."""
-    p.add_argument("--backbone", required=True, help="registered backbone name, or synthetic-a / synthetic-b")
+    p.add_argument("--backbone", required=True, help="registered backbone name, or synthetic_a / synthetic_b")
     p.add_argument("--weights", help="local backbone weights (.safetensors); default: the pretrained weights")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, smoke runs)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000, Table 7)")
