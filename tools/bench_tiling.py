@@ -8,7 +8,10 @@ that imports torch, builds the upsampler and its inputs, reads ``getrusage(RUSAG
 high-water mark of its resident set), runs the case once, and reads it again. ``peak_mib`` is the process's
 peak RSS; ``op_mib`` is the growth of that high-water mark caused by the upsampling itself, which includes the
 result; ``work_mib`` subtracts the result's own size: the working memory the method needs on top of its
-output. A fresh process per case means no allocator cache or earlier case inflates the numbers. Untiled cases
+output. A fresh process per case means no allocator cache or earlier case inflates the numbers, and
+``MALLOC_MMAP_THRESHOLD_=131072`` makes glibc map every large tensor separately and unmap it when freed, so
+the resident set follows the live tensors (with glibc's default dynamic threshold repeated runs differed by
+hundreds of MiB). Untiled cases
 run under ``RLIMIT_AS`` (address space of the process at the start of the case plus ``--cap-gib``), so a case
 that would need more is reported as "over cap" instead of swamping a shared machine.
 
@@ -71,8 +74,11 @@ def run_case(kind: str, size: int, tile: int, channels: int, threads: int, cap_g
         from featup.core.implicit import ImplicitUpsampler
 
         torch.manual_seed(0)
+        from featup.core.pca import PCA
+
         imp = ImplicitUpsampler(channels, (size, size)).eval()
         imp.set_image(image)
+        imp.set_pca(PCA(channels, channels).fit(torch.randn(1, channels, 16, 16, generator=g)))
 
         def call():
             return imp.render((size, size))
@@ -136,7 +142,9 @@ def precision_rows(size: int, channels: int, threads: int) -> list[dict]:
 
 
 def _subprocess(args: list[str], timeout: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # a fixed mmap threshold makes glibc return every freed large block to the OS at once; with its default
+    # dynamic threshold, freed tensors stay in the heap and ru_maxrss drifts by hundreds of MiB between runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=timeout
     )

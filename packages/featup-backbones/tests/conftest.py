@@ -6,28 +6,29 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in these tests may wait on the network
 
-import functools  # noqa: E402
+import functools
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from featup.backbones import Backbone, create_backbone  # noqa: E402
+from featup.backbones import Backbone, create_backbone
 
 #: transformer depth of the numerically tested ViTs; full-depth architectures are checked on the meta device
 #: (test_registry.py), numbers with two real blocks keep the suite fast on 2 shared CPU cores
 VIT_TEST_DEPTH = 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(name: str) -> Backbone:
     torch.manual_seed(0)
-    kwargs = {} if "resnet" in name else {"model_kwargs": {"depth": VIT_TEST_DEPTH}}
+    depth = 1 if ("vitl" in name or "vitg" in name) else VIT_TEST_DEPTH
+    kwargs = {} if "resnet" in name else {"model_kwargs": {"depth": depth}}
     return create_backbone(name, **kwargs)
 
 
 @pytest.fixture(scope="session")
 def built():
-    """``built(name)``: a shared pretrained=False backbone (ViTs with two blocks). Do not mutate it."""
+    """``built(name)``: a shared pretrained=False backbone (ViTs with 1-2 blocks). Do not mutate it."""
     return _cached
 
 

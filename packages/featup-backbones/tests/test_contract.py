@@ -102,7 +102,8 @@ def test_wrap_normalizes_exactly_once():
     image = torch.rand(1, 3, 20, 28)
     with torch.no_grad():
         ref = bb.model(
-            (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+            / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         )
         torch.testing.assert_close(bb(image), ref)
     raw = wrap_backbone(bb.model, feat_dim=6, stride=4)  # no mean/std: the [0,1] image reaches the net

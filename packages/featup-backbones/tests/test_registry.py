@@ -24,7 +24,7 @@ from featup.backbones import (
 SIZES = [(224, 224), (200, 328)]
 SHALLOW = {"depth": 2}
 #: real arithmetic on small odd sizes (the 224 / 200x328 shapes at full depth are checked on the meta device)
-NUMERIC_SIZES = [(64, 64), (45, 61)]
+NUMERIC_SIZES = [(45, 61)]
 #: name -> (depth, prefix tokens, parameter count bounds)
 ARCH = {
     "dinov2_vits14": (12, 1, 21e6, 23e6),
@@ -144,18 +144,21 @@ def test_unknown_name_lists_the_choices():
 
 
 def test_bad_options_are_rejected():
-    with pytest.raises(ValueError, match="facet"):
-        create_backbone("dino_vits16", facet="keys", model_kwargs=SHALLOW)
-    with pytest.raises(ValueError, match="layer"):
-        create_backbone("dino_vits16", layer=12, model_kwargs=SHALLOW)
-    with pytest.raises(ValueError, match="stride"):
-        create_backbone("dino_vits16", stride=32, model_kwargs=SHALLOW)
-    with pytest.raises(ValueError, match="fit"):
-        create_backbone("resnet50", fit="crop")
-    with pytest.raises(ValueError, match="project"):
-        create_backbone("dino_vits16", project=True, model_kwargs=SHALLOW)
-    with pytest.raises(ValueError, match="layer"):
-        create_backbone("resnet50", layer=5)
+    with torch.device("meta"):  # validation only: skip initializing weights
+        with pytest.raises(ValueError, match="facet"):
+            create_backbone("dino_vits16", facet="keys")
+        with pytest.raises(ValueError, match="layer"):
+            create_backbone("dino_vits16", layer=12)
+        with pytest.raises(ValueError, match="stride"):
+            create_backbone("dino_vits16", stride=32)
+        with pytest.raises(ValueError, match="stride"):
+            create_backbone("dino_vits16", stride=0)
+        with pytest.raises(ValueError, match="fit"):
+            create_backbone("resnet50", fit="crop")
+        with pytest.raises(ValueError, match="project"):
+            create_backbone("dino_vits16", project=True)
+        with pytest.raises(ValueError, match="layer"):
+            create_backbone("resnet50", layer=5)
 
 
 def test_register_custom_backbone():
@@ -167,7 +170,13 @@ def test_register_custom_backbone():
     def build(config, **kw):
         net = torch.nn.Conv2d(3, config.feat_dim, kernel_size=4, stride=4)
         return wrap_backbone(
-            net, feat_dim=config.feat_dim, stride=config.stride, mean=config.mean, std=config.std, fit="resize", **kw
+            net,
+            feat_dim=config.feat_dim,
+            stride=config.stride,
+            mean=config.mean,
+            std=config.std,
+            fit="resize",
+            **kw,
         )
 
     assert "test_tiny_conv" in list_backbones()
@@ -178,3 +187,16 @@ def test_register_custom_backbone():
         register_backbone(cfg)(lambda config, **kw: None)
     with pytest.raises(TypeError):
         register_backbone("test_tiny_conv")
+
+
+def test_import_does_not_pull_in_core_or_timm():
+    # dependency direction: backbones never imports featup.core; timm loads only when a ViT is built
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, featup.backbones; "
+        "bad = [m for m in ('featup.core', 'timm') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -31,7 +31,9 @@ def test_resnet50_is_layer4_and_normalizes_once(built):
 def test_deeplab_checkpoint_gives_the_segmentation_models_backbone(tmp_path):
     # torchvision's DeepLabV3 file holds backbone.*, classifier.* and aux_classifier.*: load it as published
     torch.manual_seed(0)
-    seg = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)
+    seg = torchvision.models.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, aux_loss=True
+    )
     seg.eval()
     torch.save(seg.state_dict(), tmp_path / "deeplab.pth")
     bb = create_backbone("deeplabv3_resnet50", weights=tmp_path / "deeplab.pth")
@@ -43,7 +45,9 @@ def test_deeplab_checkpoint_gives_the_segmentation_models_backbone(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("layer", "dim", "stride"), [(1, 256, 4), (2, 512, 8), (-2, 1024, 16), (4, 2048, 32)])
+@pytest.mark.parametrize(
+    ("layer", "dim", "stride"), [(1, 256, 4), (2, 512, 8), (-2, 1024, 16), (4, 2048, 32)]
+)
 def test_resnet_stages(built, layer, dim, stride):
     shared = built("resnet50")  # a second adapter over the same network, reading another stage
     bb = TorchvisionResNetBackbone(shared.model, mean=shared.mean, std=shared.std, layer=layer)

@@ -107,11 +107,14 @@ def test_clip_unprojected_tokens():
     assert bb.feat_dim == 768 and not bb.project
 
 
-@pytest.mark.parametrize(("name", "stride", "size", "grid"), [
-    ("dino_vits16", 8, (224, 224), (28, 28)),
-    ("dino_vits16", 4, (64, 96), (16, 24)),
-    ("dinov2_vits14", 7, (200, 328), (29, 47)),
-])
+@pytest.mark.parametrize(
+    ("name", "stride", "size", "grid"),
+    [
+        ("dino_vits16", 8, (224, 224), (28, 28)),
+        ("dino_vits16", 4, (64, 96), (16, 24)),
+        ("dinov2_vits14", 7, (200, 328), (29, 47)),
+    ],
+)
 def test_strided_baseline_shapes(name, stride, size, grid):
     bb = create_backbone(name, stride=stride, model_kwargs={"depth": 2})
     assert bb.stride == stride and bb.model.patch_embed.proj.stride == (stride, stride)

@@ -189,3 +189,13 @@ def test_segment_command(tmp_path, ade, capsys):
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"bilinear", "jbu"}
     assert main(["segment", str(ade), "--upsamplers", "indexnet"]) == 2
     assert "unknown decoder upsampler" in capsys.readouterr().err
+
+
+def test_fused_adaptive_conv_is_counted():
+    from featup.kernels import adaptive_conv
+
+    class Op(nn.Module):
+        def forward(self, x):
+            return adaptive_conv(x, torch.ones(1, x.shape[-2] - 2, x.shape[-1] - 2, 3, 3))
+
+    assert count_gflops(Op(), (12, 10)) == pytest.approx(3 * 10 * 8 * 9 / 1e9)  # one multiply-add per tap

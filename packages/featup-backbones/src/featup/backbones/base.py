@@ -132,7 +132,9 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         if int(feat_dim) < 1 or int(stride) < 1:
-            raise ValueError(f"expected positive feat_dim and stride, got feat_dim={feat_dim}, stride={stride}")
+            raise ValueError(
+                f"expected positive feat_dim and stride, got feat_dim={feat_dim}, stride={stride}"
+            )
         if fit not in FIT_MODES:
             raise ValueError(f"expected fit in {FIT_MODES}, got {fit!r}")
         if (mean is None) != (std is None):
@@ -167,7 +169,9 @@ class Backbone(nn.Module):
         ref = self._reference_tensor()
         if ref is not None:
             if ref.device != image.device:
-                raise ValueError(f"expected the image on {ref.device} (the backbone's device), got {image.device}")
+                raise ValueError(
+                    f"expected the image on {ref.device} (the backbone's device), got {image.device}"
+                )
             image = image.to(ref.dtype)
         x = self.normalize(image)
         x = self.fit_input(x)

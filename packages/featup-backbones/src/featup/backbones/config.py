@@ -37,7 +37,8 @@ class WeightsSource:
     def __post_init__(self) -> None:
         if (self.hf_hub_id is None) == (self.url is None):
             raise ValueError(
-                f"expected exactly one of hf_hub_id or url, got hf_hub_id={self.hf_hub_id!r}, url={self.url!r}"
+                f"expected exactly one of hf_hub_id or url, got hf_hub_id={self.hf_hub_id!r}, "
+                f"url={self.url!r}"
             )
 
     @property

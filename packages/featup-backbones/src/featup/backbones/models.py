@@ -75,19 +75,14 @@ for _size, _word, _dim in _DINOV2:
                 feat_dim=_dim,
                 stride=14,
                 patch_size=14,
-                weights=_timm(
-                    f"{_arch}.lvd142m", f"{_FB}/dinov2/dinov2_vit{_size}14/{_orig}_pretrain.pth"
-                ),
-                description=f"DINOv2 ViT-{_size.upper()}/14{' with 4 registers' if _reg else ''}, normed tokens",
+                weights=_timm(f"{_arch}.lvd142m", f"{_FB}/dinov2/dinov2_vit{_size}14/{_orig}_pretrain.pth"),
+                description=f"DINOv2 ViT-{_size.upper()}/14{' + 4 registers' if _reg else ''}, normed tokens",
             )
         )(build_timm_vit)
 
 _CLIP_ARCH = "vit_base_patch16_clip_quickgelu_224"
-_CLIP_WEIGHTS = WeightsSource(
-    hf_hub_id="timm/vit_base_patch16_clip_224.openai",
-    original_url="https://openaipublic.azureedge.net/clip/models/"
-    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-)
+# OpenAI's own ViT-B-16.pt is a TorchScript archive, not a state dict: only timm's export is loadable here
+_CLIP_WEIGHTS = WeightsSource(hf_hub_id="timm/vit_base_patch16_clip_224.openai")
 register_backbone(
     BackboneConfig(
         name="clip_vitb16",

@@ -1,4 +1,4 @@
-"""Registry of backbones: ``register_backbone``, ``create_backbone``, ``list_backbones``, ``get_backbone_config``."""
+"""Registry of backbones: ``register_backbone``, ``create_backbone``, ``list_backbones``, configs."""
 
 from __future__ import annotations
 
@@ -100,7 +100,11 @@ def create_backbone(
 
     state = None
     if weights is not None:
-        state = unwrap_state_dict(weights, "weights") if isinstance(weights, Mapping) else read_state_dict(weights)
+        state = (
+            unwrap_state_dict(weights, "weights")
+            if isinstance(weights, Mapping)
+            else read_state_dict(weights)
+        )
     elif pretrained:
         # resolve before building: an offline failure must not wait for a large model's initialization
         state = read_state_dict(resolve_pretrained(config))

@@ -95,7 +95,7 @@ class TorchvisionResNetBackbone(Backbone):
         return h, w
 
     def load_backbone_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load torchvision ResNet weights, DeepLabV3 weights (``backbone.*``) or a Backbone's own state dict."""
+        """Load torchvision ResNet or DeepLabV3 (``backbone.*``) weights, or a Backbone's own state dict."""
         state = select_prefix(state, "backbone.")
         state = select_prefix(state, "model.")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -16,7 +16,7 @@ Options of :class:`TimmViTBackbone` (all accepted by ``create_backbone``):
 
 - ``layer``: block index, 0-based, negative from the end (default -1: the last block). Only the blocks up to
   ``layer`` run.
-- ``final_norm``: apply the final LayerNorm to ``token`` / ``value_path`` features of any layer (default True).
+- ``final_norm``: the final LayerNorm on ``token`` / ``value_path`` features of any layer (default True).
 - ``project``: apply CLIP's image-text projection (``model.head``) to ``token`` / ``value_path`` features
   (default: True for the CLIP models, 512 channels, as the original project's CLIP featurizers; False gives
   the 768-channel tokens).
@@ -95,7 +95,9 @@ class TimmViTBackbone(Backbone):
     ) -> None:
         for attr in ("patch_embed", "blocks", "norm", "head", "_pos_embed", "num_prefix_tokens"):
             if not hasattr(model, attr):
-                raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} without {attr!r}")
+                raise TypeError(
+                    f"expected a timm VisionTransformer, got {type(model).__name__} without {attr!r}"
+                )
         if not getattr(model, "dynamic_img_size", False):
             raise ValueError("expected a timm VisionTransformer built with dynamic_img_size=True")
         if facet not in VIT_FACETS:
@@ -109,7 +111,9 @@ class TimmViTBackbone(Backbone):
             raise ValueError(f"expected stride an int in [1, {patch_size}] (the patch size), got {stride!r}")
         depth = len(model.blocks)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
-            raise ValueError(f"expected layer an int in [{-depth}, {depth - 1}] ({depth} blocks), got {layer!r}")
+            raise ValueError(
+                f"expected layer an int in [{-depth}, {depth - 1}] ({depth} blocks), got {layer!r}"
+            )
         has_head = isinstance(model.head, nn.Linear)
         projectable = facet in ("token", "value_path")
         if project is None:
@@ -123,9 +127,13 @@ class TimmViTBackbone(Backbone):
         if facet != "token":
             for attr in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2"):
                 if not hasattr(block, attr):
-                    raise TypeError(f"facet {facet!r} needs a pre-norm timm Block, got {type(block).__name__}")
+                    raise TypeError(
+                        f"facet {facet!r} needs a pre-norm timm Block, got {type(block).__name__}"
+                    )
             if not hasattr(block.attn, "qkv"):
-                raise TypeError(f"facet {facet!r} needs a fused qkv projection in {type(block.attn).__name__}")
+                raise TypeError(
+                    f"facet {facet!r} needs a fused qkv projection in {type(block.attn).__name__}"
+                )
         if project:
             feat_dim = model.head.out_features
         elif projectable:
@@ -141,7 +149,7 @@ class TimmViTBackbone(Backbone):
         self.final_norm = bool(final_norm)
         self.project = bool(project)
         if stride != patch_size:
-            # the Strided baseline: same kernel, denser sampling; forward_features pads so the grid is H/stride
+            # Strided baseline: same kernel, denser sampling; forward_features pads so the grid is H/stride
             model.patch_embed.proj.stride = (stride, stride)
 
     def _natural_output_size(self, height: int, width: int) -> tuple[int, int] | None:
@@ -159,7 +167,8 @@ class TimmViTBackbone(Backbone):
         height, width = x.shape[-2:]
         if height % self.stride or width % self.stride:
             raise ValueError(
-                f"{self.name}: expected height and width multiples of the stride {self.stride} with fit='none', "
+                f"{self.name}: expected height and width multiples of the stride {self.stride} with "
+                f"fit='none', "
                 f"got {height}x{width}; use fit='resize' or fit='pad'"
             )
         m = self.model
@@ -203,7 +212,7 @@ class TimmViTBackbone(Backbone):
         return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
     def load_backbone_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a timm-format state dict, or the authors' DINO/DINOv2/OpenAI-CLIP formats (timm converts them).
+        """Load timm-format weights or the authors' DINO/DINOv2 and OpenCLIP formats (timm converts them).
 
         A ``backbone.``-prefixed checkpoint (DINO training checkpoints) is unprefixed; classifier head weights
         are dropped when the adapter has no head.
@@ -219,7 +228,8 @@ class TimmViTBackbone(Backbone):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, patch_size={self.patch_size}, facet={self.facet!r}, layer={self.layer}, "
+            f"{super().extra_repr()}, patch_size={self.patch_size}, facet={self.facet!r}, "
+            f"layer={self.layer}, "
             f"final_norm={self.final_norm}, project={self.project}"
         )
 

@@ -12,8 +12,8 @@
    run in a daemon thread, so even a stuck DNS lookup cannot block longer), otherwise fail;
 4. download into that cache.
 
-Failures raise :class:`WeightsUnavailableError` whose message names the URL to fetch, the cache location and the
-``weights=PATH`` alternative.
+Failures raise :class:`WeightsUnavailableError` whose message names the URL to fetch, the cache location
+and the ``weights=PATH`` alternative.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def unwrap_state_dict(obj: Any, where: str = "weights") -> dict[str, torch.Tenso
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``/``.ckpt``) weight file without unpickling code.
+    """Load a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``/``.ckpt``) file without unpickling code.
 
     Raises:
         FileNotFoundError: no such file.

@@ -32,8 +32,8 @@ class WrappedBackbone(Backbone):
     """A user network ``(B,3,H,W) -> (B,C,h,w)`` under the backbone contract.
 
     Args:
-        fn: ``nn.Module`` (registered as ``self.model``: moves with ``.to()``, frozen with the backbone) or any
-            callable.
+        fn: ``nn.Module`` (registered as ``self.model``: moves with ``.to()``, frozen with the backbone)
+            or any callable.
         feat_dim: output channels.
         stride: input pixels per output cell.
         mean: RGB mean applied before ``fn`` (``None``: ``fn`` receives the [0, 1] image unchanged).
@@ -145,8 +145,8 @@ def wrap_backbone(
             stride = max(1, round(sh))
             if abs(sh - sw) > 0.5 or abs(sh - stride) > 0.5:
                 raise ValueError(
-                    f"{name}: cannot infer one integer stride from a {probe_h}x{probe_w} probe giving a {h}x{w} "
-                    "grid; pass stride="
+                    f"{name}: cannot infer one integer stride from a {probe_h}x{probe_w} probe giving a "
+                    f"{h}x{w} grid; pass stride="
                 )
     bb = WrappedBackbone(
         module_or_callable,

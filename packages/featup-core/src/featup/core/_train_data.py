@@ -84,9 +84,10 @@ class IndexedSource(BatchSource):
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         if epoch not in self._cache:
-            self._cache = {
-                epoch: shard_indices(self._n, epoch, self._seed, self._ctx.rank, self._ctx.world_size)
-            }
+            # keep the previous epoch too: a batch may straddle two epochs
+            self._cache = {e: v for e, v in self._cache.items() if e == epoch - 1}
+            ctx = self._ctx
+            self._cache[epoch] = shard_indices(self._n, epoch, self._seed, ctx.rank, ctx.world_size)
         return self._cache[epoch]
 
     def indices(self, step: int) -> list[int]:

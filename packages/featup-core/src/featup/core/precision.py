@@ -3,8 +3,10 @@
 Under ``torch.autocast`` the 1x1 convolutions of the JBU's range MLP, the implicit network's layers and the
 backbone run in the low-precision dtype, which halves their memory traffic. The adaptive convolution, where
 49 products per pixel and channel are summed, must keep accumulating in float32: ``featup.kernels`` registers
-an autocast rule for ``featup::adaptive_conv`` that runs it with float32 accumulation (see
-:func:`adaptive_conv_autocast_error`, which checks this). Outputs are returned in the input's dtype.
+an autocast rule for ``featup::adaptive_conv`` that casts both arguments to the autocast dtype and the
+kernel sums in float32, rounding only the result (:func:`adaptive_conv_autocast_error` checks that the error
+is at most one rounding of the output, which summing in the low-precision dtype exceeds several times).
+Outputs of :func:`upsample_mixed` are returned in the input's dtype.
 
 The error against float32 is a property of the model and the data, so it is measured, not promised:
 :func:`precision_error` (inference) and :func:`gradient_precision_error` (training) report it, the tests bound

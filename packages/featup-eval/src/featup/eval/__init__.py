@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from featup.eval.pretrained import load_pretrained  # the original project's models (hubconf.py uses it)
+
+__all__: list[str] = ["load_pretrained"]

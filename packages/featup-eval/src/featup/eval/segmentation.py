@@ -165,7 +165,7 @@ class MixTransformer(nn.Module):
 
 
 def _make_upsampler(name: str, dim: int, n_steps: int) -> nn.Module:
-    """A decoder upsampler with exactly the ``n_steps`` 2x stages it runs (no unused, uncounted parameters)."""
+    """A decoder upsampler with exactly the ``n_steps`` 2x stages it runs (no unused parameters)."""
     if name == "jbu":  # encoder-agnostic stack: no per-feature parameters
         return create_upsampler("jbu", n_stages=n_steps)
     return create_upsampler(name, feat_dim=dim, n_stages=n_steps)
@@ -300,7 +300,7 @@ def count_gflops(model: nn.Module, size: Sequence[int] = (512, 512)) -> float:
     _register_adaptive_conv_flops()
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # parameter-free: CPU
     with FlopCounterMode(display=False) as counter:
         model(torch.rand(1, 3, *size, device=device))
     model.train(was_training)
@@ -431,11 +431,16 @@ def segmentation_table(results: dict[str, dict[str, Any]]) -> str:
     base = results.get("bilinear", {})
     header = ["Metric", *(DECODER_UPSAMPLERS.get(n, n) for n in names)]
 
+    def small(v: float) -> str:  # tiny models: keep two significant digits instead of printing 0.00
+        return f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2g}"
+
     def added(n: str, key: str) -> str:
         v = results[n].get(key)
-        if n == "bilinear" or v is None or key not in base:
+        if v is None:
             return format_number(v)
-        return f"+{v - base[key]:.2f}"
+        if n == "bilinear" or key not in base:
+            return small(v)
+        return "+" + small(v - base[key])
 
     rows = [
         ["mIoU", *(format_number(results[n].get("miou"), 1) for n in names)],

@@ -134,14 +134,13 @@ def _load_upsampler(name: str, checkpoint: str, feat_dim: int) -> nn.Module:
 
         return JBUStack.from_original(path)
     tensors, cfg = load_checkpoint(path)
+    wrong = f"checkpoint {path} holds a {cfg.get('class')!r}, not a {name!r} upsampler"
     try:
         up = create_upsampler(name, **cfg.get("kwargs", {}))
-    except TypeError as exc:
-        raise CheckpointError(f"checkpoint {path} was not saved from a {name!r} upsampler ({exc})") from None
+    except TypeError:
+        raise CheckpointError(wrong) from None
     if cfg.get("class") != type(up).__name__:
-        raise CheckpointError(
-            f"checkpoint {path} holds a {cfg.get('class')!r}, not a {name!r} upsampler ({type(up).__name__})"
-        )
+        raise CheckpointError(f"{wrong} ({type(up).__name__})")
     try:
         up.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
