@@ -85,24 +85,27 @@ def _gaussian_taps(radius: int, sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def _spatial_smoothing(x: torch.Tensor, size: tuple[int, int], radius: int, sigma: float) -> torch.Tensor:
-    """Reference: bilinear resize, reflect pad, depthwise convolution with the normalized Gaussian."""
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def _spatial_smoothing(
+    x: torch.Tensor, size: tuple[int, int], radius: int, sigma: float, mode: str
+) -> torch.Tensor:
+    """Reference: resize, reflect pad, depthwise convolution with the normalized Gaussian."""
+    x = F.interpolate(x, size=size, mode=mode, align_corners=False)
     x = F.pad(x, [radius] * 4, mode="reflect")
     k = _gaussian_taps(radius, sigma).to(x.dtype)
     c = x.shape[1]
     return F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("out_size", [(22, 18), (44, 36), (37, 29)])
-def test_constant_guidance_reduces_to_spatial_smoothing(out_size):
-    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2), seed=3).double()
+def test_constant_guidance_reduces_to_spatial_smoothing(out_size, mode):
+    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2, resize_mode=mode), seed=3).double()
     sigmas = [s.sigma_spatial.item() for s in up.stages]
     x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
     image = torch.full((2, 3, *out_size), 0.37, dtype=torch.float64)  # constant: every range logit is equal
     expected = x
     for k, size in enumerate(stage_sizes(x.shape[-2:], out_size)):
-        expected = _spatial_smoothing(expected, size, 2, sigmas[min(k, 1)])
+        expected = _spatial_smoothing(expected, size, 2, sigmas[min(k, 1)], mode)
     torch.testing.assert_close(up(x, image), expected)
 
 
@@ -131,7 +134,7 @@ def test_linear_in_features_when_encoder_agnostic():
 
 def test_range_kernel_follows_the_guidance_edge():
     """With a sharp learned range kernel, output pixels take features from their own side of an image edge."""
-    up = JBUStack(radius=3, key_dim=3, n_stages=1).eval()
+    up = JBUStack(radius=3, key_dim=3, n_stages=1, resize_mode="bilinear", init_sigma_spatial=1.0).eval()
     with torch.no_grad():
         up.up1.range_proj[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
         up.up1.range_proj[0].bias.zero_()

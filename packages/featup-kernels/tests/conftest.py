@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from featup.kernels import _C
 
@@ -31,4 +30,3 @@ def cpu_isa(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         _C.set_cpu_isa("auto")
-

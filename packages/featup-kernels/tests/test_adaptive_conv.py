@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from featup.kernels import adaptive_conv, adaptive_conv_reference
 
 SETTINGS = settings(
-    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -29,7 +32,7 @@ def make_inputs(
 
 
 def naive_loops(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """The definition as an element loop, in float64: ``out[b,c,h,w] = sum_ij f[b,h,w,i,j] * x[b,c,h+i,w+j]``."""
+    """The definition as an element loop in float64: out[b,c,h,w] = sum_ij f[b,h,w,i,j] * x[b,c,h+i,w+j]."""
     b, c = x.shape[:2]
     _, h, w, k, _ = f.shape
     out = torch.zeros(b, c, h, w, dtype=torch.float64)
@@ -38,7 +41,9 @@ def naive_loops(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
             for hh in range(h):
                 for ww in range(w):
                     out[bb, cc, hh, ww] = sum(
-                        float(f[bb, hh, ww, i, j]) * float(x[bb, cc, hh + i, ww + j]) for i in range(k) for j in range(k)
+                        float(f[bb, hh, ww, i, j]) * float(x[bb, cc, hh + i, ww + j])
+                        for i in range(k)
+                        for j in range(k)
                     )
     return out
 
@@ -101,7 +106,12 @@ def test_forward_and_grads_match_reference(cpu_isa: str, shape: tuple[int, ...],
     torch.testing.assert_close(gf, rf, rtol=1e-10, atol=1e-10)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(shape=shapes, seed=st.integers(0, 2**16))
 @example(shape=(1, 3, 2, 5, 3), seed=0)
 def test_float32_matches_reference(cpu_isa: str, shape: tuple[int, ...], seed: int) -> None:
@@ -172,7 +182,12 @@ def test_noncontiguous(cpu_isa: str) -> None:
     assert not x_strided.is_contiguous() and not f_perm.is_contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
     expected = adaptive_conv_reference(x, f)
-    for xi, fi in ((x_strided, f), (x, f_perm), (x_cl, f_perm), (x.transpose(2, 3).contiguous().transpose(2, 3), f)):
+    for xi, fi in (
+        (x_strided, f),
+        (x, f_perm),
+        (x_cl, f_perm),
+        (x.transpose(2, 3).contiguous().transpose(2, 3), f),
+    ):
         torch.testing.assert_close(adaptive_conv(xi, fi), expected)
         xg, fg = xi.detach().requires_grad_(True), fi.detach().requires_grad_(True)
         gx, gf = torch.autograd.grad(adaptive_conv(xg, fg).sum(), (xg, fg))
@@ -194,7 +209,9 @@ def test_half_and_bfloat16(cpu_isa: str, dtype: torch.dtype) -> None:
     assert out.dtype == dtype
     # The same products summed in float32 and rounded once: equal up to one rounding of the result.
     exact = adaptive_conv_reference(x.double(), f.double())
-    torch.testing.assert_close(out.double(), exact.to(dtype).double(), rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    torch.testing.assert_close(
+        out.double(), exact.to(dtype).double(), rtol=2 * torch.finfo(dtype).eps, atol=1e-3
+    )
     gx, gf = torch.autograd.grad(out, (x, f), torch.ones_like(out))
     assert gx.dtype == dtype and gf.dtype == dtype
     xd, fd = x.detach().double().requires_grad_(True), f.detach().double().requires_grad_(True)
@@ -204,7 +221,7 @@ def test_half_and_bfloat16(cpu_isa: str, dtype: torch.dtype) -> None:
 
 
 def test_half_accumulates_in_float(cpu_isa: str) -> None:
-    """81 taps of 0.1 on ones: half-precision accumulation would drift by ~0.05, float32 stays within 1/2 ulp."""
+    """81 taps of 0.1 on ones: half accumulation would drift by ~0.05, float32 stays within 1/2 ulp."""
     x = torch.ones(1, 2, 11, 12, dtype=torch.float16)
     f = torch.full((1, 3, 4, 9, 9), 0.1, dtype=torch.float16)
     out = adaptive_conv(x, f).double()
@@ -214,7 +231,7 @@ def test_half_accumulates_in_float(cpu_isa: str) -> None:
 
 
 def test_autocast_cpu_bfloat16() -> None:
-    """Inside autocast a bfloat16 activation meets float32 filters: both go to bfloat16, float32 accumulation."""
+    """In autocast a bfloat16 activation meets float32 filters: both go to bfloat16, float32 accumulation."""
     x, f = make_inputs(1, 4, 5, 9, 3, dtype=torch.float32)
     x.requires_grad_(True)
     f.requires_grad_(True)
@@ -237,24 +254,27 @@ def test_autocast_cpu_bfloat16() -> None:
 
 # ---- bad input ---------------------------------------------------------------------------------------------
 
+Z = torch.zeros
 BAD_INPUTS = [
-    (torch.zeros(3, 8, 8), torch.zeros(1, 6, 6, 3, 3), r"expected input \(B,C,H\+K-1,W\+K-1\), got \[3, 8, 8\]"),
-    (torch.zeros(1, 3, 8, 8), torch.zeros(6, 6, 3, 3), r"expected filters \(B,H,W,K,K\), got \[6, 6, 3, 3\]"),
-    (torch.zeros(2, 3, 8, 8), torch.zeros(1, 6, 6, 3, 3), r"batch mismatch, input has B=2 but filters has B=1"),
-    (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 6, 3, 5), r"expected square kernels.*got 3 x 5"),
-    (torch.zeros(1, 3, 8, 9), torch.zeros(1, 6, 6, 3, 3), r"expected input spatial size \(H\+K-1, W\+K-1\) = \(8, 8\)"),
-    (torch.zeros(1, 3, 9, 9), torch.zeros(1, 6, 6, 3, 3), r"= \(8, 8\) for filters \[1, 6, 6, 3, 3\], got input \[1, 3, 9, 9\]"),
-    (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 6, 3, 3, dtype=torch.float64), r"dtype mismatch, input is Float but filters is Double"),
-    (torch.zeros(1, 3, 8, 8, dtype=torch.int32), torch.zeros(1, 6, 6, 3, 3, dtype=torch.int32), r"expected floating-point tensors"),
-    (torch.zeros(1, 0, 8, 8), torch.zeros(1, 6, 6, 3, 3), r"expected non-empty tensors, got input \[1, 0, 8, 8\]"),
-    (torch.zeros(0, 3, 8, 8), torch.zeros(0, 6, 6, 3, 3), r"expected non-empty tensors"),
-    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, 0, 0), r"expected non-empty tensors"),
+    (Z(3, 8, 8), Z(1, 6, 6, 3, 3), r"expected input \(B,C,H\+K-1,W\+K-1\), got \[3, 8, 8\]"),
+    (Z(1, 3, 8, 8), Z(6, 6, 3, 3), r"expected filters \(B,H,W,K,K\), got \[6, 6, 3, 3\]"),
+    (Z(2, 3, 8, 8), Z(1, 6, 6, 3, 3), r"batch mismatch, input has B=2 but filters has B=1"),
+    (Z(1, 3, 8, 8), Z(1, 6, 6, 3, 5), r"expected square kernels.*got 3 x 5"),
+    (Z(1, 3, 8, 9), Z(1, 6, 6, 3, 3), r"expected input spatial size \(H\+K-1, W\+K-1\) = \(8, 8\)"),
+    (Z(1, 3, 9, 9), Z(1, 6, 6, 3, 3), r"= \(8, 8\) for filters \[1, 6, 6, 3, 3\], got input \[1, 3, 9, 9\]"),
+    (Z(1, 3, 8, 8), Z(1, 6, 6, 3, 3).double(), r"dtype mismatch, input is Float but filters is Double"),
+    (Z(1, 3, 8, 8).int(), Z(1, 6, 6, 3, 3).int(), r"expected floating-point tensors"),
+    (Z(1, 0, 8, 8), Z(1, 6, 6, 3, 3), r"expected non-empty tensors, got input \[1, 0, 8, 8\]"),
+    (Z(0, 3, 8, 8), Z(0, 6, 6, 3, 3), r"expected non-empty tensors"),
+    (Z(1, 3, 2, 2), Z(1, 2, 2, 0, 0), r"expected non-empty tensors"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("x", "f", "message"), BAD_INPUTS)
 def test_exception(x: torch.Tensor, f: torch.Tensor, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("Float", "(Float|float32)").replace("Double", "(Double|float64)")):
+    with pytest.raises(
+        ValueError, match=message.replace("Float", "(Float|float32)").replace("Double", "(Double|float64)")
+    ):
         adaptive_conv(x, f)
     with pytest.raises(ValueError, match=message.replace("Float", "float32").replace("Double", "float64")):
         adaptive_conv_reference(x, f)
@@ -276,7 +296,9 @@ def test_exception_not_a_tensor() -> None:
 
 def test_backward_exception() -> None:
     x, f = make_inputs(1, 2, 3, 4, 3)
-    with pytest.raises(ValueError, match=r"expected grad_out \(B,C,H,W\) = \(1, 2, 3, 4\), got \[1, 2, 4, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"expected grad_out \(B,C,H,W\) = \(1, 2, 3, 4\), got \[1, 2, 4, 3\]"
+    ):
         torch.ops.featup.adaptive_conv_backward(torch.zeros(1, 2, 4, 3, dtype=torch.float64), x, f)
     with pytest.raises(ValueError, match=r"dtype mismatch, grad_out is Float but input is Double"):
         torch.ops.featup.adaptive_conv_backward(torch.zeros(1, 2, 3, 4), x, f)

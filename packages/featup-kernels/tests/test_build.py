@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import featup.kernels
-from featup.kernels import _build, _build_config, _C
+from featup.kernels import _C, _build, _build_config
 
 
 def test_build_info_matches_running_torch() -> None:

@@ -1,4 +1,4 @@
-"""The op under the PyTorch 2 stack: opcheck (schema, fake kernel, autograd registration) and torch.compile."""
+"""The op under the PyTorch 2 stack: opcheck (schema, fake kernel, autograd) and torch.compile."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _inputs(b: int, c: int, h: int, w: int, k: int) -> tuple[torch.Tensor, torch
 def test_opcheck_forward(requires_grad: bool) -> None:
     x, f = _inputs(2, 3, 5, 9, 3)
     torch.library.opcheck(
-        torch.ops.featup.adaptive_conv.default, (x.requires_grad_(requires_grad), f.requires_grad_(requires_grad))
+        torch.ops.featup.adaptive_conv.default,
+        (x.requires_grad_(requires_grad), f.requires_grad_(requires_grad)),
     )
 
 
@@ -26,7 +27,9 @@ def test_opcheck_backward() -> None:
     x, f = _inputs(1, 4, 6, 10, 3)
     g = torch.randn(1, 4, 6, 10)
     torch.library.opcheck(torch.ops.featup.adaptive_conv_backward.default, (g, x, f))
-    torch.library.opcheck(torch.ops.featup.adaptive_conv_backward.default, (g.double(), x.double(), f.double()))
+    torch.library.opcheck(
+        torch.ops.featup.adaptive_conv_backward.default, (g.double(), x.double(), f.double())
+    )
 
 
 def test_compile_fullgraph_forward_and_backward() -> None:

@@ -142,8 +142,7 @@ class ClassicJBU(Upsampler):
 
     Per 2x step: ``k = exp(-|g_c - g_n|^2 / (2 sigma_range^2)) * exp(-|d|^2 / (2 sigma_spatial^2))``
     normalized over the K x K window (d in [-1, 1] window coordinates), applied with the adaptive convolution
-    to the features resampled by ``resample`` (nearest by default: as in Kopf et al., every output mixes the
-    low-resolution samples themselves, not values already blended across an edge). No parameters.
+    to the features resampled by ``resample`` (bicubic, as the JBU stack). No parameters.
 
     Args:
         feat_dim: ignored (uniform factory call).
@@ -162,9 +161,9 @@ class ClassicJBU(Upsampler):
         feat_dim: int | None = None,
         *,
         radius: int = 3,
-        sigma_spatial: float = 1.0,
-        sigma_range: float = 0.15,
-        resample: str = "nearest-exact",
+        sigma_spatial: float = 0.5,
+        sigma_range: float = 0.1,
+        resample: str = "bicubic",
     ) -> None:
         super().__init__()
         if sigma_spatial <= 0 or sigma_range <= 0:

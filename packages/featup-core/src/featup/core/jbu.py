@@ -202,9 +202,10 @@ class JBUStage(nn.Module):
         guidance_dim: guidance channels (3 for RGB).
         dropout: Dropout2d rate inside the MLPs (training only).
         kernel_fixup: add the original project's learned kernel correction.
-        resize_mode: how the source is resampled to the stage size ("bilinear" as in the paper, "bicubic"
-            as in the original code).
+        resize_mode: how the source is resampled to the stage size ("bicubic" as in the original code,
+            "bilinear" as in the paper's text).
         pad_mode: border handling of keys and source ("reflect" falls back to "replicate" on tiny maps).
+        init_sigma_spatial: initial width of the spatial Gaussian (window coordinates in [-1, 1]).
 
     Shape:
         - source: (B, C, h, w)
@@ -220,8 +221,9 @@ class JBUStage(nn.Module):
         *,
         dropout: float = 0.1,
         kernel_fixup: bool = False,
-        resize_mode: str = "bilinear",
+        resize_mode: str = "bicubic",
         pad_mode: str = "reflect",
+        init_sigma_spatial: float = 1.0,
     ) -> None:
         super().__init__()
         self.radius = radius
@@ -231,7 +233,7 @@ class JBUStage(nn.Module):
         self.pad_mode = pad_mode
         taps = self.diameter**2
         self.range_temp = nn.Parameter(torch.tensor(0.0))
-        self.sigma_spatial = nn.Parameter(torch.tensor(1.0))
+        self.sigma_spatial = nn.Parameter(torch.tensor(float(init_sigma_spatial)))
         self.range_proj = nn.Sequential(
             nn.Conv2d(guidance_dim, key_dim, 1),
             nn.GELU(),
@@ -284,13 +286,21 @@ class JBUStack(Upsampler, CheckpointMixin):
         n_stages: number of distinct parameter sets ``up1 .. up{n_stages}``.
         dropout: Dropout2d rate in the range MLP (training only).
         kernel_fixup: add the original's learned kernel correction in every stage.
-        resize_mode: source resampling per stage ("bilinear" per the paper, "bicubic" per the original code).
+        resize_mode: source resampling per stage. "bicubic" (default, as the original code): four bilinear
+            2x rounds blur measurably more than four bicubic ones (synthetic extractor "a" at 112 px, MSE to
+            the dense ground truth with near-identity kernels: 0.195 vs 0.151); "bilinear" is the paper's
+            wording.
         pad_mode: border handling ("reflect" or "replicate").
         normalize_guidance: ImageNet-normalize the [0, 1] image before it guides (the original models were
             trained that way).
+        init_sigma_spatial: initial spatial width. 0.3 (about 1 pixel of the stage) rather than the
+            original's 1.0 (3 pixels): an untrained stack then starts close to plain resampling instead of
+            blurring four times, and short trainings (a few hundred steps at lr 1e-3 move sigma by < 0.3)
+            end much closer to their optimum (same benchmark, after 60 ``train_jbu`` steps: MSE 0.185 with
+            0.3 vs 0.342 with 1.0).
         original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
-            kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized guidance, a residual
-            final 1x1 conv scaled by 0.1 behind Dropout2d(0.2); needs ``feat_dim`` and the default
+            kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized guidance, sigma init 1,
+            a residual final 1x1 conv scaled by 0.1 behind Dropout2d(0.2); needs ``feat_dim`` and the default
             ``radius=3``, ``key_dim=32``, ``n_stages=4``. At 16x this is the original stack stage for stage.
 
     Shape:
@@ -308,9 +318,10 @@ class JBUStack(Upsampler, CheckpointMixin):
         n_stages: int = 4,
         dropout: float = 0.1,
         kernel_fixup: bool = False,
-        resize_mode: str = "bilinear",
+        resize_mode: str = "bicubic",
         pad_mode: str = "reflect",
         normalize_guidance: bool = False,
+        init_sigma_spatial: float = 0.3,
         original: bool = False,
     ) -> None:
         super().__init__()
@@ -350,6 +361,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         self.resize_mode = resize_mode
         self.pad_mode = pad_mode
         self.normalize_guidance = normalize_guidance
+        self.init_sigma_spatial = float(init_sigma_spatial)
         self.original = original
         for k in range(1, n_stages + 1):
             stage = JBUStage(
@@ -359,6 +371,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 kernel_fixup=kernel_fixup,
                 resize_mode=resize_mode,
                 pad_mode=pad_mode,
+                init_sigma_spatial=init_sigma_spatial,
             )
             self.add_module(f"up{k}", stage)
         self.proj_scale = 0.1 if original else 1.0
@@ -390,6 +403,7 @@ class JBUStack(Upsampler, CheckpointMixin):
             "resize_mode": self.resize_mode,
             "pad_mode": self.pad_mode,
             "normalize_guidance": self.normalize_guidance,
+            "init_sigma_spatial": self.init_sigma_spatial,
             "original": self.original,
         }
 

@@ -3,21 +3,18 @@
 Pretrained weights and the paper's datasets cannot be fetched on machines without network, so quality is
 measured here on procedurally generated scenes:
 
-- **Scenes** (:func:`make_scenes`): seeded images of objects with varied shapes and sizes (ellipses, rotated
-  rectangles, polygons, wobbly blobs, thin bars), each labelled per pixel. An object's class is carried by its
-  *texture* (stripe orientation and period, checkers), which only a neighbourhood of pixels reveals; colors
-  are
-  drawn independently of the class, so no single pixel gives the class away and an upsampler cannot read the
-  class off the guidance image. Thin "wire" structures a few pixels wide are a class of their own.
+- **Scenes** (:func:`make_scenes`): seeded images of objects with varied shapes and sizes (ellipses,
+  rotated rectangles, polygons, wobbly blobs, thin bars), each labelled per pixel. An object's class is
+  carried by its *texture* (stripe orientation and period, checkers), which only a neighbourhood of pixels
+  reveals; colors are drawn independently of the class, so no single pixel gives the class away and an
+  upsampler cannot read the class off the guidance image. Thin "wire" structures a few pixels wide are a
+  class of their own.
 - **Feature extractors** (:class:`SyntheticExtractor`): deterministic functions of the pixels alone (so
-  jittered
-  views are consistent), built from a fixed filter bank (oriented quadrature filters, local color, context
-  pooled
-  over a large window) followed by a fixed random MLP and a channel LayerNorm. They are
-  translation-equivariant
-  at stride 1; the low-resolution output is that stride-1 map average-pooled by ``stride`` (14 or 16), exactly
-  how a patch encoder summarises a patch. The stride-1 map is therefore the ground truth an ideal upsampler
-  recovers: it is the one high-res map consistent with every translated low-res view.
+  jittered views are consistent), built from a fixed filter bank (oriented quadrature filters, local color,
+  context pooled over a large window) followed by a fixed random MLP and a channel LayerNorm. They are
+  translation-equivariant at stride 1; the low-resolution output is that stride-1 map average-pooled by
+  ``stride`` (14 or 16), exactly how a patch encoder summarises a patch. The stride-1 map is therefore the
+  ground truth an ideal upsampler recovers: the one high-res map consistent with every translated view.
 
 Two extractors with different filters, widths and strides (``"a"``: 32 channels, stride 14; ``"b"``:
 48 channels, stride 16) let the encoder-agnostic transfer of one JBU stack be measured.
@@ -392,14 +389,12 @@ _VARIANTS = {
 class SyntheticExtractor(nn.Module):
     """A fixed, deterministic feature extractor for synthetic scenes, usable as a FeatUp backbone.
 
-    ``dense(image)`` is the stride-1 feature map: quadrature filter energies on the luminance (pooled with a
-    small Gaussian), local color, and the same energies pooled over a large window (context), passed through a
-    fixed random two-layer MLP (1x1 convs) and a LayerNorm over channels. ``forward(image)`` average-pools
-    that
-    map by ``stride``, so ``forward`` is what a patch encoder would output and ``dense`` is the ground truth
-    an
-    ideal upsampler recovers. Borders are reflect-padded, so the map is translation-equivariant away from
-    them.
+    ``dense(image)`` is the stride-1 feature map: oriented filter energies summed over the color channels
+    (pooled with a small Gaussian), local color and contrast, and the same energies pooled over a large window
+    (context), passed through a fixed random two-layer MLP (1x1 convs), centred on fixed reference scenes,
+    and LayerNormed over channels. ``forward(image)`` average-pools that map by ``stride``: ``forward`` is
+    what a patch encoder would output and ``dense`` is the ground truth an ideal upsampler recovers. Borders
+    are replicate-padded; away from them the map is translation-equivariant.
 
     Args:
         variant: ``"a"`` (Gabor filters, 32 channels, stride 14) or ``"b"`` (Gaussian-derivative filters,

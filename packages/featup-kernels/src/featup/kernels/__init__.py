@@ -1,8 +1,8 @@
 """featup.kernels: the fused adaptive convolution (CPU and CUDA) behind FeatUp's JBU upsampler.
 
 ``adaptive_conv(input, filters)`` runs the compiled ``torch.ops.featup.adaptive_conv`` op (differentiable in
-both arguments, ``torch.compile``-able, autocast-aware); ``adaptive_conv_reference`` is the pure-PyTorch oracle
-with identical semantics.
+both arguments, ``torch.compile``-able, autocast-aware); ``adaptive_conv_reference`` is the pure-PyTorch
+oracle with identical semantics.
 """
 
 from __future__ import annotations

@@ -82,7 +82,9 @@ def register() -> None:
         return
     torch.library.register_fake("featup::adaptive_conv", _adaptive_conv_fake)
     torch.library.register_fake("featup::adaptive_conv_backward", _adaptive_conv_backward_fake)
-    torch.library.register_autograd("featup::adaptive_conv", _adaptive_conv_grad, setup_context=_adaptive_conv_setup)
+    torch.library.register_autograd(
+        "featup::adaptive_conv", _adaptive_conv_grad, setup_context=_adaptive_conv_setup
+    )
     torch.library.register_autograd(
         "featup::adaptive_conv_backward", _backward_grad, setup_context=_backward_setup
     )

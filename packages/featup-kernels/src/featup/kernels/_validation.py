@@ -40,7 +40,8 @@ def check_adaptive_conv(input: torch.Tensor, filters: torch.Tensor) -> tuple[int
         raise ValueError(f"adaptive_conv: expected filters (B,H,W,K,K), got {_shape(filters)}")
     if input.numel() == 0 or filters.numel() == 0:
         raise ValueError(
-            f"adaptive_conv: expected non-empty tensors, got input {_shape(input)} and filters {_shape(filters)}"
+            f"adaptive_conv: expected non-empty tensors, got input {_shape(input)} and filters "
+            f"{_shape(filters)}"
         )
     b, h, w, k, k2 = filters.shape
     if k2 != k:
@@ -84,11 +85,13 @@ def check_adaptive_conv_backward(
     b, c, h, w, k = check_adaptive_conv(input, filters)
     if grad_out.dim() != 4 or tuple(grad_out.shape) != (b, c, h, w):
         raise ValueError(
-            f"adaptive_conv_backward: expected grad_out (B,C,H,W) = ({b}, {c}, {h}, {w}), got {_shape(grad_out)}"
+            f"adaptive_conv_backward: expected grad_out (B,C,H,W) = ({b}, {c}, {h}, {w}), "
+            f"got {_shape(grad_out)}"
         )
     if grad_out.dtype != input.dtype:
         raise ValueError(
-            f"adaptive_conv_backward: dtype mismatch, grad_out is {_dtype(grad_out)} but input is {_dtype(input)}"
+            f"adaptive_conv_backward: dtype mismatch, grad_out is {_dtype(grad_out)} but input is "
+            f"{_dtype(input)}"
         )
     if grad_out.device != input.device:
         raise ValueError(
