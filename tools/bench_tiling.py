@@ -1,6 +1,6 @@
 """Peak memory and time of tiled vs untiled JBU upsampling and implicit rendering on the CPU.
 
-    /work/venv/bin/python tools/bench_tiling.py            # 1024, 2048, 4096 px; writes bench_tiling.json
+    /work/venv/bin/python tools/bench_tiling.py   # 1024-4096 px; writes tools/results/bench_tiling.json
     /work/venv/bin/python tools/bench_tiling.py --sizes 512 1024 --json /tmp/b.json
 
 How memory is measured: every case runs in a fresh subprocess (``python tools/bench_tiling.py --case ...``)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--untiled-max", type=int, default=2048, help="largest size tried untiled")
     p.add_argument("--skip-implicit", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--json", default="bench_tiling.json")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "bench_tiling.json"))
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--precision-only", action="store_true", help=argparse.SUPPRESS)
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr_grid": "size/16",
         "python": sys.version.split()[0],
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps({"meta": meta, "cases": records, "precision": prec_rows}, indent=2) + "\n"
     )

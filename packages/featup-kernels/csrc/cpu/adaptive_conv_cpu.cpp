@@ -2,7 +2,6 @@
 // memory and instruction-set dispatch around the raw-pointer kernels of kernels_impl.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -40,7 +39,7 @@ template <typename T>
 struct Kernels {
   void (*forward_tile)(const T*, const ConvShape&, index_t, index_t, T*);
   void (*grad_input_tile)(const T*, const ConvShape&, index_t, index_t, T*);
-  void (*conv_rows)(const T*, const T*, T*, const ConvShape&, index_t, index_t, index_t, index_t);
+  void (*conv_rows)(const T*, index_t, const T*, T*, index_t, const ConvShape&, index_t, index_t);
   void (*grad_filters_row)(const T*, const T*, T*, const ConvShape&, index_t, T*);
   int tile_rows;
   int channel_block;
@@ -58,40 +57,139 @@ Kernels<T> kernels() {
           DEFAULT::max_tile_rows(), DEFAULT::channel_block()};
 }
 
-// out[b] = conv(in[b], tile(filters[b])) for every batch element, in parallel over tasks of (batch element,
-// channel group, chunk of row tiles). Within a task the row tiles run in order, so the K-1 input rows two
-// consecutive tiles share are still in cache: the group is sized so that a window of R+K-1 input rows of
-// all its channels fits in ~256 KB (L2). The filter tile of a row tile is built in a thread-local buffer
-// (never materialized for the whole tensor) and used by every channel of the group.
-template <typename T, bool kGradInput>
-void run_conv(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s, index_t filters_batch) {
+// Runs `worker(next)` on up to get_num_threads() threads; `next()` hands out the tasks [0, total) one at a
+// time from a shared counter and returns -1 when none are left. Dynamic rather than a static split: on busy
+// shared cores a preempted thread then delays only the task it holds while the others take the rest, instead
+// of stalling the barrier with a fixed share of the work. The counter only schedules; every output element
+// is still computed by exactly one task in a fixed order, so results are bitwise identical for any thread
+// count (no atomic accumulation). Each worker allocates its scratch once, not per task.
+template <typename Worker>
+void parallel_tasks(int64_t total, const Worker& worker) {
+  if (total <= 0) return;
+  std::atomic<int64_t> counter{0};
+  const auto next = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < total ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
+
+// How many consecutive items (row tiles, rows) one task takes so that there are about 16 tasks per thread:
+// enough for the dynamic schedule to balance, few enough that the counter costs nothing.
+index_t items_per_task(index_t items, index_t outer) {
+  if (items <= 0 || outer <= 0) return 1;
+  const index_t want = 16 * index_t(at::get_num_threads());
+  const index_t tasks = std::clamp<index_t>((want + outer - 1) / outer, 1, std::max<index_t>(items, 1));
+  return (items + tasks - 1) / tasks;
+}
+
+// Channels per group of a conv: a window of R+K-1 input rows of all channels of a group fits in ~256 KB (L2),
+// so the K-1 rows two consecutive row tiles share are still cached. Independent of the thread count.
+index_t channel_group(index_t R, index_t CB, index_t in_cols, int K, index_t channels, size_t elem) {
+  const index_t window_bytes = (R + K - 1) * in_cols * index_t(elem);
+  const index_t group = std::max<index_t>(CB, (256 * 1024 / window_bytes) / CB * CB);
+  return std::min(group, channels);
+}
+
+// out[b] = conv(in[b], tile(filters[b])) for every batch element, over tasks of (batch element, channel
+// group, run of row tiles). Within a task the row tiles run in order, so the K-1 input rows two consecutive
+// tiles share are still in cache. The filter tile of a row tile is built in a per-worker buffer (never
+// materialized for the whole tensor) and used by every channel of the group.
+template <typename T>
+void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s) {
   const Kernels<T> k = kernels<T>();
-  const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K;
+  const index_t R = k.tile_rows, KK = index_t(s.K) * s.K;
   const index_t in_cols = s.cols + s.K - 1;
-  const index_t in_batch = s.channels * (s.rows + s.K - 1) * in_cols, out_batch = s.channels * s.rows * s.cols;
-  const index_t window_bytes = (R + s.K - 1) * in_cols * index_t(sizeof(T));
-  index_t group = std::max<index_t>(CB, (256 * 1024 / window_bytes) / CB * CB);
-  group = std::min(group, s.channels);
+  const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = s.rows * s.cols;
+  const index_t in_batch = s.channels * x_chan, out_batch = s.channels * o_chan, f_batch = s.rows * s.cols * KK;
+  const index_t group = channel_group(R, k.channel_block, in_cols, s.K, s.channels, sizeof(T));
   const index_t n_groups = (s.channels + group - 1) / group;
   const index_t row_tiles = (s.rows + R - 1) / R;
-  const index_t want = 4 * at::get_num_threads();
-  const index_t chunks_wanted = std::clamp<index_t>((want + B * n_groups - 1) / (B * n_groups), 1, row_tiles);
-  const index_t tiles_per_chunk = (row_tiles + chunks_wanted - 1) / chunks_wanted;
-  const index_t chunks = (row_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  at::parallel_for(0, B * n_groups * chunks, 1, [&](int64_t begin, int64_t end) {
+  const index_t per_task = items_per_task(row_tiles, B * n_groups);
+  const index_t chunks = (row_tiles + per_task - 1) / per_task;
+  parallel_tasks(B * n_groups * chunks, [&](const auto& next) {
     std::vector<T> tile(static_cast<size_t>(R * KK * s.tile_stride));
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next()) >= 0;) {
       const index_t b = t / (n_groups * chunks), g = (t / chunks) % n_groups, chunk = t % chunks;
       const index_t c0 = g * group, c1 = std::min(s.channels, c0 + group);
-      const index_t tile_end = std::min(row_tiles, (chunk + 1) * tiles_per_chunk);
-      for (index_t rt = chunk * tiles_per_chunk; rt < tile_end; ++rt) {
+      const index_t tile_end = std::min(row_tiles, (chunk + 1) * per_task);
+      for (index_t rt = chunk * per_task; rt < tile_end; ++rt) {
         const index_t h0 = rt * R, n = std::min(R, s.rows - h0);
-        if constexpr (kGradInput) {
-          k.grad_input_tile(filters + b * filters_batch, s, h0, n, tile.data());
-        } else {
-          k.forward_tile(filters + b * filters_batch, s, h0, n, tile.data());
+        k.forward_tile(filters + b * f_batch, s, h0, n, tile.data());
+        k.conv_rows(in + b * in_batch + c0 * x_chan + h0 * in_cols, x_chan, tile.data(),
+                    out + b * out_batch + c0 * o_chan + h0 * s.cols, o_chan, s, n, c1 - c0);
+      }
+    }
+  });
+}
+
+// Both gradients in one parallel region (one barrier). Per batch element the tasks are first the input
+// gradient's (channel group, run of row tiles), then the filter gradient's runs of output rows; they write
+// disjoint tensors, and within each tensor every element belongs to exactly one task.
+//
+// The input gradient is the conv of the output gradient padded by K-1 on every side with flipped filters
+// (kernels_impl.h, grad_input_tile). The padding is never materialized as a tensor: each row tile copies
+// its R+K-1 padded rows of the group's channels into a per-worker window (L2-sized) and convolves that.
+template <typename T>
+void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, index_t C, index_t H, index_t W,
+                  int K) {
+  const Kernels<T> k = kernels<T>();
+  const index_t R = k.tile_rows, KK = index_t(K) * K;
+  const index_t Hi = H + K - 1, Wi = W + K - 1;  // input (and input-gradient) size
+  const ConvShape gi_shape{C, Hi, Wi, K, tile_stride_for(Wi)};
+  const ConvShape gf_shape{C, H, W, K, tile_stride_for(W)};
+  const index_t pad_cols = Wi + K - 1;  // columns of the padded output gradient
+  const index_t g_chan = H * W, x_chan = Hi * Wi, win_chan = (R + K - 1) * pad_cols;
+  const index_t g_batch = C * g_chan, x_batch = C * x_chan, f_batch = H * W * KK;
+  const index_t group = channel_group(R, k.channel_block, pad_cols, K, C, sizeof(T));
+  const index_t n_groups = (C + group - 1) / group;
+  const index_t row_tiles = (Hi + R - 1) / R;
+  const index_t tiles_per_task = items_per_task(row_tiles, B * n_groups);
+  const index_t gi_chunks = (row_tiles + tiles_per_task - 1) / tiles_per_task;
+  const index_t rows_per_task = items_per_task(H, B);
+  const index_t gf_chunks = (H + rows_per_task - 1) / rows_per_task;
+  const index_t gi_tasks = n_groups * gi_chunks, per_batch = gi_tasks + gf_chunks;
+  parallel_tasks(B * per_batch, [&](const auto& next) {
+    std::vector<T> tile, window, scratch;
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t b = t / per_batch, u = t % per_batch;
+      const T* gb = g + b * g_batch;
+      if (u < gi_tasks) {
+        if (tile.empty()) {
+          tile.resize(static_cast<size_t>(R * KK * gi_shape.tile_stride));
+          window.resize(static_cast<size_t>(group * win_chan));
         }
-        k.conv_rows(in + b * in_batch, tile.data(), out + b * out_batch, s, h0, n, c0, c1);
+        const index_t grp = u / gi_chunks, chunk = u % gi_chunks;
+        const index_t c0 = grp * group, nc = std::min(C, c0 + group) - c0;
+        const index_t tile_end = std::min(row_tiles, (chunk + 1) * tiles_per_task);
+        for (index_t rt = chunk * tiles_per_task; rt < tile_end; ++rt) {
+          const index_t y0 = rt * R, n = std::min(R, Hi - y0);
+          k.grad_input_tile(f + b * f_batch, gi_shape, y0, n, tile.data());
+          for (index_t c = 0; c < nc; ++c) {
+            const T* gc = gb + (c0 + c) * g_chan;
+            for (index_t r = 0; r < n + K - 1; ++r) {
+              T* dst = window.data() + c * win_chan + r * pad_cols;
+              const index_t y = y0 + r - (K - 1);  // the output-gradient row of padded row y0 + r
+              if (y < 0 || y >= H) {
+                std::fill(dst, dst + pad_cols, T(0));
+              } else {
+                std::fill(dst, dst + (K - 1), T(0));
+                std::copy(gc + y * W, gc + (y + 1) * W, dst + (K - 1));
+                std::fill(dst + (K - 1) + W, dst + pad_cols, T(0));
+              }
+            }
+          }
+          k.conv_rows(window.data(), win_chan, tile.data(), gi + b * x_batch + c0 * x_chan + y0 * Wi, x_chan,
+                      gi_shape, n, nc);
+        }
+      } else {
+        if (scratch.empty()) scratch.resize(static_cast<size_t>(KK * (gf_shape.tile_stride + 8)));
+        const index_t chunk = u - gi_tasks;
+        const index_t h_end = std::min(H, (chunk + 1) * rows_per_task);
+        for (index_t h = chunk * rows_per_task; h < h_end; ++h) {
+          k.grad_filters_row(gb, x + b * x_batch, gf + b * f_batch, gf_shape, h, scratch.data());
+        }
       }
     }
   });
@@ -110,8 +208,8 @@ at::Tensor adaptive_conv_cpu(const at::Tensor& input, const at::Tensor& filters)
   at::Tensor out = at::empty({z.B, z.C, z.H, z.W}, x.options());
   const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_cpu", [&] {
-    run_conv<scalar_t, false>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-                              out.mutable_data_ptr<scalar_t>(), z.B, s, z.H * z.W * z.K * z.K);
+    run_forward<scalar_t>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                          out.mutable_data_ptr<scalar_t>(), z.B, s);
   });
   return out;
 }
@@ -124,30 +222,12 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_backward_cpu(const at::Tensor& 
     return {gi.to(input.scalar_type()), gf.to(filters.scalar_type())};
   }
   const at::Tensor x = input.contiguous(), f = filters.contiguous(), g = grad_out.contiguous();
-  const int K = static_cast<int>(z.K);
-  // The input gradient is the same conv over the output gradient padded by K-1 on every side, with the
-  // filters flipped and shifted into the tile (kernels_impl.h, grad_input_tile).
-  const at::Tensor g_pad = at::constant_pad_nd(g, {z.K - 1, z.K - 1, z.K - 1, z.K - 1}, 0.0);
   at::Tensor grad_input = at::empty_like(x);
   at::Tensor grad_filters = at::empty_like(f);
-  const ConvShape gi_shape{z.C, z.H + K - 1, z.W + K - 1, K, tile_stride_for(z.W + K - 1)};
-  const ConvShape gf_shape{z.C, z.H, z.W, K, tile_stride_for(z.W)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_backward_cpu", [&] {
-    run_conv<scalar_t, true>(g_pad.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-                             grad_input.mutable_data_ptr<scalar_t>(), z.B, gi_shape, z.H * z.W * z.K * z.K);
-    const Kernels<scalar_t> k = kernels<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* gfp = grad_filters.mutable_data_ptr<scalar_t>();
-    const index_t g_batch = z.C * z.H * z.W, x_batch = x.numel() / z.B, f_batch = z.H * z.W * z.K * z.K;
-    // One task per output row: each writes its own rows of grad_filters (no atomics, no races).
-    at::parallel_for(0, z.B * z.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(static_cast<size_t>(z.K * z.K * (gf_shape.tile_stride + 8)));
-      for (int64_t t = begin; t < end; ++t) {
-        const index_t b = t / z.H, h = t % z.H;
-        k.grad_filters_row(gp + b * g_batch, xp + b * x_batch, gfp + b * f_batch, gf_shape, h, scratch.data());
-      }
-    });
+    run_backward<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                           grad_input.mutable_data_ptr<scalar_t>(), grad_filters.mutable_data_ptr<scalar_t>(), z.B,
+                           z.C, z.H, z.W, static_cast<int>(z.K));
   });
   return {grad_input, grad_filters};
 }

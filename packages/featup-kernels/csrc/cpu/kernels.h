@@ -39,9 +39,10 @@ static inline index_t tile_stride_for(index_t cols) {
   /* Rows [y0, y0+n) of the filter tile of the input gradient; f points at filters[b] of the forward     */ \
   /* pass, whose output is (s.rows-K+1) x (s.cols-K+1).                                                  */ \
   void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile);                     \
-  /* Output rows [h0, h0+n) (n <= max_tile_rows()) and channels [c0, c1) of one batch element.           */ \
-  void conv_rows(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0, \
-                 index_t c1);                                                                               \
+  /* n <= max_tile_rows() output rows of nc channels: x points at in[c0, h0, 0] (rows s.cols+K-1 apart,  */ \
+  /* channels x_chan apart), out at out[c0, h0, 0] (rows s.cols apart, channels o_chan apart).          */ \
+  void conv_rows(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,     \
+                 index_t n, index_t nc);                                                                    \
   /* grad_filters[b, h] (W, K, K) for output row h; scratch holds K*K*(tile_stride+8) elements.          */ \
   void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
                         T* scratch);

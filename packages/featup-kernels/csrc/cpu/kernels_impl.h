@@ -102,10 +102,9 @@ FEATUP_INLINE void conv_block(const T* x, index_t x_chan, index_t x_row, const T
 
 // All vector columns of CB channels x R rows.
 template <typename T, int CB, int R>
-void conv_columns(const T* x, const T* tile, T* o, const ConvShape& s) {
+void conv_columns(const T* x, index_t x_chan, const T* tile, T* o, index_t o_chan, const ConvShape& s) {
   constexpr int N = VecOf<T>::lanes;
   const index_t in_cols = s.cols + s.K - 1;
-  const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = s.rows * s.cols;
   for (index_t w0 = 0;; w0 += N) {
     if (w0 + N > s.cols) w0 = s.cols - N;  // overlap the last vector with the previous one
     conv_block<T, CB, R>(x + w0, x_chan, in_cols, tile + w0, s.tile_stride, s.K, o + w0, o_chan, s.cols);
@@ -114,52 +113,54 @@ void conv_columns(const T* x, const T* tile, T* o, const ConvShape& s) {
 }
 
 template <typename T, int CB>
-void conv_columns_rows(const T* x, const T* tile, T* o, const ConvShape& s, index_t n) {
+void conv_columns_rows(const T* x, index_t x_chan, const T* tile, T* o, index_t o_chan, const ConvShape& s,
+                       index_t n) {
   static_assert(kTileRows <= 4, "extend the switch below");
   switch (n) {
-    case 1: conv_columns<T, CB, 1>(x, tile, o, s); break;
-    case 2: if constexpr (kTileRows >= 2) conv_columns<T, CB, 2>(x, tile, o, s); break;
-    case 3: if constexpr (kTileRows >= 3) conv_columns<T, CB, 3>(x, tile, o, s); break;
-    case 4: if constexpr (kTileRows >= 4) conv_columns<T, CB, 4>(x, tile, o, s); break;
+    case 1: conv_columns<T, CB, 1>(x, x_chan, tile, o, o_chan, s); break;
+    case 2: if constexpr (kTileRows >= 2) conv_columns<T, CB, 2>(x, x_chan, tile, o, o_chan, s); break;
+    case 3: if constexpr (kTileRows >= 3) conv_columns<T, CB, 3>(x, x_chan, tile, o, o_chan, s); break;
+    case 4: if constexpr (kTileRows >= 4) conv_columns<T, CB, 4>(x, x_chan, tile, o, o_chan, s); break;
     default: break;
   }
 }
 
+// `x` points at in[c0, h0, 0] (rows of s.cols+K-1 elements, channels x_chan apart), `out` at out[c0, h0, 0]
+// (rows of s.cols elements, channels o_chan apart): the caller chooses where the input rows live.
 template <typename T>
-void conv_rows_impl(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0,
-                    index_t c1) {
+void conv_rows_impl(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,
+                    index_t n, index_t nc) {
   constexpr int N = VecOf<T>::lanes;
   const int K = s.K;
-  const index_t in_cols = s.cols + K - 1, in_rows = s.rows + K - 1;
-  const index_t x_chan = in_rows * in_cols, o_chan = s.rows * s.cols;
+  const index_t in_cols = s.cols + K - 1;
   if (s.cols < N) {  // narrower than one vector: the shared scalar arithmetic
-    for (index_t c = c0; c < c1; ++c) {
+    for (index_t c = 0; c < nc; ++c) {
       for (index_t r = 0; r < n; ++r) {
         for (index_t w = 0; w < s.cols; ++w) {
-          out[c * o_chan + (h0 + r) * s.cols + w] = math::forward_element<T>(
-              in + c * x_chan + (h0 + r) * in_cols + w, in_cols, 1, tile + r * K * K * s.tile_stride + w,
+          out[c * o_chan + r * s.cols + w] = math::forward_element<T>(
+              x + c * x_chan + r * in_cols + w, in_cols, 1, tile + r * K * K * s.tile_stride + w,
               K * s.tile_stride, s.tile_stride, K);
         }
       }
     }
     return;
   }
-  index_t c = c0;
-  for (; c + kChannelBlock <= c1; c += kChannelBlock) {
-    conv_columns_rows<T, kChannelBlock>(in + c * x_chan + h0 * in_cols, tile, out + c * o_chan + h0 * s.cols, s, n);
+  index_t c = 0;
+  for (; c + kChannelBlock <= nc; c += kChannelBlock) {
+    conv_columns_rows<T, kChannelBlock>(x + c * x_chan, x_chan, tile, out + c * o_chan, o_chan, s, n);
   }
-  if (c < c1) {  // the remaining channels as one narrower block (not one by one: fewer filter loads)
-    const T* x = in + c * x_chan + h0 * in_cols;
-    T* o = out + c * o_chan + h0 * s.cols;
+  if (c < nc) {  // the remaining channels as one narrower block (not one by one: fewer filter loads)
+    const T* xc = x + c * x_chan;
+    T* o = out + c * o_chan;
     static_assert(kChannelBlock <= 8, "extend the switch below");
-    switch (c1 - c) {
-      case 1: conv_columns_rows<T, 1>(x, tile, o, s, n); break;
-      case 2: if constexpr (kChannelBlock > 2) conv_columns_rows<T, 2>(x, tile, o, s, n); break;
-      case 3: if constexpr (kChannelBlock > 3) conv_columns_rows<T, 3>(x, tile, o, s, n); break;
-      case 4: if constexpr (kChannelBlock > 4) conv_columns_rows<T, 4>(x, tile, o, s, n); break;
-      case 5: if constexpr (kChannelBlock > 5) conv_columns_rows<T, 5>(x, tile, o, s, n); break;
-      case 6: if constexpr (kChannelBlock > 6) conv_columns_rows<T, 6>(x, tile, o, s, n); break;
-      case 7: if constexpr (kChannelBlock > 7) conv_columns_rows<T, 7>(x, tile, o, s, n); break;
+    switch (nc - c) {
+      case 1: conv_columns_rows<T, 1>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 2: if constexpr (kChannelBlock > 2) conv_columns_rows<T, 2>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 3: if constexpr (kChannelBlock > 3) conv_columns_rows<T, 3>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 4: if constexpr (kChannelBlock > 4) conv_columns_rows<T, 4>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 5: if constexpr (kChannelBlock > 5) conv_columns_rows<T, 5>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 6: if constexpr (kChannelBlock > 6) conv_columns_rows<T, 6>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 7: if constexpr (kChannelBlock > 7) conv_columns_rows<T, 7>(xc, x_chan, tile, o, o_chan, s, n); break;
       default: break;
     }
   }
@@ -313,9 +314,9 @@ int channel_block() { return kChannelBlock; }
   void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {                    \
     grad_input_tile_impl<T>(f, s, y0, n, tile);                                                             \
   }                                                                                                         \
-  void conv_rows(const T* in, const T* tile, T* out, const ConvShape& s, index_t h0, index_t n, index_t c0, \
-                 index_t c1) {                                                                              \
-    conv_rows_impl<T>(in, tile, out, s, h0, n, c0, c1);                                                     \
+  void conv_rows(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,      \
+                 index_t n, index_t nc) {                                                                   \
+    conv_rows_impl<T>(x, x_chan, tile, out, o_chan, s, n, nc);                                              \
   }                                                                                                         \
   void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
                         T* scratch) {                                                                       \
