@@ -147,8 +147,23 @@ def test_missing_unexpected_and_misshaped_keys():
         JBUStack.from_original(42)
 
 
-class _NotATensor:
-    pass
+class _HyperParams:
+    """Stands for the omegaconf / Lightning objects a real .ckpt pickles beside its state_dict."""
+
+    def __init__(self) -> None:
+        self.lr = 1e-3
+
+
+class _Exploit:
+    """Unpickling this would create a file if the reader ever called what a checkpoint names."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 def test_unreadable_files(tmp_path):
@@ -156,18 +171,32 @@ def test_unreadable_files(tmp_path):
         JBUStack.from_original(tmp_path / "missing.ckpt")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="could not read"):
         JBUStack.from_original(garbage)
     truncated = tmp_path / "truncated.ckpt"
     torch.save(lightning_checkpoint(original_state_dict(3)), truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
     with pytest.raises(CheckpointError):
         JBUStack.from_original(truncated)
-    unsafe = tmp_path / "unsafe.ckpt"  # arbitrary pickled objects are refused, never executed
+
+
+def test_lightning_file_with_pickled_objects_loads_without_running_them(tmp_path):
+    state = original_state_dict(3)
+    ckpt = lightning_checkpoint(state)
+    ckpt["hyper_parameters"] = _HyperParams()  # refused by weights_only=True, read as an inert stand-in
+    marker = tmp_path / "exploit-ran"
+    ckpt["callbacks"] = {"evil": _Exploit(marker)}
+    path = tmp_path / "dino16_jbu_stack_cocostuff.ckpt"
+    torch.save(ckpt, path)
+    up = JBUStack.from_original(path)
+    assert not marker.exists()
+    assert torch.equal(up.state_dict()["up1.range_temp"], state["up1.range_temp"])
+    unsafe = tmp_path / "unsafe.ckpt"  # a pickle that is only an exploit is refused, never executed
     with unsafe.open("wb") as fh:
-        pickle.dump({"state_dict": original_state_dict(3), "obj": _NotATensor()}, fh, protocol=2)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+        pickle.dump(_Exploit(marker), fh, protocol=2)
+    with pytest.raises(CheckpointError):
         JBUStack.from_original(unsafe)
+    assert not marker.exists()
 
 
 def test_channel_norm_and_urls():

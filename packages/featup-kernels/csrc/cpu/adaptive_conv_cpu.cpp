@@ -38,7 +38,7 @@ std::atomic<Isa>& isa_state() {
 template <typename T>
 struct Kernels {
   void (*forward_tile)(const T*, const ConvShape&, index_t, index_t, T*);
-  void (*grad_input_tile)(const T*, const ConvShape&, index_t, index_t, T*);
+  void (*grad_input_tile)(const T*, const ConvShape&, index_t, index_t, T*, T*);
   void (*conv_rows)(const T*, index_t, const T*, T*, index_t, const ConvShape&, index_t, index_t);
   void (*grad_filters_row)(const T*, const T*, T*, const ConvShape&, index_t, T*);
   int tile_rows;
@@ -151,7 +151,7 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
   const index_t gf_chunks = (H + rows_per_task - 1) / rows_per_task;
   const index_t gi_tasks = n_groups * gi_chunks, per_batch = gi_tasks + gf_chunks;
   parallel_tasks(B * per_batch, [&](const auto& next) {
-    std::vector<T> tile, window, scratch;
+    std::vector<T> tile, window, scratch, filter_row;
     for (int64_t t; (t = next()) >= 0;) {
       const index_t b = t / per_batch, u = t % per_batch;
       const T* gb = g + b * g_batch;
@@ -159,13 +159,14 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
         if (tile.empty()) {
           tile.resize(static_cast<size_t>(R * KK * gi_shape.tile_stride));
           window.resize(static_cast<size_t>(group * win_chan));
+          filter_row.resize(static_cast<size_t>(KK * gi_shape.tile_stride));
         }
         const index_t grp = u / gi_chunks, chunk = u % gi_chunks;
         const index_t c0 = grp * group, nc = std::min(C, c0 + group) - c0;
         const index_t tile_end = std::min(row_tiles, (chunk + 1) * tiles_per_task);
         for (index_t rt = chunk * tiles_per_task; rt < tile_end; ++rt) {
           const index_t y0 = rt * R, n = std::min(R, Hi - y0);
-          k.grad_input_tile(f + b * f_batch, gi_shape, y0, n, tile.data());
+          k.grad_input_tile(f + b * f_batch, gi_shape, y0, n, tile.data(), filter_row.data());
           for (index_t c = 0; c < nc; ++c) {
             const T* gc = gb + (c0 + c) * g_chan;
             for (index_t r = 0; r < n + K - 1; ++r) {

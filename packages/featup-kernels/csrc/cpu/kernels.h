@@ -37,8 +37,8 @@ static inline index_t tile_stride_for(index_t cols) {
   /* Rows [h0, h0+n) of the filter tile of the forward pass; f points at filters[b] (H, W, K, K). */       \
   void forward_tile(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile);                        \
   /* Rows [y0, y0+n) of the filter tile of the input gradient; f points at filters[b] of the forward     */ \
-  /* pass, whose output is (s.rows-K+1) x (s.cols-K+1).                                                  */ \
-  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile);                     \
+  /* pass, whose output is (s.rows-K+1) x (s.cols-K+1); scratch holds K*K*s.tile_stride elements.      */ \
+  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile, T* scratch);         \
   /* n <= max_tile_rows() output rows of nc channels: x points at in[c0, h0, 0] (rows s.cols+K-1 apart,  */ \
   /* channels x_chan apart), out at out[c0, h0, 0] (rows s.cols apart, channels o_chan apart).          */ \
   void conv_rows(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,     \

@@ -58,6 +58,44 @@ FEATUP_INLINE void storeu(T* p, const vec_t<T>& v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// dst[b][a] = src[a][b] for one N x N block of vectors (N = lanes): rows a of src are src_stride apart,
+// rows b of dst dst_stride apart. Pure data movement (unpack / shuffle / 128-bit lane permutes on AVX2), so
+// it replaces N*N strided scalar copies without changing any value.
+FEATUP_INLINE void transpose_block(const float* src, index_t src_stride, float* dst, index_t dst_stride) {
+  using V = vec_t<float>;
+  V r[8], u[8];
+#pragma GCC unroll 8
+  for (int a = 0; a < 8; ++a) r[a] = loadu(src + a * src_stride);
+#pragma GCC unroll 4
+  for (int q = 0; q < 8; q += 4) {
+    const V s0 = __builtin_shufflevector(r[q], r[q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    const V s1 = __builtin_shufflevector(r[q], r[q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    const V s2 = __builtin_shufflevector(r[q + 2], r[q + 3], 0, 8, 1, 9, 4, 12, 5, 13);
+    const V s3 = __builtin_shufflevector(r[q + 2], r[q + 3], 2, 10, 3, 11, 6, 14, 7, 15);
+    u[q] = __builtin_shufflevector(s0, s2, 0, 1, 8, 9, 4, 5, 12, 13);      // columns 0 | 4
+    u[q + 1] = __builtin_shufflevector(s0, s2, 2, 3, 10, 11, 6, 7, 14, 15);  // columns 1 | 5
+    u[q + 2] = __builtin_shufflevector(s1, s3, 0, 1, 8, 9, 4, 5, 12, 13);  // columns 2 | 6
+    u[q + 3] = __builtin_shufflevector(s1, s3, 2, 3, 10, 11, 6, 7, 14, 15);  // columns 3 | 7
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    storeu(dst + b * dst_stride, V(__builtin_shufflevector(u[b], u[b + 4], 0, 1, 2, 3, 8, 9, 10, 11)));
+    storeu(dst + (b + 4) * dst_stride, V(__builtin_shufflevector(u[b], u[b + 4], 4, 5, 6, 7, 12, 13, 14, 15)));
+  }
+}
+
+FEATUP_INLINE void transpose_block(const double* src, index_t src_stride, double* dst, index_t dst_stride) {
+  using V = vec_t<double>;
+  const V r0 = loadu(src), r1 = loadu(src + src_stride), r2 = loadu(src + 2 * src_stride),
+          r3 = loadu(src + 3 * src_stride);
+  const V s0 = __builtin_shufflevector(r0, r1, 0, 4, 2, 6), s1 = __builtin_shufflevector(r0, r1, 1, 5, 3, 7);
+  const V s2 = __builtin_shufflevector(r2, r3, 0, 4, 2, 6), s3 = __builtin_shufflevector(r2, r3, 1, 5, 3, 7);
+  storeu(dst, V(__builtin_shufflevector(s0, s2, 0, 1, 4, 5)));
+  storeu(dst + dst_stride, V(__builtin_shufflevector(s1, s3, 0, 1, 4, 5)));
+  storeu(dst + 2 * dst_stride, V(__builtin_shufflevector(s0, s2, 2, 3, 6, 7)));
+  storeu(dst + 3 * dst_stride, V(__builtin_shufflevector(s1, s3, 2, 3, 6, 7)));
+}
+
 constexpr int kTileRows = FEATUP_TILE_ROWS;
 constexpr int kChannelBlock = FEATUP_CHANNEL_BLOCK;
 constexpr int kTapBlock = 8;  // tap columns j per register block of the filter gradient
@@ -185,28 +223,50 @@ void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T*
   }
 }
 
-// tile[r][i'][j'][x] = filters[y-K+1+i', x-K+1+j', K-1-i', K-1-j'] (zero outside the forward output), so
-// that grad_input[c, y, x] = sum_{i'j'} tile[r][i'][j'][x] * pad(grad_out)[c, y+i', x+j'].
+// Transposes filters[h] (W, K*K) into ft[t][w] (t = tap, w contiguous, taps ts apart) with N x N register
+// transposes; columns past the last full block, and every column when K*K < N, are copied one by one.
 template <typename T>
-void grad_input_tile_impl(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {
-  const int K = s.K;
-  const index_t X = s.cols, KK = index_t(K) * K, ts = s.tile_stride;
-  const index_t H = s.rows - K + 1, W = s.cols - K + 1;  // the forward output
-  for (index_t t = 0; t < n * KK * ts; ++t) tile[t] = T(0);
-  for (index_t r = 0; r < n; ++r) {
-    for (int ip = 0; ip < K; ++ip) {
-      const index_t h = y0 + r - (K - 1) + ip;
-      if (h < 0 || h >= H) continue;
-      const T* fh = f + h * W * KK + index_t(K - 1 - ip) * K;
-      T* t_row = tile + (r * K + ip) * K * ts;
-      for (int jp = 0; jp < K; ++jp) {
-        T* dst = t_row + jp * ts + (K - 1 - jp);
-        const T* src = fh + (K - 1 - jp);
-        for (index_t w = 0; w < W; ++w) dst[w] = src[w * KK];
+void transpose_filter_row(const T* fh, index_t W, index_t KK, index_t ts, T* ft) {
+  constexpr int N = VecOf<T>::lanes;
+  index_t w = 0;
+  if (KK >= N) {
+    for (; w + N <= W; w += N) {
+      for (index_t t0 = 0;; t0 += N) {
+        if (t0 + N > KK) t0 = KK - N;  // overlap the last block of taps (rewrites the same values)
+        transpose_block(fh + w * KK + t0, KK, ft + t0 * ts + w, ts);
+        if (t0 + N >= KK) break;
       }
     }
   }
-  (void)X;
+  for (; w < W; ++w) {
+    for (index_t t = 0; t < KK; ++t) ft[t * ts + w] = fh[w * KK + t];
+  }
+}
+
+// tile[r][i'][j'][x] = filters[y-K+1+i', x-K+1+j', K-1-i', K-1-j'] (zero outside the forward output), so
+// that grad_input[c, y, x] = sum_{i'j'} tile[r][i'][j'][x] * pad(grad_out)[c, y+i', x+j']. Each forward
+// filter row h the tile needs is transposed once into `scratch` (K*K*tile_stride elements); its tap rows
+// are then contiguous copies into every (r, i') they feed.
+template <typename T>
+void grad_input_tile_impl(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile, T* scratch) {
+  const int K = s.K;
+  const index_t KK = index_t(K) * K, ts = s.tile_stride;
+  const index_t H = s.rows - K + 1, W = s.cols - K + 1;  // the forward output
+  for (index_t t = 0; t < n * KK * ts; ++t) tile[t] = T(0);
+  const index_t h_lo = y0 - (K - 1) > 0 ? y0 - (K - 1) : 0, h_hi = y0 + n < H ? y0 + n : H;
+  for (index_t h = h_lo; h < h_hi; ++h) {
+    transpose_filter_row(f + h * W * KK, W, KK, ts, scratch);
+    for (index_t r = 0; r < n; ++r) {
+      const index_t ip = h - (y0 + r) + (K - 1);
+      if (ip < 0 || ip >= K) continue;
+      T* t_row = tile + (r * K + ip) * K * ts;
+      for (int jp = 0; jp < K; ++jp) {
+        const T* src = scratch + ((K - 1 - ip) * K + (K - 1 - jp)) * ts;
+        T* dst = t_row + jp * ts + (K - 1 - jp);
+        for (index_t w = 0; w < W; ++w) dst[w] = src[w];
+      }
+    }
+  }
 }
 
 // ---- filter gradient ---------------------------------------------------------------------------------------
@@ -289,11 +349,20 @@ void grad_filters_row_impl(const T* g, const T* in, T* gf, const ConvShape& s, i
       }
     }
   }
-  for (index_t w0 = 0; w0 < w_full; w0 += 16) {
-    const index_t w1 = w0 + 16 < w_full ? w0 + 16 : w_full;
-    for (index_t w = w0; w < w1; ++w) {
-      for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = scratch[t * ts + w];
+  // scratch[t][w] -> gf_row[w][t] in N x N register transposes; the last block of taps overlaps the previous
+  // one when N does not divide K*K (it rewrites the same values).
+  index_t w_done = 0;
+  if (KK >= N) {
+    for (; w_done < w_full; w_done += N) {
+      for (index_t t0 = 0;; t0 += N) {
+        if (t0 + N > KK) t0 = KK - N;
+        transpose_block(scratch + t0 * ts + w_done, ts, gf_row + w_done * KK + t0, KK);
+        if (t0 + N >= KK) break;
+      }
     }
+  }
+  for (index_t w = w_done; w < w_full; ++w) {
+    for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = scratch[t * ts + w];
   }
   for (index_t w = w_full; w < W; ++w) {
     for (index_t t = 0; t < KK; ++t) gf_row[w * KK + t] = tail[t * N + w - (W - N)];
@@ -311,8 +380,8 @@ int channel_block() { return kChannelBlock; }
   void forward_tile(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {                       \
     forward_tile_impl<T>(f, s, h0, n, tile);                                                                \
   }                                                                                                         \
-  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile) {                    \
-    grad_input_tile_impl<T>(f, s, y0, n, tile);                                                             \
+  void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile, T* scratch) {        \
+    grad_input_tile_impl<T>(f, s, y0, n, tile, scratch);                                                    \
   }                                                                                                         \
   void conv_rows(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,      \
                  index_t n, index_t nc) {                                                                   \

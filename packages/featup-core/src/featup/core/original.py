@@ -9,8 +9,9 @@ The original JBU checkpoints are Lightning ``.ckpt`` files whose ``state_dict`` 
 - ``fixup_proj.1.{weight,bias}`` (dim, dim, 1, 1)/(dim,): the final residual ``x + 0.1 * conv(x)``.
 
 ``JBUStack(dim, original=True)`` has exactly these parameter names, so loading is a key-prefix strip plus a
-strict shape check. Files are read with ``torch.load(weights_only=True)``: nothing is unpickled beyond
-tensors and plain containers.
+strict shape check. Files are read with ``torch.load(weights_only=True)``; a Lightning file that also pickles
+other objects is read with those objects replaced by inert stand-ins (``_inert_pickle``), so nothing from
+the file is ever imported or executed.
 
 The original models were trained on ImageNet-normalized 224 px images (``JBUStack(original=True)`` normalizes
 its [0, 1] guidance the same way) and, for the ``use_norm`` checkpoints, on features passed through a
@@ -20,6 +21,7 @@ LayerNorm over channels without affine parameters (:func:`channel_norm`).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from featup.core import _inert_pickle
 from featup.core.checkpoint import CheckpointError
 
 __all__ = [
@@ -100,16 +103,22 @@ def _read_file(path: Path) -> Mapping[str, Any]:
             ) from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise CheckpointError(
-            f"could not read {path} as a torch checkpoint with weights_only=True "
-            f"({type(exc).__name__}: {exc}). "
-            "If it is a trusted original FeatUp .ckpt holding non-tensor objects, extract its 'state_dict' "
-            "elsewhere and pass that dict instead."
-        ) from None
+    except pickle.UnpicklingError:
+        # A Lightning .ckpt also pickles hyper-parameter objects that weights_only refuses; read it again
+        # with every such class replaced by an inert stand-in (nothing from the file is imported or run).
+        data = _load_inert(path)
+    except Exception as exc:  # torch.load raises many types (RuntimeError, EOFError, zipfile errors, ...)
+        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, Mapping):
         raise CheckpointError(f"expected a checkpoint dict in {path}, got {type(data).__name__}")
     return data
+
+
+def _load_inert(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
+    except Exception as exc:
+        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def read_original_jbu(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
