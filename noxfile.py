@@ -35,7 +35,12 @@ def _digest(*folders: Path) -> str:
     for folder in folders:
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(ROOT).as_posix()
-            if path.is_file() and "/build/" not in f"/{rel}" and "__pycache__" not in rel and ".egg-info" not in rel:
+            if (
+                path.is_file()
+                and "/build/" not in f"/{rel}"
+                and "__pycache__" not in rel
+                and ".egg-info" not in rel
+            ):
                 h.update(rel.encode())
                 h.update(path.read_bytes())
     return h.hexdigest()
@@ -141,7 +146,7 @@ def backbones(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
-def eval(session: nox.Session) -> None:  # noqa: A001 - the package is called featup-eval
+def eval(session: nox.Session) -> None:  # the package is called featup-eval
     """featup-eval tests: synthetic benchmark, probes, CAM, segmentation, the featup command."""
     _pytest(session, shared_env(session), "featup-eval")
 
@@ -151,7 +156,9 @@ def demo(session: nox.Session) -> None:
     """The offline demo: trains a JBU and fits an implicit upsampler on synthetic scenes."""
     python = shared_env(session)
     featup = str(Path(python).parent / "featup")
-    session.run(featup, "demo", *session.posargs, external=True, env={"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
+    session.run(
+        featup, "demo", *session.posargs, external=True, env={"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    )
 
 
 @nox.session(venv_backend="none")

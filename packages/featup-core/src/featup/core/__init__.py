@@ -5,6 +5,8 @@ Every upsampler is called the same way: ``up(lr_feats, image, output_size=None) 
 
 from __future__ import annotations
 
+# ruff: noqa: I001  (imports are grouped by module owner, not alphabetically)
+
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin, load_checkpoint, save_checkpoint
 from featup.core.registry import create_upsampler, list_upsamplers, register_upsampler

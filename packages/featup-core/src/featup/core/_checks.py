@@ -39,7 +39,9 @@ def check_image(image: object, feats: torch.Tensor | None = None, name: str = "i
                 f"{name} has B={image.shape[0]}"
             )
         if feats.device != image.device:
-            raise ValueError(f"expected features and {name} on one device, got {feats.device} and {image.device}")
+            raise ValueError(
+                f"expected features and {name} on one device, got {feats.device} and {image.device}"
+            )
     return image
 
 

@@ -57,7 +57,9 @@ class Inert:
 
 
 def _inert_class(module: str, name: str) -> type:
-    return type(name, (Inert,), {"qualified_name": f"{module}.{name}", "__module__": "featup.core._inert_pickle"})
+    return type(
+        name, (Inert,), {"qualified_name": f"{module}.{name}", "__module__": "featup.core._inert_pickle"}
+    )
 
 
 class Unpickler(pickle.Unpickler):

@@ -42,7 +42,9 @@ class Upsampler(nn.Module):
         out = self.upsample(lr_feats, image, size)
         return out
 
-    def upsample(self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    def upsample(
+        self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement upsample()")
 
     def config(self) -> dict:

@@ -49,13 +49,17 @@ def _weights_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path.with_suffix(path.suffix + ".safetensors")
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> Path:
     """Save tensors and a JSON-serialisable config; returns the ``.safetensors`` path written."""
     weights = _weights_path(path)
     text = json.dumps(config, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(weights, st_save(tensors, metadata={"format": FORMAT, "config": text}))
-    atomic_write_bytes(weights.with_suffix(".json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(
+        weights.with_suffix(".json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    )
     return weights
 
 
@@ -74,7 +78,9 @@ def load_checkpoint(
         with safe_open(str(weights), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"corrupted checkpoint {weights}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(
+            f"corrupted checkpoint {weights}: not a readable safetensors file ({exc})"
+        ) from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(
             f"expected a FeatUp checkpoint ({FORMAT}) at {weights}, got metadata {sorted(meta)}"

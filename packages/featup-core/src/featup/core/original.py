@@ -108,7 +108,9 @@ def _read_file(path: Path) -> Mapping[str, Any]:
         # with every such class replaced by an inert stand-in (nothing from the file is imported or run).
         data = _load_inert(path)
     except Exception as exc:  # torch.load raises many types (RuntimeError, EOFError, zipfile errors, ...)
-        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(data, Mapping):
         raise CheckpointError(f"expected a checkpoint dict in {path}, got {type(data).__name__}")
     return data
@@ -118,7 +120,9 @@ def _load_inert(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
     except Exception as exc:
-        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"could not read {path} as a torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def read_original_jbu(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], int]:

@@ -18,7 +18,15 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: command modules, in the order ``featup --help`` lists them
 COMMANDS: tuple[str, ...] = (
-    "upsample", "similarity", "train_jbu", "fit_implicit", "bench", "demo", "probe", "cam", "segment"
+    "upsample",
+    "similarity",
+    "train_jbu",
+    "fit_implicit",
+    "bench",
+    "demo",
+    "probe",
+    "cam",
+    "segment",
 )
 
 
