@@ -21,6 +21,7 @@ The paper's batch sizes are scaled down to the largest power of two whose unfold
 --max-unfold-mb (CPU memory is shared); the table says which batch ran.
 
     python tools/bench_kernels.py --json bench-results/bench_kernels.json
+    python tools/bench_kernels.py --ours-only --json bench-results/bench_kernels_ours.json   # quick: our op only
 """
 
 from __future__ import annotations
@@ -185,6 +186,59 @@ def time_method(name: str, shape: Shape, budget_s: float) -> dict[str, float]:
         return time.perf_counter() - t
 
     return {"forward_ms": median_ms(forward, budget_s), "backward_ms": median_ms(backward, budget_s)}
+
+
+def time_ours_cpu(shape: Shape, budget_s: float) -> dict[str, float]:
+    """Our forward and backward op alone: median wall and process (CPU, all threads) milliseconds.
+
+    CPU time shows what wall time hides on shared cores: threads spinning at barriers while another is
+    preempted. The backward is ``adaptive_conv_backward`` itself (both gradients), without autograd.
+    """
+    x, f, g = shape.inputs()
+    ops = torch.ops.featup
+    result: dict[str, float] = {}
+    for name, call in (
+        ("forward", lambda: ops.adaptive_conv(x, f)),
+        ("backward", lambda: ops.adaptive_conv_backward(g, x, f)),
+    ):
+        call()
+        wall: list[float] = []
+        cpu: list[float] = []
+        start = time.perf_counter()
+        while len(wall) < 25 and (len(wall) < 5 or time.perf_counter() - start < budget_s):
+            t, c = time.perf_counter(), time.process_time()
+            call()
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - t)
+        result[f"{name}_ms"] = 1e3 * statistics.median(wall)
+        result[f"{name}_cpu_ms"] = 1e3 * statistics.median(cpu)
+    result["backward_over_forward"] = result["backward_ms"] / result["forward_ms"]
+    result["backward_over_forward_cpu"] = result["backward_cpu_ms"] / result["forward_cpu_ms"]
+    return result
+
+
+def run_ours_only(args: argparse.Namespace) -> dict[str, object]:
+    """The quick mode: our op only, forward and backward, wall and CPU time, no other methods or memory."""
+    shapes = scaled_shapes(args.max_unfold_mb)
+    if args.quick:
+        shapes = [s for s in shapes if s.c * s.h * s.w * s.batch <= 2**21]
+    rows = []
+    for shape in shapes:
+        print(f"  {shape.label} ours ...", file=sys.stderr, flush=True)
+        rows.append({"label": shape.label, **asdict(shape), **time_ours_cpu(shape, args.budget)})
+    lines = [
+        f"threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}",
+        "",
+        "| shape (BxHxWxCxK) | fwd ms | fwd CPU ms | bwd ms | bwd CPU ms | bwd/fwd | bwd/fwd CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['forward_ms']:.2f} | {r['forward_cpu_ms']:.2f} | {r['backward_ms']:.2f} "
+            f"| {r['backward_cpu_ms']:.2f} | {r['backward_over_forward']:.1f} "
+            f"| {r['backward_over_forward_cpu']:.1f} |"
+        )
+    return {"machine": machine_info(), "mode": "ours-only", "shapes": rows, "markdown": "\n".join(lines)}
 
 
 def machine_rates(budget_s: float) -> dict[str, float]:
@@ -380,16 +434,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     parser.add_argument("--quick", action="store_true", help="only the smaller shapes (a smoke run)")
+    parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="quick mode: only our op's forward and backward (wall and CPU ms), no other methods or memory",
+    )
     parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
         shapes = [Shape(**s) for s in json.loads(args.memory_child.read_text())]
         (args.memory_child.parent / "memory.json").write_text(json.dumps(measure_memory(shapes)))
         return
-    results = run(args)
-    table = markdown(results)
+    if args.ours_only:
+        results = run_ours_only(args)
+        table = str(results["markdown"])
+    else:
+        results = run(args)
+        table = markdown(results)
+        results["markdown"] = table
     print(table)
-    results["markdown"] = table
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))

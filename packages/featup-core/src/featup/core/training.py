@@ -79,6 +79,18 @@ def _check_float(name: str, value: object, minimum: float, *, strict: bool = Fal
     return float(value)
 
 
+def _check_probability(name: str, value: object) -> float:
+    value = _check_float(name, value, 0.0)
+    if value > 1.0:
+        raise ValueError(f"expected {name} in [0, 1], got {value}")
+    return value
+
+
+def _with_jitter_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """States saved before ``p_zoom`` / ``p_flip`` existed were trained with the Table 7 values (0.5)."""
+    return {"p_zoom": 0.5, "p_flip": 0.5, **saved}
+
+
 def _check_common(
     backbone: object,
     steps: object,
@@ -223,6 +235,8 @@ def train_jbu(
     kernel_size: int = 16,
     max_pad: int = 30,
     max_zoom: float = 2.0,
+    p_zoom: float = 0.5,
+    p_flip: float = 0.5,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -259,6 +273,10 @@ def train_jbu(
         kernel_size: downsampler kernel size.
         max_pad: jitter padding in pixels at 224 px (scaled with the image size).
         max_zoom: largest jitter zoom.
+        p_zoom: probability that a jitter zooms (else zoom 1).
+        p_flip: probability that a jitter flips horizontally. 0 for a backbone whose features are not
+            flip-equivariant (e.g. oriented filters: a flip swaps their orientation channels, so no
+            high-res map explains both views).
         seed: seed of every random draw.
         checkpoint_dir: folder for ``train_state.safetensors`` (full resumable state: all modules, optimizer,
             step) and, at the end, ``jbu_stack.safetensors`` (``JBUStack.load``-able); None disables both.
@@ -290,6 +308,8 @@ def train_jbu(
         callback,
     )
     _check_int("batch_size", batch_size, 1)
+    _check_probability("p_zoom", p_zoom)
+    _check_probability("p_flip", p_flip)
     if proj_dim is not None:
         _check_int("proj_dim", proj_dim, 1)
     if upsampler is not None and not isinstance(upsampler, nn.Module):
@@ -313,6 +333,8 @@ def train_jbu(
                 kernel_size=kernel_size,
                 max_pad=max_pad,
                 max_zoom=max_zoom,
+                p_zoom=float(p_zoom),
+                p_flip=float(p_flip),
                 seed=seed,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
@@ -340,6 +362,8 @@ def _train_jbu(
     kernel_size: int,
     max_pad: int,
     max_zoom: float,
+    p_zoom: float,
+    p_flip: float,
     seed: int,
     checkpoint_dir: str | os.PathLike | None,
     checkpoint_every: int,
@@ -359,13 +383,15 @@ def _train_jbu(
         "kernel_size": kernel_size,
         "max_pad": max_pad,
         "max_zoom": max_zoom,
+        "p_zoom": p_zoom,
+        "p_flip": p_flip,
         "seed": seed,
     }
     state_path = Path(checkpoint_dir) / JBU_STATE_FILE if checkpoint_dir is not None else None
     saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     if state_path is not None and resume and state_path.is_file():
         saved = load_train_state(state_path, "jbu", map_location=device)
-        check_hparams(saved[1]["hparams"], hparams, state_path)
+        check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, state_path)
         if saved[1].get("world_size") != ctx.world_size:
             warnings.warn(
                 f"resuming a run saved with world size {saved[1].get('world_size')} on {ctx.world_size} "
@@ -445,7 +471,10 @@ def _train_jbu(
                     f"expected {feat_dim}-channel backbone features, got {tuple(lr_feats.shape)}"
                 )
             jitters = [
-                [sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom) for _ in range(x.shape[0])]
+                [
+                    sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom, p_zoom=p_zoom, p_flip=p_flip)
+                    for _ in range(x.shape[0])
+                ]
                 for _ in range(n_jitters)
             ]
             targets = [
@@ -499,6 +528,8 @@ def fit_implicit(
     kernel_size: int = 29,
     max_pad: int = 30,
     max_zoom: float = 1.8,
+    p_zoom: float = 0.5,
+    p_flip: float = 0.5,
     tv_weight: float = 0.05,
     downsampler: str = "attention",
     upsampler_kwargs: dict[str, Any] | None = None,
@@ -528,6 +559,8 @@ def fit_implicit(
         kernel_size: downsampler kernel size.
         max_pad: jitter padding in pixels at 224 px.
         max_zoom: largest jitter zoom.
+        p_zoom: probability that a jitter zooms (else zoom 1).
+        p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
         tv_weight: weight of the total-variation prior.
         downsampler: "attention" or "simple".
         upsampler_kwargs: extra ``ImplicitUpsampler`` arguments (``hidden_dim``, ``n_freqs``, ...).
@@ -562,6 +595,8 @@ def fit_implicit(
         callback,
     )
     _check_int("pca_dim", pca_dim, 1)
+    _check_probability("p_zoom", p_zoom)
+    _check_probability("p_flip", p_flip)
     _check_float("tv_weight", tv_weight, 0.0)
     image = validate_images(image, "image")
     if image.shape[0] != 1:
@@ -580,6 +615,8 @@ def fit_implicit(
             kernel_size=kernel_size,
             max_pad=max_pad,
             max_zoom=max_zoom,
+            p_zoom=float(p_zoom),
+            p_flip=float(p_flip),
             tv_weight=tv_weight,
             downsampler=downsampler,
             upsampler_kwargs=dict(upsampler_kwargs or {}),
@@ -604,6 +641,8 @@ def _fit_implicit(
     kernel_size: int,
     max_pad: int,
     max_zoom: float,
+    p_zoom: float,
+    p_flip: float,
     tv_weight: float,
     downsampler: str,
     upsampler_kwargs: dict[str, Any],
@@ -622,6 +661,8 @@ def _fit_implicit(
         "kernel_size": kernel_size,
         "max_pad": max_pad,
         "max_zoom": max_zoom,
+        "p_zoom": p_zoom,
+        "p_flip": p_flip,
         "tv_weight": tv_weight,
         "downsampler": downsampler,
         "seed": seed,
@@ -629,7 +670,7 @@ def _fit_implicit(
     saved = None
     if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
         saved = load_train_state(checkpoint_path, "implicit", map_location=device)
-        check_hparams(saved[1]["hparams"], hparams, checkpoint_path)
+        check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, checkpoint_path)
 
     lr_feats = _features(backbone, image, "image")
     feat_dim = int(lr_feats.shape[1])
@@ -695,7 +736,10 @@ def _fit_implicit(
         while step < steps:
             torch.manual_seed(derive_seed(seed, "dropout", 0, step))
             gen = torch.Generator().manual_seed(derive_seed(seed, "jitter", 0, step))
-            jitters = [sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom) for _ in range(n_jitters)]
+            jitters = [
+                sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom, p_zoom=p_zoom, p_flip=p_flip)
+                for _ in range(n_jitters)
+            ]
             views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
             with torch.no_grad():
                 targets = pca.transform(_features(backbone, views, f"jittered views, step {step}"))

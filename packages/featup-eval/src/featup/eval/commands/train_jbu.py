@@ -39,6 +39,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
+
 def find_images(spec: str) -> tuple[Path, list[Path]]:
     """Image files named by a file, a folder (searched recursively) or a glob pattern, sorted.
 
