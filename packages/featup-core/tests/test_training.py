@@ -262,6 +262,33 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path):
     train_jbu(
         backbone, images, steps=1, checkpoint_dir=tmp_path, resume=False, **{**JBU_FAST, "n_jitters": 3}
     )
+    # the jitter probabilities are run hyperparameters too
+    with pytest.raises(CheckpointError, match="p_flip"):
+        train_jbu(
+            backbone, images, steps=4, checkpoint_dir=tmp_path, p_flip=0.0, **{**JBU_FAST, "n_jitters": 3}
+        )
+
+
+def test_jitter_probabilities_reach_the_views(monkeypatch):
+    """p_flip / p_zoom are passed to every jitter draw: 0 gives unflipped, unzoomed views (pads only)."""
+    import featup.core.training as training
+
+    seen = []
+    real = training.sample_jitter
+
+    def spy(*args, **kwargs):
+        params = real(*args, **kwargs)
+        seen.append(params)
+        return params
+
+    monkeypatch.setattr(training, "sample_jitter", spy)
+    backbone = PooledPointwise()
+    train_jbu(backbone, regions(2, 24, seed=1), steps=3, p_flip=0.0, p_zoom=0.0, **JBU_FAST)
+    fit_implicit(backbone, regions(1, 24, seed=2), steps=2, p_flip=0.0, p_zoom=0.0, **IMP_FAST)
+    assert len(seen) > 4 and not any(p.flip or p.zoom != 1.0 for p in seen)
+    seen.clear()
+    train_jbu(backbone, regions(2, 24, seed=1), steps=3, p_flip=1.0, p_zoom=1.0, **JBU_FAST)
+    assert seen and all(p.flip and p.zoom > 1.0 for p in seen)
 
 
 def test_corrupted_training_state_is_a_clear_error(tmp_path):
@@ -353,6 +380,9 @@ def test_backbone_mode_restored():
         (torch.rand(2, 3, 24, 24), {"lr": -1.0}, ValueError, "lr"),
         (torch.rand(2, 3, 24, 24), {"downsampler": "max"}, ValueError, "downsampler"),
         (torch.rand(2, 3, 24, 24), {"max_zoom": 0.5}, ValueError, "max_zoom"),
+        (torch.rand(2, 3, 24, 24), {"p_flip": 1.5}, ValueError, r"p_flip in \[0, 1\]"),
+        (torch.rand(2, 3, 24, 24), {"p_zoom": -0.1}, ValueError, "p_zoom"),
+        (torch.rand(2, 3, 24, 24), {"p_flip": "yes"}, TypeError, "p_flip"),
         ([], {}, ValueError, "at least one"),
         ([torch.rand(3, 24, 24)], {}, ValueError, r"\(B,3,H,W\)"),
     ],
