@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featup.core import CheckpointError, JBUStack, ResizeConvUpsampler, create_upsampler
+from featup.core.guidance import GuidanceEncoder, MirrorConv2d
 from featup.core.jbu import neighborhood_dot, neighborhood_sqdist, stage_sizes
 
 torch.set_num_threads(1)
@@ -112,7 +114,7 @@ def test_constant_guidance_reduces_to_spatial_smoothing(out_size, mode):
 def test_kernels_sum_to_one_and_constants_are_preserved():
     up = _randomize(JBUStack(radius=3, key_dim=8), seed=1)
     image = torch.rand(1, 3, 40, 56)
-    kernel = up.up1.kernel(image)
+    kernel = up.up1.kernel(up.guidance(image))
     assert kernel.shape == (1, 49, 40, 56)
     torch.testing.assert_close(kernel.sum(1), torch.ones(1, 40, 56))
     assert (kernel >= 0).all()
@@ -132,9 +134,18 @@ def test_linear_in_features_when_encoder_agnostic():
     assert not any("fixup_proj" in n and not n.startswith("up") for n, _ in up.named_parameters())
 
 
-def test_range_kernel_follows_the_guidance_edge():
+@pytest.mark.parametrize("range_kernel", ["dot", "distance"])
+def test_range_kernel_follows_the_guidance_edge(range_kernel):
     """With a sharp learned range kernel, output pixels take features from their own side of an image edge."""
-    up = JBUStack(radius=3, key_dim=3, n_stages=1, resize_mode="bilinear", init_sigma_spatial=1.0).eval()
+    up = JBUStack(
+        radius=3,
+        key_dim=3,
+        n_stages=1,
+        resize_mode="bilinear",
+        init_sigma_spatial=1.0,
+        range_kernel=range_kernel,
+        guidance_encoder=False,
+    ).eval()
     with torch.no_grad():
         up.up1.range_proj[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
         up.up1.range_proj[0].bias.zero_()
@@ -168,7 +179,9 @@ def test_horizontal_flip_equivariance():
     torch.testing.assert_close(flipped, out.flip(-1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"feat_dim": 4, "kernel_fixup": True}, {"feat_dim": 4, "original": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"feat_dim": 4, "kernel_fixup": True}, {"feat_dim": 4, "original": True}]
+)
 def test_gradients_reach_every_parameter(kwargs):
     up = _randomize(JBUStack(**kwargs), seed=5)
     x = torch.randn(2, 4, 4, 3, requires_grad=True)
@@ -193,6 +206,50 @@ def test_gradcheck_float64():
         return torch.func.functional_call(up, dict(zip(params, values)), (x0, i0, (11, 8)))
 
     assert torch.autograd.gradcheck(f, tuple(params.values()))
+
+
+def test_gradcheck_float64_guidance_encoder():
+    up = _randomize(JBUStack(radius=1, key_dim=3, n_stages=2), seed=8).double()
+    x = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, i: up(f, i, output_size=(11, 8)), (x, image))
+    names = ["encoder.0.weight", "encoder.2.weight", "up1.range_temp", "up2.sigma_spatial"]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in up.named_parameters() if n in names}
+    assert len(params) == len(names)
+    x0, i0 = x.detach(), image.detach()
+
+    def f(*values):
+        return torch.func.functional_call(up, dict(zip(params, values)), (x0, i0, (11, 8)))
+
+    assert torch.autograd.gradcheck(f, tuple(params.values()))
+
+
+def test_mirror_conv_and_encoder_commute_with_horizontal_flips():
+    torch.manual_seed(0)
+    conv, enc = MirrorConv2d(3, 5), GuidanceEncoder(3, 6)
+    for size in [(9, 11), (2, 7)]:  # (2, 7): too small to reflect vertically, replicates instead
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(conv(x.flip(-1)), conv(x).flip(-1))
+        torch.testing.assert_close(enc(x.flip(-1)), enc(x).flip(-1), atol=1e-6, rtol=1e-5)
+        assert enc(x).shape == (2, 6, *size)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        MirrorConv2d(3, 5, 4)
+    with pytest.raises(ValueError, match="positive int"):
+        GuidanceEncoder(3, 0)
+
+
+def test_paper_form_configs_saved_before_the_new_options_still_load(tmp_path):
+    up = _randomize(JBUStack(key_dim=8, range_kernel="dot", guidance_encoder=False), seed=9)
+    path = up.save(tmp_path / "old")
+    config_file = tmp_path / "old.json"
+    cfg = json.loads(config_file.read_text())
+    for key in ("range_kernel", "guidance_encoder"):
+        del cfg["kwargs"][key]  # as written by a release without these options
+    config_file.write_text(json.dumps(cfg))
+    loaded = JBUStack.load(path)
+    assert loaded.encoder is None and loaded.range_kernel == "dot"
+    x, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 33, 41)
+    torch.testing.assert_close(loaded(x, image), up(x, image))
 
 
 def test_neighborhood_helpers_match_unfold():
@@ -241,3 +298,5 @@ def test_bad_inputs_raise_clear_errors():
         JBUStack(8, original=True, radius=2)
     with pytest.raises(ValueError, match="resize_mode"):
         JBUStack(resize_mode="area")
+    with pytest.raises(ValueError, match="range_kernel"):
+        JBUStack(range_kernel="cosine")

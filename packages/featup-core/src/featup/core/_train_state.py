@@ -3,7 +3,8 @@
 Tensors: every trainable module's state under ``<name>.<key>`` and the optimizer's per-parameter state
 under ``optimizer.<index>.<key>``. Config (JSON, in the safetensors header and beside it): the kind of
 run, the number of completed steps, the hyperparameters that define the run, the modules' constructor
-configs, the optimizer's param groups and non-tensor state, and the seed scheme. Random numbers in the
+configs, the optimizer's param groups and non-tensor state, the seed scheme, and the training precision
+with the float16 gradient scaler's state. Random numbers in the
 training loops are keyed by ``(seed, rank, step)``, so the step count *is* the RNG state: a resumed run
 draws exactly the numbers the uninterrupted run would have drawn.
 """
@@ -22,7 +23,9 @@ from featup.core.checkpoint import CheckpointError, load_checkpoint, save_checkp
 __all__ = [
     "TRAIN_FORMAT",
     "check_hparams",
+    "check_precision",
     "load_train_state",
+    "restore_grad_scaler",
     "restore_modules",
     "restore_optimizer",
     "save_train_state",
@@ -143,3 +146,29 @@ def check_hparams(saved: dict[str, Any], current: dict[str, Any], path: str | os
             f"cannot resume from {path}: the run's hyperparameters differ ({'; '.join(diffs)}); "
             "use another checkpoint location or resume=False"
         )
+
+
+def check_precision(cfg: dict[str, Any], precision: str, path: str | os.PathLike) -> None:
+    """Refuse to resume a run in another precision than the one it was trained in.
+
+    Refusing loses nothing: the checkpoint is untouched and the message names the value that continues
+    it. Switching silently would break the exact-resume guarantee, and a float16 run's loss scale would
+    not carry over. States saved before the option existed were trained in float32.
+    """
+    saved = cfg.get("precision", "float32")
+    if saved != precision:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with precision={saved!r}, this run asks for "
+            f"precision={precision!r}; pass precision={saved!r} to continue it, or resume=False / another "
+            "checkpoint location to start over"
+        )
+
+
+def restore_grad_scaler(scaler: torch.amp.GradScaler, cfg: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load the loss scale and growth tracker saved with a float16 run (no-op for a disabled scaler)."""
+    if not scaler.is_enabled():
+        return
+    state = cfg.get("grad_scaler") or {}
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds no gradient-scaler state for its float16 run")
+    scaler.load_state_dict(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,6 +102,11 @@ class CheckpointMixin:
     def config(self) -> dict[str, Any]:  # pragma: no cover - provided by the module
         raise NotImplementedError
 
+    @classmethod
+    def kwargs_from_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor kwargs from a saved ``config()``; modules whose options grew override this."""
+        return dict(kwargs)
+
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write the weights and config atomically; ``extra`` is stored under ``config['extra']``."""
         cfg = {"class": type(self).__name__, "kwargs": self.config(), "extra": extra or {}}
@@ -114,7 +120,7 @@ class CheckpointMixin:
             raise CheckpointError(
                 f"expected a {cls.__name__} checkpoint, got one saved from {cfg.get('class')!r} ({path})"
             )
-        module = cls(**cfg.get("kwargs", {}))
+        module = cls(**cls.kwargs_from_config(cfg.get("kwargs", {})))
         try:
             module.load_state_dict(tensors, strict=True)  # type: ignore[attr-defined]
         except RuntimeError as exc:

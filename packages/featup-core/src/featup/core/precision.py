@@ -8,6 +8,11 @@ kernel sums in float32, rounding only the result (:func:`adaptive_conv_autocast_
 is at most one rounding of the output, which summing in the low-precision dtype exceeds several times).
 Outputs of :func:`upsample_mixed` are returned in the input's dtype.
 
+Training: ``train_jbu(..., precision="bfloat16")`` / ``fit_implicit`` (:data:`TRAINING_PRECISIONS`) run the
+forward passes of each step under :func:`mixed_precision`, compute the loss in float32 inside
+:func:`full_precision` from outputs cast up by :func:`to_float32`, and scale float16 losses with
+:func:`make_grad_scaler`; parameters and optimizer state stay float32.
+
 The error against float32 is a property of the model and the data, so it is measured, not promised:
 :func:`precision_error` (inference) and :func:`gradient_precision_error` (training) report it, the tests bound
 it, and ``tools/bench_tiling.py`` prints it.
@@ -25,16 +30,23 @@ from torch import nn
 from featup.core._checks import check_features, check_image
 
 __all__ = [
+    "TRAINING_PRECISIONS",
     "PrecisionError",
     "adaptive_conv_autocast_error",
     "check_dtype",
+    "check_training_precision",
+    "full_precision",
     "gradient_precision_error",
     "make_grad_scaler",
     "mixed_precision",
     "precision_error",
     "resolve_precision",
+    "to_float32",
     "upsample_mixed",
 ]
+
+#: the ``precision=`` values of ``train_jbu`` / ``fit_implicit`` (one spelling each, as stored in checkpoints)
+TRAINING_PRECISIONS = ("float32", "bfloat16", "float16")
 
 _NAMES = {
     "fp32": torch.float32,
@@ -82,6 +94,31 @@ def mixed_precision(dtype: torch.dtype | str | None, device: torch.device | str 
         return
     with torch.autocast(device_type=device_type, dtype=dtype):
         yield
+
+
+def check_training_precision(precision: object) -> str:
+    """Require one of :data:`TRAINING_PRECISIONS` (the exact strings; checkpoints store this spelling)."""
+    if not isinstance(precision, str) or precision not in TRAINING_PRECISIONS:
+        accepted = ", ".join(repr(p) for p in TRAINING_PRECISIONS)
+        raise ValueError(f"expected precision one of {accepted}, got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Switch autocast off on ``device``'s type, e.g. for a loss inside a :func:`mixed_precision` block.
+
+    Autocast would otherwise run the loss's matmuls (the random projection) in the low-precision dtype;
+    with it off, float32 inputs (see :func:`to_float32`) give a float32 loss.
+    """
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        yield
+
+
+def to_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 tensors as float32; any other tensor unchanged (float32 is not copied, and float64
+    is not rounded down)."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
 
 
 def make_grad_scaler(

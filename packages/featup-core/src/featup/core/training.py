@@ -14,6 +14,12 @@ Reproducibility: every random draw (data order, jitters, projections, dropout, i
 a seed derived from ``(seed, rank, step)``, inside ``torch.random.fork_rng`` so the caller's global RNG is
 untouched. The same seed gives bitwise-identical parameters on the CPU, and a run interrupted after a
 checkpoint and resumed ends exactly where the uninterrupted run does.
+
+Precision: ``precision="bfloat16"`` or ``"float16"`` runs each step's forward passes (backbone, upsampler,
+downsampler, uncertainty head) under ``torch.autocast`` on the training device; parameters and optimizer
+state stay float32, the loss is computed in float32 from outputs cast up, and float16 scales the loss with a
+``GradScaler`` (:mod:`featup.core.precision`). The precision (and the loss scale) is part of the checkpoint,
+and resuming in another precision is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from featup.core import _distributed as dist_utils
 from featup.core._train_data import derive_seed, make_source, validate_images
 from featup.core._train_state import (
     check_hparams,
+    check_precision,
     load_train_state,
+    restore_grad_scaler,
     restore_modules,
     restore_optimizer,
     save_train_state,
@@ -48,6 +56,13 @@ from featup.core.jbu import JBUStack
 from featup.core.jitter import JitterParams, apply_jitter, sample_jitter
 from featup.core.losses import UncertaintyHead, project, random_projection, reconstruction_loss, tv_loss
 from featup.core.pca import PCA
+from featup.core.precision import (
+    check_training_precision,
+    full_precision,
+    make_grad_scaler,
+    mixed_precision,
+    to_float32,
+)
 
 __all__ = ["fit_implicit", "train_jbu"]
 
@@ -215,10 +230,19 @@ class _JBUObjective(nn.Module):
         for params, target in zip(jitters, targets):
             down = self.downsampler(apply_jitter(hr, params), tuple(target.shape[-2:]))
             log_scale = self.head(target)
-            if proj is not None:
-                down, target = project(down, proj), project(target, proj)
-            total = total + reconstruction_loss(down, target, log_scale)
+            # under mixed precision the loss (projection included) is still computed in float32
+            with full_precision(hr.device):
+                down, target, log_scale = to_float32(down), to_float32(target), to_float32(log_scale)
+                if proj is not None:
+                    down, target = project(down, proj), project(target, proj)
+                total = total + reconstruction_loss(down, target, log_scale)
         return total / len(targets)
+
+
+def _saved_kwargs(upsampler: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A saved upsampler config with the values of options it predates filled in (see ``kwargs_from_config``)."""
+    complete = getattr(type(upsampler), "kwargs_from_config", None)
+    return complete(kwargs) if complete is not None else kwargs
 
 
 def train_jbu(
@@ -243,6 +267,7 @@ def train_jbu(
     resume: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: str = "float32",
     callback: Callback | None = None,
 ) -> Upsampler:
     """Train a JBU upsampler for a frozen backbone with FeatUp's multi-view loss (Table 7 defaults).
@@ -285,6 +310,10 @@ def train_jbu(
         progress: show a tqdm bar (rank 0 only).
         device: training device; default the backbone's parameter device (or torchrun's local CUDA device,
             or CPU). The backbone must already live there.
+        precision: "float32", "bfloat16" or "float16": the autocast dtype of each step's forward passes
+            (backbone, upsampler, downsampler, head) on ``device``. Parameters and optimizer state stay
+            float32, the loss is computed in float32, and float16 uses a ``GradScaler``. Stored in the
+            checkpoint: resuming with another precision raises :class:`CheckpointError`.
         callback: ``callback(step, logs)`` after each step; returning True stops training early.
 
     Returns:
@@ -308,6 +337,7 @@ def train_jbu(
         callback,
     )
     _check_int("batch_size", batch_size, 1)
+    check_training_precision(precision)
     _check_probability("p_zoom", p_zoom)
     _check_probability("p_flip", p_flip)
     if proj_dim is not None:
@@ -341,6 +371,7 @@ def train_jbu(
                 resume=resume,
                 progress=progress,
                 device=device,
+                precision=precision,
                 callback=callback,
                 ctx=ctx,
             )
@@ -370,6 +401,7 @@ def _train_jbu(
     resume: bool,
     progress: bool,
     device: torch.device,
+    precision: str,
     callback: Callback | None,
     ctx: dist_utils.DistContext,
 ) -> nn.Module:
@@ -392,6 +424,7 @@ def _train_jbu(
     if state_path is not None and resume and state_path.is_file():
         saved = load_train_state(state_path, "jbu", map_location=device)
         check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, state_path)
+        check_precision(saved[1], precision, state_path)
         if saved[1].get("world_size") != ctx.world_size:
             warnings.warn(
                 f"resuming a run saved with world size {saved[1].get('world_size')} on {ctx.world_size} "
@@ -411,11 +444,12 @@ def _train_jbu(
     torch.manual_seed(derive_seed(seed, "init"))  # every rank builds identical modules
     if upsampler is None:
         kwargs = saved[1]["upsampler"]["kwargs"] if saved is not None else {}
-        upsampler = JBUStack(**kwargs)
+        upsampler = JBUStack(**JBUStack.kwargs_from_config(kwargs) if saved is not None else {})
     elif (
         saved is not None
         and hasattr(upsampler, "config")
-        and saved[1]["upsampler"]["kwargs"] != json.loads(json.dumps(upsampler.config()))  # tuples -> lists
+        and _saved_kwargs(upsampler, saved[1]["upsampler"]["kwargs"])
+        != json.loads(json.dumps(upsampler.config()))  # tuples -> lists
     ):
         raise CheckpointError(
             f"cannot resume from {state_path}: it holds a {saved[1]['upsampler']['class']} with "
@@ -427,12 +461,14 @@ def _train_jbu(
     if not any(p.requires_grad for p in upsampler.parameters()):
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
     optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
+    scaler = make_grad_scaler(precision, device)  # enabled for float16 only
     modules = {"upsampler": upsampler, "downsampler": down, "head": head}
 
     start = 0
     if saved is not None:
         restore_modules(saved[0], modules, state_path)  # type: ignore[arg-type]
         restore_optimizer(optimizer, saved[0], saved[1], state_path)  # type: ignore[arg-type]
+        restore_grad_scaler(scaler, saved[1], state_path)  # type: ignore[arg-type]
         start = int(saved[1]["step"])
     model = dist_utils.wrap_ddp(objective, ctx, device)
 
@@ -451,6 +487,8 @@ def _train_jbu(
                     "feat_dim": feat_dim,
                     "world_size": ctx.world_size,
                     "upsampler": {"class": type(upsampler).__name__, "kwargs": _config_of(upsampler)},
+                    "precision": precision,
+                    "grad_scaler": scaler.state_dict(),
                 },
             )
         dist_utils.barrier(ctx)
@@ -465,7 +503,8 @@ def _train_jbu(
             x = first if step == 0 else validate_images(source.batch(step), "images").to(device)
             torch.manual_seed(derive_seed(seed, "dropout", ctx.rank, step))
             gen = torch.Generator().manual_seed(derive_seed(seed, "jitter", ctx.rank, step))
-            lr_feats = _features(backbone, x, f"step {step}")
+            with mixed_precision(precision, device):
+                lr_feats = to_float32(_features(backbone, x, f"step {step}"))
             if lr_feats.shape[1] != feat_dim:
                 raise ValueError(
                     f"expected {feat_dim}-channel backbone features, got {tuple(lr_feats.shape)}"
@@ -477,18 +516,22 @@ def _train_jbu(
                 ]
                 for _ in range(n_jitters)
             ]
-            targets = [
-                _features(backbone, apply_jitter(x, p), f"jittered view, step {step}") for p in jitters
-            ]
+            with mixed_precision(precision, device):
+                targets = [
+                    to_float32(_features(backbone, apply_jitter(x, p), f"jittered view, step {step}"))
+                    for p in jitters
+                ]
             proj = None
             if proj_dim is not None:
                 proj = random_projection(
                     feat_dim, proj_dim, generator=gen, device=device, dtype=lr_feats.dtype
                 )
-            loss = model(x, lr_feats, jitters, targets, proj)
+            with mixed_precision(precision, device):
+                loss = model(x, lr_feats, jitters, targets, proj)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # scale/step/update are plain backward/step unless float16
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             logs = _step_logs(loss=loss.detach(), rec_loss=loss.detach(), tv_loss=0.0)
             bar.update(1)
@@ -503,7 +546,10 @@ def _train_jbu(
     finally:
         bar.close()
     if state_path is not None and ctx.is_main and hasattr(upsampler, "save"):
-        upsampler.save(state_path.parent / JBU_MODEL_FILE, extra={"trained_steps": step, **hparams})
+        upsampler.save(
+            state_path.parent / JBU_MODEL_FILE,
+            extra={"trained_steps": step, **hparams, "precision": precision},
+        )
     dist_utils.barrier(ctx)
     return upsampler.eval()
 
@@ -539,6 +585,7 @@ def fit_implicit(
     resume: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: str = "float32",
     callback: Callback | None = None,
 ) -> ImplicitUpsampler:
     """Fit FeatUp's implicit upsampler to one image (Table 7 defaults).
@@ -571,6 +618,8 @@ def fit_implicit(
         resume: continue from ``checkpoint_path`` if present (a fit of the same image and settings).
         progress: show a tqdm bar.
         device: training device; default the backbone's parameter device, else CPU.
+        precision: "float32", "bfloat16" or "float16", as in :func:`train_jbu` (the PCA and the targets'
+            projection onto it are computed in float32).
         callback: ``callback(step, logs)`` after each step; returning True stops early.
 
     Returns:
@@ -598,6 +647,7 @@ def fit_implicit(
     _check_probability("p_zoom", p_zoom)
     _check_probability("p_flip", p_flip)
     _check_float("tv_weight", tv_weight, 0.0)
+    check_training_precision(precision)
     image = validate_images(image, "image")
     if image.shape[0] != 1:
         raise ValueError(f"expected one image (1,3,H,W) to fit, got shape {tuple(image.shape)}")
@@ -626,6 +676,7 @@ def fit_implicit(
             resume=resume,
             progress=progress,
             device=device,
+            precision=precision,
             callback=callback,
         )
 
@@ -652,6 +703,7 @@ def _fit_implicit(
     resume: bool,
     progress: bool,
     device: torch.device,
+    precision: str,
     callback: Callback | None,
 ) -> ImplicitUpsampler:
     hparams = {
@@ -671,8 +723,10 @@ def _fit_implicit(
     if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
         saved = load_train_state(checkpoint_path, "implicit", map_location=device)
         check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, checkpoint_path)
+        check_precision(saved[1], precision, checkpoint_path)
 
-    lr_feats = _features(backbone, image, "image")
+    with mixed_precision(precision, device):
+        lr_feats = to_float32(_features(backbone, image, "image"))
     feat_dim = int(lr_feats.shape[1])
     out_size = tuple(lr_feats.shape[-2:])
 
@@ -703,6 +757,7 @@ def _fit_implicit(
     modules = {"upsampler": imp, "downsampler": down, "head": head}
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.NAdam(params, lr=lr)
+    scaler = make_grad_scaler(precision, device)  # enabled for float16 only
 
     start = 0
     if saved is not None:
@@ -710,6 +765,7 @@ def _fit_implicit(
         if not torch.equal(imp.image.to(image.dtype), image):  # the stored guidance image
             raise CheckpointError(f"cannot resume from {checkpoint_path}: it was fitted to a different image")
         restore_optimizer(optimizer, saved[0], saved[1], checkpoint_path)  # type: ignore[arg-type]
+        restore_grad_scaler(scaler, saved[1], checkpoint_path)  # type: ignore[arg-type]
         start = int(saved[1]["step"])
 
     def save(step: int) -> None:
@@ -725,6 +781,8 @@ def _fit_implicit(
                 "hparams": hparams,
                 "feat_dim": feat_dim,
                 "upsampler": {"class": type(imp).__name__, "kwargs": imp.config()},
+                "precision": precision,
+                "grad_scaler": scaler.state_dict(),
             },
         )
 
@@ -742,15 +800,23 @@ def _fit_implicit(
             ]
             views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
             with torch.no_grad():
-                targets = pca.transform(_features(backbone, views, f"jittered views, step {step}"))
-            hr = imp.forward_compressed(image)
-            down_feats = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
-            rec = reconstruction_loss(down_feats, targets, head(targets))
-            tv = tv_loss(hr) if tv_weight > 0 else hr.new_zeros(())
-            loss = rec + tv_weight * tv
+                with mixed_precision(precision, device):
+                    feats = _features(backbone, views, f"jittered views, step {step}")
+                targets = pca.transform(to_float32(feats))
+            with mixed_precision(precision, device):
+                hr = imp.forward_compressed(image)
+                down_feats = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
+                log_scale = head(targets)
+            # under mixed precision the loss is still computed in float32
+            with full_precision(device):
+                hr, down_feats, log_scale = to_float32(hr), to_float32(down_feats), to_float32(log_scale)
+                rec = reconstruction_loss(down_feats, targets, log_scale)
+                tv = tv_loss(hr) if tv_weight > 0 else hr.new_zeros(())
+                loss = rec + tv_weight * tv
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # scale/step/update are plain backward/step unless float16
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             logs = _step_logs(loss=loss.detach(), rec_loss=rec.detach(), tv_loss=tv.detach())
             bar.update(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from featup.core.checkpoint import CheckpointMixin, load_checkpoint, save_checkpoint
-from featup.eval._io import ResultStore, format_number, markdown_table, read_json, settings_tag, write_json
+from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
+from featup.eval._runner import evaluate_methods
 from featup.eval.baselines import (
     METHODS,
+    FeatureMethod,
     MethodConfig,
-    build_method,
     load_backbone,
-    method_settings,
     parse_methods,
 )
 from featup.eval.datasets import ImageFolder
@@ -433,39 +434,32 @@ def run_cam(
     log(f"{len(selection['indices'])} of {len(val)} validation images are classified correctly and scored")
     with torch.no_grad():
         feat_dim = int(bb(val[0]["image"][None]).shape[1])
-    for name in names:
-        settings = method_settings(name, cfg)
-        if store.get(name, settings) is not None:
-            log(f"{METHODS.get(name, name)}: done in an earlier run, skipped")
-            continue
-        method = build_method(
-            name,
+
+    def evaluate(name: str, method: FeatureMethod, tag: str) -> dict[str, Any]:
+        return evaluate_cam(
             bb,
-            feat_dim=feat_dim,
-            cfg=cfg,
-            train_data=train,
-            backbone_factory=lambda **kw: load_backbone(
-                backbone, weights=weights, pretrained=pretrained, **kw
-            ),
-            backbone_stride=getattr(bb, "stride", None),
-            work_dir=out_dir,
+            clf,
+            method,
+            val,
+            selection,
+            keep=keep,
+            sigma=sigma,
+            batch_size=batch_size,
+            state_path=out_dir / "partial" / f"cam_{name}-{tag}",
             progress=progress,
+            desc=f"cam {name}",
         )
-        store.put(
-            name,
-            evaluate_cam(
-                bb,
-                clf,
-                method,
-                val,
-                selection,
-                keep=keep,
-                sigma=sigma,
-                batch_size=batch_size,
-                state_path=out_dir / "partial" / f"cam_{name}-{settings_tag(settings)}",
-                progress=progress,
-                desc=f"cam {name}",
-            ),
-            settings,
-        )
-    return {n: store.get(n, method_settings(n, cfg)) for n in names}  # type: ignore[misc]
+
+    return evaluate_methods(
+        names,
+        bb,
+        evaluate,
+        store=store,
+        cfg=cfg,
+        feat_dim=feat_dim,
+        train_data=train,
+        backbone_factory=partial(load_backbone, backbone, weights=weights, pretrained=pretrained),
+        work_dir=out_dir,
+        progress=progress,
+        log=log,
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,13 @@ from tqdm.auto import tqdm
 
 from featup.core.checkpoint import CheckpointMixin, load_checkpoint, save_checkpoint
 from featup.eval._confusion import confusion_matrix, segmentation_scores
-from featup.eval._io import ResultStore, format_number, markdown_table, read_json, settings_tag, write_json
+from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
+from featup.eval._runner import evaluate_methods
 from featup.eval.baselines import (
     METHODS,
+    FeatureMethod,
     MethodConfig,
-    build_method,
     load_backbone,
-    method_settings,
     parse_methods,
 )
 from featup.eval.datasets import IGNORE_INDEX, open_probe_dataset
@@ -577,37 +578,29 @@ def run_probes(
         for t in tasks
     }
     store = ResultStore(out_dir / "probe_results.json", run_config, resume=resume)
-    stride = getattr(bb, "stride", None)
-    for name in names:
-        settings = method_settings(name, cfg)
-        if store.get(name, settings) is not None:
-            log(f"{METHODS.get(name, name)}: done in an earlier run, skipped")
-            continue
-        method = build_method(
-            name,
-            bb,
-            feat_dim=feat_dim,
-            cfg=cfg,
-            train_data=train,
-            backbone_factory=lambda **kw: load_backbone(
-                backbone, weights=weights, pretrained=pretrained, **kw
-            ),
-            backbone_stride=stride,
-            work_dir=out_dir,
+
+    def evaluate(name: str, method: FeatureMethod, tag: str) -> dict[str, Any]:
+        return evaluate_probes(
+            method,
+            val,
+            seg_probe=probes.get("seg"),
+            depth_probe=probes.get("depth"),
+            batch_size=batch_size,
+            state_path=out_dir / "partial" / f"{name}-{tag}",
             progress=progress,
+            desc=f"probe {name}",
         )
-        store.put(
-            name,
-            evaluate_probes(
-                method,
-                val,
-                seg_probe=probes.get("seg"),
-                depth_probe=probes.get("depth"),
-                batch_size=batch_size,
-                state_path=out_dir / "partial" / f"{name}-{settings_tag(settings)}",
-                progress=progress,
-                desc=f"probe {name}",
-            ),
-            settings,
-        )
-    return {n: store.get(n, method_settings(n, cfg)) for n in names}  # type: ignore[misc]
+
+    return evaluate_methods(
+        names,
+        bb,
+        evaluate,
+        store=store,
+        cfg=cfg,
+        feat_dim=feat_dim,
+        train_data=train,
+        backbone_factory=partial(load_backbone, backbone, weights=weights, pretrained=pretrained),
+        work_dir=out_dir,
+        progress=progress,
+        log=log,
+    )

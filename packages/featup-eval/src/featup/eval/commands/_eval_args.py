@@ -11,7 +11,15 @@ from featup.eval._io import write_json
 from featup.eval.baselines import METHODS, MethodConfig
 from featup.eval.errors import UsageError
 
-__all__ = ["add_backbone_args", "add_method_args", "add_run_args", "check_data", "finish", "method_config"]
+__all__ = [
+    "add_backbone_args",
+    "add_method_args",
+    "add_run_args",
+    "check_data",
+    "finish",
+    "method_config",
+    "table1_kwargs",
+]
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +95,24 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
         jbu_checkpoint=args.jbu_checkpoint,
         seed=args.seed,
     )
+
+
+def table1_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``run_probes`` / ``run_cam`` that both commands take from the same options
+    (the data options are each command's own, with its defaults); validates the method options."""
+    return {
+        "methods": args.methods,
+        "weights": args.weights,
+        "pretrained": args.pretrained,
+        "image_size": args.image_size,
+        "train_split": args.train_split,
+        "val_split": args.val_split,
+        "max_train_images": args.max_train_images,
+        "batch_size": args.batch_size,
+        "method_cfg": method_config(args),
+        "resume": not args.no_resume,
+        "progress": not args.no_progress,
+    }
 
 
 def check_data(path: str, what: str) -> None:

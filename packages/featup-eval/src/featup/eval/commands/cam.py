@@ -11,7 +11,7 @@ from featup.eval.commands._eval_args import (
     add_run_args,
     check_data,
     finish,
-    method_config,
+    table1_kwargs,
 )
 from featup.eval.errors import UsageError
 
@@ -61,22 +61,12 @@ def run(args: argparse.Namespace) -> int:
         args.backbone,
         args.data,
         args.out,
-        methods=args.methods,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        image_size=args.image_size,
-        train_split=args.train_split,
-        val_split=args.val_split,
-        max_train_images=args.max_train_images,
         max_images=args.max_images,
         classifier_epochs=args.classifier_epochs,
         classifier_lr=args.classifier_lr,
-        batch_size=args.batch_size,
         keep=args.keep,
         sigma=args.blur_sigma,
-        method_cfg=method_config(args),
-        resume=not args.no_resume,
-        progress=not args.no_progress,
+        **table1_kwargs(args),
     )
     return finish(
         "CAM faithfulness (Table 1)",

@@ -27,6 +27,7 @@ from featup.eval.commands.train_jbu import (
     load_image,
     rank_and_world,
     resolve_backbone,
+    training_kwargs,
 )
 from featup.eval.errors import UsageError
 
@@ -102,21 +103,22 @@ def run(args: argparse.Namespace) -> int:
             backbone,
             image,
             args.steps,
-            n_jitters=args.n_jitters,
-            lr=args.lr,
             pca_dim=args.pca_dim,
-            kernel_size=args.kernel_size,
             tv_weight=args.tv_weight,
-            seed=args.seed,
             checkpoint_path=state,
-            checkpoint_every=args.checkpoint_every,
             resume=True,
             progress=not args.quiet,
-            device=device,
+            **training_kwargs(args, device),
         )
         model.save(
             out_dir / f"{name}.safetensors",
-            extra={"image": str(f), "index": i, "backbone": args.backbone, "steps": args.steps},
+            extra={
+                "image": str(f),
+                "index": i,
+                "backbone": args.backbone,
+                "steps": args.steps,
+                "precision": args.precision,
+            },
         )
         for leftover in (state, state.with_suffix(".json")):
             if leftover.exists():

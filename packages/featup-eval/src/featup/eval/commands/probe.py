@@ -11,7 +11,7 @@ from featup.eval.commands._eval_args import (
     add_run_args,
     check_data,
     finish,
-    method_config,
+    table1_kwargs,
 )
 from featup.eval.errors import UsageError
 
@@ -58,22 +58,12 @@ def run(args: argparse.Namespace) -> int:
         args.backbone,
         args.data,
         args.out,
-        methods=args.methods,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        image_size=args.image_size,
-        train_split=args.train_split,
-        val_split=args.val_split,
         depth_dir=args.depth_dir,
         image_list=args.image_list,
-        max_train_images=args.max_train_images,
         max_val_images=args.max_val_images,
-        batch_size=args.batch_size,
         probe_epochs=args.probe_epochs,
         probe_lr=args.probe_lr,
-        method_cfg=method_config(args),
-        resume=not args.no_resume,
-        progress=not args.no_progress,
+        **table1_kwargs(args),
     )
     return finish(
         "Linear probes (Table 1)",

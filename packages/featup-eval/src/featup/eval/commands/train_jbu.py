@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,13 @@ __all__ = [
     "register",
     "resolve_backbone",
     "run",
+    "training_kwargs",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+#: earlier spellings of ``--precision`` values, still accepted so existing scripts keep working
+_PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def find_images(spec: str) -> tuple[Path, list[Path]]:
@@ -162,7 +167,29 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: torchrun's local GPU, else cpu)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument(
+        "--precision",
+        type=lambda s: _PRECISION_ALIASES.get(s, s),
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="autocast dtype of the training forward passes; parameters, optimizer state and the loss stay "
+        "float32, float16 scales the loss (default float32; a run resumes only in its own precision)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def training_kwargs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``train_jbu`` / ``fit_implicit`` that both commands take from the same options
+    (``n_jitters`` and ``kernel_size`` are options of both, with each command's own default)."""
+    return {
+        "n_jitters": args.n_jitters,
+        "lr": args.lr,
+        "kernel_size": args.kernel_size,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "device": device,
+        "precision": args.precision,
+    }
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -189,12 +216,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
     p.add_argument("--kernel-size", type=int, default=16, help="downsampler kernel (default 16)")
     p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16 runs the forward passes under bfloat16 autocast (adaptive conv accumulates in fp32)",
-    )
-    p.add_argument(
         "--out",
         help="final JBUStack checkpoint (default: CHECKPOINT_DIR/jbu_stack.safetensors, "
         "else jbu_stack.safetensors)",
@@ -205,7 +226,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featup.core.precision import mixed_precision
     from featup.core.training import train_jbu
 
     check_common(args)
@@ -232,24 +252,18 @@ def run(args: argparse.Namespace) -> int:
     dataset[0]  # fail early, with the file's name, on an unreadable first image
 
     start = time.perf_counter()
-    with mixed_precision(args.precision, device):
-        up = train_jbu(
-            backbone,
-            dataset,
-            args.steps,
-            batch_size=args.batch_size,
-            n_jitters=args.n_jitters,
-            lr=args.lr,
-            proj_dim=args.proj_dim,
-            downsampler=args.downsampler,
-            kernel_size=args.kernel_size,
-            seed=args.seed,
-            checkpoint_dir=ckpt_dir,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            progress=not args.quiet and rank == 0,
-            device=device,
-        )
+    up = train_jbu(
+        backbone,
+        dataset,
+        args.steps,
+        batch_size=args.batch_size,
+        proj_dim=args.proj_dim,
+        downsampler=args.downsampler,
+        checkpoint_dir=ckpt_dir,
+        resume=args.resume,
+        progress=not args.quiet and rank == 0,
+        **training_kwargs(args, device),
+    )
     elapsed = time.perf_counter() - start
     if rank == 0:
         extra = {
