@@ -74,7 +74,10 @@ def unfold_jbu_forward(stack, lr_feats, image, size):
         keys = stage.range_proj(g)
         key_patches = F.unfold(pad2d(keys, r, stage.pad_mode), d).view(b, keys.shape[1], d * d, h, w)
         temp = stage.range_temp.exp().clamp(1e-4, 1e4)
-        kernel = torch.softmax(temp * (key_patches * keys[:, :, None]).sum(1), dim=1)
+        if stage.range_kernel == "distance":
+            kernel = torch.softmax(-temp * (key_patches - keys[:, :, None]).square().sum(1), dim=1)
+        else:
+            kernel = torch.softmax(temp * (key_patches * keys[:, :, None]).sum(1), dim=1)
         kernel = kernel * spatial_gaussian(r, stage.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
         if stage.fixup_proj is not None:
