@@ -300,3 +300,16 @@ def test_bad_inputs_raise_clear_errors():
         JBUStack(resize_mode="area")
     with pytest.raises(ValueError, match="range_kernel"):
         JBUStack(range_kernel="cosine")
+
+
+def test_neighborhood_helpers_gradcheck_and_match_shifted_views():
+    """The fused-op similarities against a tap-by-tap computation on shifted views, and their gradients."""
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    qp = F.pad(q, [1] * 4, mode="replicate")
+    shifted = torch.stack([qp[:, :, i : i + 5, j : j + 4] for i in range(3) for j in range(3)], dim=2)
+    torch.testing.assert_close(neighborhood_dot(q, 1, "replicate"), (shifted * q[:, :, None]).sum(1))
+    torch.testing.assert_close(
+        neighborhood_sqdist(q, 1, "replicate"), (shifted - q[:, :, None]).square().sum(1)
+    )
+    assert torch.autograd.gradcheck(lambda x: neighborhood_dot(x, 1), (q,))
+    assert torch.autograd.gradcheck(lambda x: neighborhood_sqdist(x + 0.5, 2), (q,))

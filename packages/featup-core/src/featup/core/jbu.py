@@ -20,9 +20,9 @@ over similar ones, so at initialisation the kernel blurs across edges and the ch
 smoothing. A distance kernel is edge-aware from the first step, and the encoder's texture-aware keys keep it
 from smoothing across boundaries that differ in texture rather than colour.
 
-The neighborhood similarities are computed one tap at a time on shifted views instead of through ``unfold``,
-so no (C * K * K, H, W) patch tensor is ever materialized; together with the fused adaptive convolution this
-keeps the working memory at a few feature maps per stage.
+The neighborhood similarities are computed by the fused op as well (the inner products of every pixel with
+its K x K neighbours are exactly the filter gradient of an adaptive convolution), so no (C * K * K, H, W)
+patch tensor is ever materialized; the working memory stays at a few feature maps per stage.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin
@@ -138,33 +139,65 @@ def _taps(radius: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(diameter) for j in range(diameter)]
 
 
+class _NeighborhoodDot(torch.autograd.Function):
+    """``dots[b, h, w, i, j] = sum_c q[b, c, h, w] * q_pad[b, c, h + i, w + j]`` on the fused op.
+
+    That sum is the filter gradient of ``adaptive_conv(q_pad, filters)`` for an output gradient ``q``, and
+    its own gradients are one adaptive convolution (for ``q``) and one input gradient (for ``q_pad``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, qp: torch.Tensor, diameter: int) -> torch.Tensor:
+        b, _, h, w = q.shape
+        unused_filters = q.new_zeros(b, h, w, diameter, diameter)  # the op's input gradient is discarded
+        dots = torch.ops.featup.adaptive_conv_backward(q, qp, unused_filters)[1]
+        ctx.save_for_backward(q, qp)
+        return dots
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        q, qp = ctx.saved_tensors
+        dtype = torch.promote_types(q.dtype, grad.dtype)  # under autocast the two can differ
+        q_, qp_, grad = q.to(dtype), qp.to(dtype), grad.to(dtype).contiguous()
+        grad_q = adaptive_conv(qp_, grad).to(q.dtype) if ctx.needs_input_grad[0] else None
+        grad_qp = None
+        if ctx.needs_input_grad[1]:
+            grad_qp = torch.ops.featup.adaptive_conv_backward(q_, qp_, grad)[0].to(qp.dtype)
+        return grad_q, grad_qp, None
+
+
 def neighborhood_dot(q: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
     """Inner products between every pixel's vector and its K x K neighbors' (K = 2 * radius + 1).
 
-    ``out[b, i * K + j, h, w] = <q[b, :, h, w], q_pad[b, :, h + i, w + j]>``. Computed tap by tap on shifted
-    views, so the memory is O(K^2 H W), not O(C K^2 H W) as with ``unfold``.
+    ``out[b, i * K + j, h, w] = <q[b, :, h, w], q_pad[b, :, h + i, w + j]>``, one pass of the fused op: the
+    memory is O(K^2 H W), not O(C K^2 H W) as with ``unfold``. Differentiable once in ``q``.
 
     Shape:
         - q: (B, C, H, W)
         - output: (B, K * K, H, W)
     """
-    h, w = q.shape[-2:]
-    qp = pad2d(q, radius, pad_mode)
-    return torch.stack([(q * qp[:, :, i : i + h, j : j + w]).sum(1) for i, j in _taps(radius)], dim=1)
+    b, _, h, w = q.shape
+    diameter = 2 * radius + 1
+    dots = _NeighborhoodDot.apply(q, pad2d(q, radius, pad_mode), diameter)
+    return dots.reshape(b, h, w, diameter * diameter).permute(0, 3, 1, 2)
 
 
 def neighborhood_sqdist(g: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
     """Squared Euclidean distances between every pixel's vector and its K x K neighbors'.
 
+    ``|a - b|^2 = |a|^2 + |b|^2 - 2 <a, b>`` with the inner products of :func:`neighborhood_dot`; clamped at
+    zero against rounding.
+
     Shape:
         - g: (B, C, H, W)
         - output: (B, K * K, H, W), tap index ``i * K + j`` as in :func:`neighborhood_dot`
     """
-    h, w = g.shape[-2:]
-    gp = pad2d(g, radius, pad_mode)
-    return torch.stack(
-        [(g - gp[:, :, i : i + h, j : j + w]).square().sum(1) for i, j in _taps(radius)], dim=1
-    )
+    b, _, h, w = g.shape
+    diameter = 2 * radius + 1
+    norms = g.square().sum(1, keepdim=True)
+    neighbor_norms = F.unfold(pad2d(norms, radius, pad_mode), diameter).view(b, diameter * diameter, h, w)
+    return (norms + neighbor_norms - 2 * neighborhood_dot(g, radius, pad_mode)).clamp_min(0)
 
 
 def spatial_gaussian(radius: int, sigma: torch.Tensor | float) -> torch.Tensor:
