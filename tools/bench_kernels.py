@@ -17,6 +17,13 @@ The physical floor of a shape, measured in the same run: the larger of
   - a compute floor: K*K*B*C*H*W multiply-adds at the rate torch.mm reaches on a large square matmul,
 and "x floor" is our forward time divided by it.
 
+The memory lower bound of a shape ("required MB"): what any implementation must hold at the peak of forward +
+backward, above the inputs: the output (B*C*H*W), the input gradient (B*C*(H+K-1)*(W+K-1)) and the filter
+gradient (B*H*W*K*K), all returned and alive together when the backward finishes. Each method's fwd+bwd peak
+is also given as a multiple of it. The filter gradient alone is 1/C of unfold's patch tensor (B*C*K*K*H*W),
+and unfold peaks at about two patch tensors, so where unfold's peak is under 10x the required bytes (C = 3),
+a peak of 1/10 of unfold's is out of reach for any implementation.
+
 The paper's batch sizes are scaled down to the largest power of two whose unfold patch tensor fits in
 --max-unfold-mb (CPU memory is shared); the table says which batch ran.
 
@@ -127,6 +134,12 @@ class Shape:
     def io_bytes(self) -> int:
         b, h, w, c, k = self.batch, self.h, self.w, self.c, self.k
         return BYTES * (b * c * (h + k - 1) * (w + k - 1) + b * h * w * k * k + b * c * h * w)
+
+    @property
+    def required_bytes(self) -> int:
+        """Output + input gradient + filter gradient: what any forward + backward must hold at its peak."""
+        b, h, w, c, k = self.batch, self.h, self.w, self.c, self.k
+        return BYTES * (b * c * h * w + b * c * (h + k - 1) * (w + k - 1) + b * h * w * k * k)
 
     def inputs(self, requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
@@ -346,8 +359,9 @@ def markdown(results: dict[str, object]) -> str:
     lines += [
         "",
         "| Shape | Floor ms (memory / compute) | Ours fwd ms | x floor | Fwd speedup vs shifted / unfold "
-        "| Fwd+bwd speedup vs shifted / unfold | Unfold peak / ours (fwd, fwd+bwd) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Fwd+bwd speedup vs shifted / unfold | Unfold peak / ours (fwd, fwd+bwd) "
+        "| Required MB | Fwd+bwd peak / required: ours, unfold |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["shapes"]:
         r = row["ratios"]
@@ -357,7 +371,9 @@ def markdown(results: dict[str, object]) -> str:
             f"| {row['methods']['ours']['forward_ms']:.2f} | {r['ours_forward_x_floor']:.1f} "
             f"| {r['fwd_speedup_vs_shifted']:.1f}x / {r['fwd_speedup_vs_unfold']:.1f}x "
             f"| {r['fwdbwd_speedup_vs_shifted']:.1f}x / {r['fwdbwd_speedup_vs_unfold']:.1f}x "
-            f"| {r['unfold_fwd_peak_over_ours']:.0f}x, {r['unfold_peak_over_ours']:.1f}x |"
+            f"| {r['unfold_fwd_peak_over_ours']:.0f}x, {r['unfold_peak_over_ours']:.1f}x "
+            f"| {row['required_mb']:.1f} "
+            f"| {r['ours_peak_over_required']:.2f}x, {r['unfold_peak_over_required']:.1f}x |"
         )
     m = results["machine"]
     rates = results["rates"]
@@ -368,7 +384,8 @@ def markdown(results: dict[str, object]) -> str:
         f"load average {m['load_average_start'][0]:.1f} "
         f"at start, {m['load_average_end'][0]:.1f} at end. torch.mm {rates['matmul_gfma_per_s']:.1f} GFMA/s "
         f"(n={rates['matmul_n']}), copy_ {rates['copy_gb_per_s']:.1f} GB/s (read+write). "
-        "Batches cut from the paper's (in parentheses) to fit CPU memory.",
+        "Batches cut from the paper's (in parentheses) to fit CPU memory. Required MB: output + input "
+        "gradient + filter gradient, the least any implementation holds at the end of forward + backward.",
     ]
     return "\n".join(lines)
 
@@ -402,6 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 **asdict(shape),
                 "fmas": shape.fmas,
                 "io_bytes": shape.io_bytes,
+                "required_mb": shape.required_bytes / 2**20,
                 "memory_floor_ms": memory_floor,
                 "compute_floor_ms": compute_floor,
                 "floor_ms": floor,
@@ -415,6 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     "unfold_fwd_peak_over_ours": unfold["forward_peak_mb"]
                     / max(ours["forward_peak_mb"], 1e-3),
                     "unfold_peak_over_ours": unfold["peak_mb"] / max(ours["peak_mb"], 1e-3),
+                    "ours_peak_over_required": ours["peak_mb"] / (shape.required_bytes / 2**20),
+                    "unfold_peak_over_required": unfold["peak_mb"] / (shape.required_bytes / 2**20),
                 },
             }
         )

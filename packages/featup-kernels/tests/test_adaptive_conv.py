@@ -129,6 +129,35 @@ def test_float32_matches_reference(cpu_isa: str, shape: tuple[int, ...], seed: i
     torch.testing.assert_close(gf.double(), rf, rtol=1e-4, atol=1e-4 * c)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
+@pytest.mark.parametrize("w", [5, 8, 13, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_kernel_size(cpu_isa: str, k: int, w: int, dtype: torch.dtype) -> None:
+    """K <= 9 runs kernels compiled for that K, K = 11 the run-time K path: each with all column cases
+    (narrow, one vector, overlapping last vector, several), 7 rows (full row tiles plus a partial one) and
+    9 channels (channel blocks plus a remainder)."""
+    x, f = make_inputs(2, 9, 7, w, k, seed=k * w)
+    xs, fs = x.to(dtype).requires_grad_(True), f.to(dtype).requires_grad_(True)
+    out = adaptive_conv(xs, fs)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4 * k
+    torch.testing.assert_close(out.double(), adaptive_conv_reference(x, f), rtol=tol, atol=tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gx, gf = torch.autograd.grad(out, (xs, fs), grad.to(dtype))
+    x.requires_grad_(True)
+    f.requires_grad_(True)
+    rx, rf = torch.autograd.grad(adaptive_conv_reference(x, f), (x, f), grad)
+    torch.testing.assert_close(gx.double(), rx, rtol=tol, atol=tol)
+    torch.testing.assert_close(gf.double(), rf, rtol=tol, atol=tol * 9)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 61, 40, 5), (2, 70, 20, 200, 3)])
+def test_bands_and_channel_chunks(cpu_isa: str, shape: tuple[int, ...]) -> None:
+    """Shapes whose forward splits the rows into several bands of row tiles (wide or tall images) and the
+    channels into several chunks, with a partial last band and chunk."""
+    x, f = make_inputs(*shape, seed=5)
+    torch.testing.assert_close(adaptive_conv(x, f), adaptive_conv_reference(x, f), rtol=1e-10, atol=1e-10)
+
+
 # ---- gradients ---------------------------------------------------------------------------------------------
 
 
@@ -152,9 +181,11 @@ def test_gradient_of_one_argument_only() -> None:
     torch.testing.assert_close(gx, torch.autograd.grad(adaptive_conv_reference(x, f).sum(), (x,))[0])
 
 
-def test_deterministic_across_thread_counts() -> None:
-    """Every output and gradient element is written by exactly one task: bitwise equal for 1 and 2 threads."""
-    x, f = make_inputs(2, 9, 7, 19, 5, dtype=torch.float32)
+@pytest.mark.parametrize("shape", [(2, 9, 7, 19, 5), (1, 96, 40, 40, 3)])
+def test_deterministic_across_thread_counts(shape: tuple[int, ...]) -> None:
+    """Every output and gradient element is written by exactly one task in a fixed order, however the tasks
+    are cut for the thread count (channel chunks differ for 1 and 2 threads): bitwise equal results."""
+    x, f = make_inputs(*shape, dtype=torch.float32)
     x.requires_grad_(True)
     f.requires_grad_(True)
     results = []

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -92,33 +93,58 @@ index_t channel_group(index_t R, index_t CB, index_t in_cols, int K, index_t cha
   return std::min(group, channels);
 }
 
-// out[b] = conv(in[b], tile(filters[b])) for every batch element, over tasks of (batch element, channel
-// group, run of row tiles). Within a task the row tiles run in order, so the K-1 input rows two consecutive
-// tiles share are still in cache. The filter tile of a row tile is built in a per-worker buffer (never
-// materialized for the whole tensor) and used by every channel of the group.
+// out[b] = conv(in[b], tile(filters[b])) for every batch element, over tasks of (batch element, band of row
+// tiles, chunk of channels).
+//
+// A band is as many row tiles as fit in kBandBytes (whole images up to 32 x 32 at K = 5, one row tile for
+// 512-wide rows); its packed filter tiles are built once per task (or kept from the worker's previous task
+// when it was the same band) and every channel block of the chunk then runs over all row tiles of the band.
+// The band's filters stay in L2 while input and output stream past once, each channel block reading CB
+// consecutive channels (one contiguous run of memory). The previous order (per row tile, all channels of a
+// group) read strided windows of hundreds of channels per tile, which the prefetchers did not keep up with
+// once the input left the cache (4 images of 14 x 14 x 2048 took 7x as long as one). Chunks split the
+// channels only as far as the thread count needs tasks (~16 per thread).
+//
+// Every output element is computed by one conv_block in a fixed tap order whatever the band or chunk, so
+// results are bitwise identical for any thread count.
+constexpr index_t kBandBytes = 128 * 1024;
+
 template <typename T>
 void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s) {
   const Kernels<T> k = kernels<T>();
-  const index_t R = k.tile_rows, KK = index_t(s.K) * s.K;
+  const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K;
   const index_t in_cols = s.cols + s.K - 1;
   const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = s.rows * s.cols;
   const index_t in_batch = s.channels * x_chan, out_batch = s.channels * o_chan, f_batch = s.rows * s.cols * KK;
-  const index_t group = channel_group(R, k.channel_block, in_cols, s.K, s.channels, sizeof(T));
-  const index_t n_groups = (s.channels + group - 1) / group;
   const index_t row_tiles = (s.rows + R - 1) / R;
-  const index_t per_task = items_per_task(row_tiles, B * n_groups);
-  const index_t chunks = (row_tiles + per_task - 1) / per_task;
-  parallel_tasks(B * n_groups * chunks, [&](const auto& next) {
-    std::vector<T> tile(static_cast<size_t>(R * KK * s.tile_stride));
+  const index_t tile_elems = R * KK * s.tile_stride;  // one packed row tile (kernels.h)
+  const index_t band_tiles = std::clamp<index_t>(kBandBytes / (tile_elems * index_t(sizeof(T))), 1, row_tiles);
+  const index_t bands = (row_tiles + band_tiles - 1) / band_tiles;
+  const index_t blocks = (s.channels + CB - 1) / CB;
+  const index_t chunk = items_per_task(blocks, B * bands) * CB;  // channels per task, a multiple of CB
+  const index_t chunks = (s.channels + chunk - 1) / chunk;
+  parallel_tasks(B * bands * chunks, [&](const auto& next) {
+    std::unique_ptr<T[]> tiles(new T[static_cast<size_t>(band_tiles * tile_elems)]);
+    index_t cached = -1;  // the (batch element, band) whose tiles are in `tiles`
     for (int64_t t; (t = next()) >= 0;) {
-      const index_t b = t / (n_groups * chunks), g = (t / chunks) % n_groups, chunk = t % chunks;
-      const index_t c0 = g * group, c1 = std::min(s.channels, c0 + group);
-      const index_t tile_end = std::min(row_tiles, (chunk + 1) * per_task);
-      for (index_t rt = chunk * per_task; rt < tile_end; ++rt) {
-        const index_t h0 = rt * R, n = std::min(R, s.rows - h0);
-        k.forward_tile(filters + b * f_batch, s, h0, n, tile.data());
-        k.conv_rows(in + b * in_batch + c0 * x_chan + h0 * in_cols, x_chan, tile.data(),
-                    out + b * out_batch + c0 * o_chan + h0 * s.cols, o_chan, s, n, c1 - c0);
+      const index_t bb = t / chunks, b = bb / bands, band = bb % bands, c0 = (t % chunks) * chunk;
+      const index_t c1 = std::min(s.channels, c0 + chunk);
+      const index_t rt0 = band * band_tiles, rt1 = std::min(row_tiles, rt0 + band_tiles);
+      if (cached != bb) {
+        for (index_t rt = rt0; rt < rt1; ++rt) {
+          const index_t h0 = rt * R;
+          k.forward_tile(filters + b * f_batch, s, h0, std::min(R, s.rows - h0),
+                         tiles.get() + (rt - rt0) * tile_elems);
+        }
+        cached = bb;
+      }
+      for (index_t c = c0; c < c1; c += CB) {
+        const index_t nc = std::min(CB, c1 - c);
+        for (index_t rt = rt0; rt < rt1; ++rt) {
+          const index_t h0 = rt * R;
+          k.conv_rows(in + b * in_batch + c * x_chan + h0 * in_cols, x_chan, tiles.get() + (rt - rt0) * tile_elems,
+                      out + b * out_batch + c * o_chan + h0 * s.cols, o_chan, s, std::min(R, s.rows - h0), nc);
+        }
       }
     }
   });
@@ -151,7 +177,7 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
   const index_t gf_chunks = (H + rows_per_task - 1) / rows_per_task;
   const index_t gi_tasks = n_groups * gi_chunks, per_batch = gi_tasks + gf_chunks;
   parallel_tasks(B * per_batch, [&](const auto& next) {
-    std::vector<T> tile, window, scratch, filter_row;
+    std::vector<T> tile, window, scratch, tile_scratch;
     for (int64_t t; (t = next()) >= 0;) {
       const index_t b = t / per_batch, u = t % per_batch;
       const T* gb = g + b * g_batch;
@@ -159,14 +185,14 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
         if (tile.empty()) {
           tile.resize(static_cast<size_t>(R * KK * gi_shape.tile_stride));
           window.resize(static_cast<size_t>(group * win_chan));
-          filter_row.resize(static_cast<size_t>(KK * gi_shape.tile_stride));
+          tile_scratch.resize(static_cast<size_t>((R + 1) * KK * gi_shape.tile_stride));
         }
         const index_t grp = u / gi_chunks, chunk = u % gi_chunks;
         const index_t c0 = grp * group, nc = std::min(C, c0 + group) - c0;
         const index_t tile_end = std::min(row_tiles, (chunk + 1) * tiles_per_task);
         for (index_t rt = chunk * tiles_per_task; rt < tile_end; ++rt) {
           const index_t y0 = rt * R, n = std::min(R, Hi - y0);
-          k.grad_input_tile(f + b * f_batch, gi_shape, y0, n, tile.data(), filter_row.data());
+          k.grad_input_tile(f + b * f_batch, gi_shape, y0, n, tile.data(), tile_scratch.data());
           for (index_t c = 0; c < nc; ++c) {
             const T* gc = gb + (c0 + c) * g_chan;
             for (index_t r = 0; r < n + K - 1; ++r) {

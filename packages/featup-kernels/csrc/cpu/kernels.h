@@ -7,7 +7,9 @@
 // A "conv" computes out[c, h, w] = sum_ij tile[h - h0][i][j][w] * in[c, h + i, w + j] for the output rows
 // [h0, h0 + rows) of one batch element, with a filter tile laid out so that w is the contiguous axis: the
 // forward pass transposes filters[b, h, w, :, :] into it, the input gradient flips and shifts them into it
-// (the input gradient is the same conv applied to the zero-padded output gradient).
+// (the input gradient is the same conv applied to the zero-padded output gradient). Tiles are packed per
+// vector of columns (kernels_impl.h, "the packed filter tile"); a buffer of max_tile_rows()*K*K*tile_stride
+// elements holds one.
 #pragma once
 
 namespace featup::cpu {
@@ -37,7 +39,7 @@ static inline index_t tile_stride_for(index_t cols) {
   /* Rows [h0, h0+n) of the filter tile of the forward pass; f points at filters[b] (H, W, K, K). */       \
   void forward_tile(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile);                        \
   /* Rows [y0, y0+n) of the filter tile of the input gradient; f points at filters[b] of the forward     */ \
-  /* pass, whose output is (s.rows-K+1) x (s.cols-K+1); scratch holds K*K*s.tile_stride elements.      */ \
+  /* pass, whose output is (s.rows-K+1) x (s.cols-K+1); scratch: (max_tile_rows()+1)*K*K*tile_stride.  */ \
   void grad_input_tile(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile, T* scratch);         \
   /* n <= max_tile_rows() output rows of nc channels: x points at in[c0, h0, 0] (rows s.cols+K-1 apart,  */ \
   /* channels x_chan apart), out at out[c0, h0, 0] (rows s.cols apart, channels o_chan apart).          */ \

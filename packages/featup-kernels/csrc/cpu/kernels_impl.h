@@ -6,11 +6,13 @@
 // included here (see CMakeLists.txt: inline code compiled with -mavx2 must not be shared with other files).
 //
 // Forward (and input gradient, the same conv on the padded output gradient):
-//   - filters are transposed per tile of output rows into tile[r][i][j][w], so the tap weights of
-//     neighbouring output pixels are contiguous and load as one vector;
+//   - filters are transposed per tile of output rows (N x N register transposes) into a tile packed per
+//     vector of columns, tile[block][r][i][j][lane], so the tap weights of neighbouring output pixels load
+//     as one vector from a compile-time offset;
 //   - a register block holds CB channels x R output rows of one vector of output columns; each input row
 //     is loaded once per (channel, tap column j) and used by every output row of the block it reaches
-//     (tap row i = input row - output row): the "reuse of loaded rows" that halves the loads per FMA;
+//     (tap row i = input row - output row): the "reuse of loaded rows" that cuts the loads per FMA;
+//   - K <= 9 is compiled with K known, so the whole block unrolls into straight-line FMAs;
 //   - the last vector of a row overlaps the previous one instead of falling back to scalar code (its
 //     results are stored, not accumulated, so recomputing a few columns is harmless);
 //   - rows narrower than one vector use the shared scalar arithmetic of adaptive_conv_math.h.
@@ -100,33 +102,115 @@ constexpr int kTileRows = FEATUP_TILE_ROWS;
 constexpr int kChannelBlock = FEATUP_CHANNEL_BLOCK;
 constexpr int kTapBlock = 8;  // tap columns j per register block of the filter gradient
 
+// ---- the packed filter tile --------------------------------------------------------------------------------
+//
+// A tile of up to kTileRows output rows is stored per vector of columns ("block"): block b holds, for each
+// row r and tap t = i*K + j, the N weights of columns [block_start(b), block_start(b) + N) contiguously:
+//   tile[b][r][t][lane],  block stride tile_block = kTileRows*K*K*N elements.
+// The conv then reads every weight at a compile-time offset from one pointer (no runtime tap stride, so no
+// address arithmetic in the unrolled kernel) and walks one block after another (sequential prefetching).
+// The last block starts at cols - N and overlaps the one before when N does not divide cols; a row narrower
+// than one vector is one block whose lanes past cols are never read. nb * N <= tile_stride_for(cols), so a
+// buffer of kTileRows * K*K * tile_stride elements holds a whole tile.
+template <typename T>
+constexpr index_t tile_block(int K) {
+  return index_t(kTileRows) * K * K * VecOf<T>::lanes;
+}
+template <typename T>
+FEATUP_INLINE index_t tile_blocks(index_t cols) {
+  constexpr int N = VecOf<T>::lanes;
+  return (cols + N - 1) / N;
+}
+template <typename T>
+FEATUP_INLINE index_t block_start(index_t b, index_t cols) {
+  constexpr int N = VecOf<T>::lanes;
+  return b * N + N <= cols ? b * N : (cols > N ? cols - N : 0);
+}
+
+// Packs rows [0, n) of an unpacked tile u[r][t][w] (taps ts apart, rows KK*ts apart) into `tile`.
+template <typename T>
+void pack_tile(const T* u, index_t ts, index_t KK, index_t cols, index_t n, T* tile) {
+  constexpr int N = VecOf<T>::lanes;
+  const index_t blocks = tile_blocks<T>(cols), stride = index_t(kTileRows) * KK * N;
+  for (index_t b = 0; b < blocks; ++b) {
+    const index_t w0 = block_start<T>(b, cols), lanes = cols < N ? cols : N;
+    T* dst = tile + b * stride;
+    for (index_t rt = 0; rt < n * KK; ++rt) {
+      if (lanes == N) {
+        storeu(dst + rt * N, loadu(u + rt * ts + w0));
+      } else {
+        for (index_t l = 0; l < lanes; ++l) dst[rt * N + l] = u[rt * ts + w0 + l];
+      }
+    }
+  }
+}
+
 // ---- forward / input-gradient conv -------------------------------------------------------------------------
 
-// CB channels x R output rows x one vector of columns. `x` points at in[c0, h0, w0], `f` at tile[0][0][0][w0],
-// `o` at out[c0, h0, w0].
-template <typename T, int CB, int R>
-FEATUP_INLINE void conv_block(const T* x, index_t x_chan, index_t x_row, const T* f, index_t f_tap, int K, T* o,
+// CB channels x R output rows x one vector of columns. `x` points at in[c0, h0, w0], `f` at the tile's block
+// of these columns (see tile_block), `o` at out[c0, h0, w0]. KF > 0 is the kernel size known at compile time
+// (K <= 9): every loop unrolls into straight-line code, the R filter vectors of a tap stay in registers while
+// each input vector is loaded once and used by all R rows. KF == 0 (K > 9) takes the kernel size from `K_rt`
+// at run time, with the loops as written below. Every output element accumulates its taps in the same order
+// (i, then j) whatever CB, R and KF are, so the blocking never changes a result.
+template <typename T, int CB, int R, int KF>
+FEATUP_INLINE void conv_block(const T* x, index_t x_chan, index_t x_row, const T* f, int K_rt, T* o,
                               index_t o_chan, index_t o_row) {
   using V = vec_t<T>;
+  constexpr int N = VecOf<T>::lanes;
+  const int K = KF > 0 ? KF : K_rt;
   V acc[CB][R];
 #pragma GCC unroll 8
   for (int c = 0; c < CB; ++c) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[c][r] = V{};
   }
-  for (int rr = 0; rr < R + K - 1; ++rr) {
-    const T* xr = x + rr * x_row;
-    for (int j = 0; j < K; ++j) {
-      V xv[CB];
+  if constexpr (KF > 0) {
+    const T* xr = x;
+#pragma GCC unroll 16
+    for (int rr = 0; rr < R + KF - 1; ++rr, xr += x_row) {
+      // One pointer per channel, opaque to the optimizer: every load below is then pointer + constant.
+      // Without this GCC folds rr*x_row + c*x_chan + j into a separate index per load and spills them.
+      const T* xc[CB];
 #pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) xv[c] = loadu(xr + c * x_chan + j);
+      for (int c = 0; c < CB; ++c) {
+        xc[c] = xr + c * x_chan;
+        asm("" : "+r"(xc[c]));
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < KF; ++j) {
+        V fv[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const int i = rr - r;  // the tap row that input row rr contributes to output row r
-        if (i >= 0 && i < K) {
-          const V fv = loadu(f + ((r * K + i) * K + j) * f_tap);
+        for (int r = 0; r < R; ++r) {
+          const int i = rr - r;  // the tap row that input row rr contributes to output row r
+          if (i >= 0 && i < KF) fv[r] = loadu(f + ((r * KF + i) * KF + j) * N);
+        }
 #pragma GCC unroll 8
-          for (int c = 0; c < CB; ++c) acc[c][r] += fv * xv[c];
+        for (int c = 0; c < CB; ++c) {
+          const V xv = loadu(xc[c] + j);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const int i = rr - r;
+            if (i >= 0 && i < KF) acc[c][r] += fv[r] * xv;
+          }
+        }
+      }
+    }
+  } else {
+    for (int rr = 0; rr < R + K - 1; ++rr) {
+      const T* xr = x + rr * x_row;
+      for (int j = 0; j < K; ++j) {
+        V xv[CB];
+#pragma GCC unroll 8
+        for (int c = 0; c < CB; ++c) xv[c] = loadu(xr + c * x_chan + j);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const int i = rr - r;
+          if (i >= 0 && i < K) {
+            const V fv = loadu(f + ((r * K + i) * K + j) * N);
+#pragma GCC unroll 8
+            for (int c = 0; c < CB; ++c) acc[c][r] += fv * xv[c];
+          }
         }
       }
     }
@@ -138,28 +222,52 @@ FEATUP_INLINE void conv_block(const T* x, index_t x_chan, index_t x_row, const T
   }
 }
 
-// All vector columns of CB channels x R rows.
-template <typename T, int CB, int R>
+// All vector columns of CB channels x R rows (s.cols >= N).
+template <typename T, int CB, int R, int KF>
 void conv_columns(const T* x, index_t x_chan, const T* tile, T* o, index_t o_chan, const ConvShape& s) {
-  constexpr int N = VecOf<T>::lanes;
-  const index_t in_cols = s.cols + s.K - 1;
-  for (index_t w0 = 0;; w0 += N) {
-    if (w0 + N > s.cols) w0 = s.cols - N;  // overlap the last vector with the previous one
-    conv_block<T, CB, R>(x + w0, x_chan, in_cols, tile + w0, s.tile_stride, s.K, o + w0, o_chan, s.cols);
-    if (w0 + N >= s.cols) break;
+  const index_t in_cols = s.cols + s.K - 1, blocks = tile_blocks<T>(s.cols), stride = tile_block<T>(s.K);
+  for (index_t b = 0; b < blocks; ++b) {
+    const index_t w0 = block_start<T>(b, s.cols);
+    conv_block<T, CB, R, KF>(x + w0, x_chan, in_cols, tile + b * stride, s.K, o + w0, o_chan, s.cols);
   }
 }
 
-template <typename T, int CB>
+template <typename T, int CB, int KF>
 void conv_columns_rows(const T* x, index_t x_chan, const T* tile, T* o, index_t o_chan, const ConvShape& s,
                        index_t n) {
   static_assert(kTileRows <= 4, "extend the switch below");
   switch (n) {
-    case 1: conv_columns<T, CB, 1>(x, x_chan, tile, o, o_chan, s); break;
-    case 2: if constexpr (kTileRows >= 2) conv_columns<T, CB, 2>(x, x_chan, tile, o, o_chan, s); break;
-    case 3: if constexpr (kTileRows >= 3) conv_columns<T, CB, 3>(x, x_chan, tile, o, o_chan, s); break;
-    case 4: if constexpr (kTileRows >= 4) conv_columns<T, CB, 4>(x, x_chan, tile, o, o_chan, s); break;
+    case 1: conv_columns<T, CB, 1, KF>(x, x_chan, tile, o, o_chan, s); break;
+    case 2: if constexpr (kTileRows >= 2) conv_columns<T, CB, 2, KF>(x, x_chan, tile, o, o_chan, s); break;
+    case 3: if constexpr (kTileRows >= 3) conv_columns<T, CB, 3, KF>(x, x_chan, tile, o, o_chan, s); break;
+    case 4: if constexpr (kTileRows >= 4) conv_columns<T, CB, 4, KF>(x, x_chan, tile, o, o_chan, s); break;
     default: break;
+  }
+}
+
+// Channel blocks of kChannelBlock, then the remaining channels as one narrower block (not one by one: fewer
+// filter loads).
+template <typename T, int KF>
+void conv_channels(const T* x, index_t x_chan, const T* tile, T* out, index_t o_chan, const ConvShape& s,
+                   index_t n, index_t nc) {
+  index_t c = 0;
+  for (; c + kChannelBlock <= nc; c += kChannelBlock) {
+    conv_columns_rows<T, kChannelBlock, KF>(x + c * x_chan, x_chan, tile, out + c * o_chan, o_chan, s, n);
+  }
+  if (c < nc) {
+    const T* xc = x + c * x_chan;
+    T* o = out + c * o_chan;
+    static_assert(kChannelBlock <= 8, "extend the switch below");
+    switch (nc - c) {
+      case 1: conv_columns_rows<T, 1, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 2: if constexpr (kChannelBlock > 2) conv_columns_rows<T, 2, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 3: if constexpr (kChannelBlock > 3) conv_columns_rows<T, 3, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 4: if constexpr (kChannelBlock > 4) conv_columns_rows<T, 4, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 5: if constexpr (kChannelBlock > 5) conv_columns_rows<T, 5, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 6: if constexpr (kChannelBlock > 6) conv_columns_rows<T, 6, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      case 7: if constexpr (kChannelBlock > 7) conv_columns_rows<T, 7, KF>(xc, x_chan, tile, o, o_chan, s, n); break;
+      default: break;
+    }
   }
 }
 
@@ -176,52 +284,27 @@ void conv_rows_impl(const T* x, index_t x_chan, const T* tile, T* out, index_t o
       for (index_t r = 0; r < n; ++r) {
         for (index_t w = 0; w < s.cols; ++w) {
           out[c * o_chan + r * s.cols + w] = math::forward_element<T>(
-              x + c * x_chan + r * in_cols + w, in_cols, 1, tile + r * K * K * s.tile_stride + w,
-              K * s.tile_stride, s.tile_stride, K);
+              x + c * x_chan + r * in_cols + w, in_cols, 1, tile + r * K * K * N + w, K * N, N, K);
         }
       }
     }
     return;
   }
-  index_t c = 0;
-  for (; c + kChannelBlock <= nc; c += kChannelBlock) {
-    conv_columns_rows<T, kChannelBlock>(x + c * x_chan, x_chan, tile, out + c * o_chan, o_chan, s, n);
-  }
-  if (c < nc) {  // the remaining channels as one narrower block (not one by one: fewer filter loads)
-    const T* xc = x + c * x_chan;
-    T* o = out + c * o_chan;
-    static_assert(kChannelBlock <= 8, "extend the switch below");
-    switch (nc - c) {
-      case 1: conv_columns_rows<T, 1>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 2: if constexpr (kChannelBlock > 2) conv_columns_rows<T, 2>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 3: if constexpr (kChannelBlock > 3) conv_columns_rows<T, 3>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 4: if constexpr (kChannelBlock > 4) conv_columns_rows<T, 4>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 5: if constexpr (kChannelBlock > 5) conv_columns_rows<T, 5>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 6: if constexpr (kChannelBlock > 6) conv_columns_rows<T, 6>(xc, x_chan, tile, o, o_chan, s, n); break;
-      case 7: if constexpr (kChannelBlock > 7) conv_columns_rows<T, 7>(xc, x_chan, tile, o, o_chan, s, n); break;
-      default: break;
-    }
+  switch (K) {  // kernel sizes up to 9 compiled with K known (see conv_block)
+    case 1: conv_channels<T, 1>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 2: conv_channels<T, 2>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 3: conv_channels<T, 3>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 4: conv_channels<T, 4>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 5: conv_channels<T, 5>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 6: conv_channels<T, 6>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 7: conv_channels<T, 7>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 8: conv_channels<T, 8>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    case 9: conv_channels<T, 9>(x, x_chan, tile, out, o_chan, s, n, nc); break;
+    default: conv_channels<T, 0>(x, x_chan, tile, out, o_chan, s, n, nc); break;
   }
 }
 
 // ---- filter tiles ------------------------------------------------------------------------------------------
-
-// Transposed in blocks of 16 columns: the reads stay within a few cache lines, the writes are contiguous runs.
-template <typename T>
-void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {
-  const int K = s.K;
-  const index_t W = s.cols, KK = index_t(K) * K, ts = s.tile_stride;
-  for (index_t r = 0; r < n; ++r) {
-    const T* fr = f + (h0 + r) * W * KK;
-    T* tr = tile + r * KK * ts;
-    for (index_t w0 = 0; w0 < W; w0 += 16) {
-      const index_t w1 = w0 + 16 < W ? w0 + 16 : W;
-      for (index_t t = 0; t < KK; ++t) {
-        for (index_t w = w0; w < w1; ++w) tr[t * ts + w] = fr[w * KK + t];
-      }
-    }
-  }
-}
 
 // Transposes filters[h] (W, K*K) into ft[t][w] (t = tap, w contiguous, taps ts apart) with N x N register
 // transposes; columns past the last full block, and every column when K*K < N, are copied one by one.
@@ -243,30 +326,61 @@ void transpose_filter_row(const T* fh, index_t W, index_t KK, index_t ts, T* ft)
   }
 }
 
-// tile[r][i'][j'][x] = filters[y-K+1+i', x-K+1+j', K-1-i', K-1-j'] (zero outside the forward output), so
-// that grad_input[c, y, x] = sum_{i'j'} tile[r][i'][j'][x] * pad(grad_out)[c, y+i', x+j']. Each forward
-// filter row h the tile needs is transposed once into `scratch` (K*K*tile_stride elements); its tap rows
-// are then contiguous copies into every (r, i') they feed.
+// The packed tile of filters[b, h0 .. h0+n) (each row W x K*K): every block is one N x N register transpose
+// per N taps straight from the filters into place, no strided scalar gathers (with few channels, as for C = 3,
+// the transposition would otherwise cost more than the convolution). K*K < N (K <= 2) copies one by one.
+template <typename T>
+void forward_tile_impl(const T* f, const ConvShape& s, index_t h0, index_t n, T* tile) {
+  constexpr int N = VecOf<T>::lanes;
+  const index_t W = s.cols, KK = index_t(s.K) * s.K, stride = tile_block<T>(s.K), blocks = tile_blocks<T>(W);
+  for (index_t b = 0; b < blocks; ++b) {
+    const index_t w0 = block_start<T>(b, W), lanes = W < N ? W : N;
+    for (index_t r = 0; r < n; ++r) {
+      const T* fr = f + ((h0 + r) * W + w0) * KK;
+      T* dst = tile + b * stride + r * KK * N;
+      if (KK >= N && lanes == N) {
+        for (index_t t0 = 0;; t0 += N) {
+          if (t0 + N > KK) t0 = KK - N;  // overlap the last block of taps (rewrites the same values)
+          transpose_block(fr + t0, KK, dst + t0 * N, N);
+          if (t0 + N >= KK) break;
+        }
+      } else {
+        for (index_t t = 0; t < KK; ++t) {
+          for (index_t l = 0; l < lanes; ++l) dst[t * N + l] = fr[l * KK + t];
+        }
+      }
+    }
+  }
+}
+
+// The tile (packed as above) of u[r][i'][j'][x] = filters[y-K+1+i', x-K+1+j', K-1-i', K-1-j'] (zero outside
+// the forward output), so that grad_input[c, y, x] = sum_{i'j'} u[r][i'][j'][x] * pad(grad_out)[c, y+i', x+j'].
+// u is built unpacked in `scratch` (taps tile_stride apart) and packed at the end: each forward filter row h
+// it needs is transposed once into the scratch area after u (K*K*tile_stride elements); its tap rows are then
+// contiguous copies into every (r, i') they feed.
 template <typename T>
 void grad_input_tile_impl(const T* f, const ConvShape& s, index_t y0, index_t n, T* tile, T* scratch) {
   const int K = s.K;
   const index_t KK = index_t(K) * K, ts = s.tile_stride;
   const index_t H = s.rows - K + 1, W = s.cols - K + 1;  // the forward output
-  for (index_t t = 0; t < n * KK * ts; ++t) tile[t] = T(0);
+  T* const u = scratch;
+  T* const filter_row = scratch + index_t(kTileRows) * KK * ts;
+  for (index_t t = 0; t < n * KK * ts; ++t) u[t] = T(0);
   const index_t h_lo = y0 - (K - 1) > 0 ? y0 - (K - 1) : 0, h_hi = y0 + n < H ? y0 + n : H;
   for (index_t h = h_lo; h < h_hi; ++h) {
-    transpose_filter_row(f + h * W * KK, W, KK, ts, scratch);
+    transpose_filter_row(f + h * W * KK, W, KK, ts, filter_row);
     for (index_t r = 0; r < n; ++r) {
       const index_t ip = h - (y0 + r) + (K - 1);
       if (ip < 0 || ip >= K) continue;
-      T* t_row = tile + (r * K + ip) * K * ts;
+      T* u_row = u + (r * K + ip) * K * ts;
       for (int jp = 0; jp < K; ++jp) {
-        const T* src = scratch + ((K - 1 - ip) * K + (K - 1 - jp)) * ts;
-        T* dst = t_row + jp * ts + (K - 1 - jp);
+        const T* src = filter_row + ((K - 1 - ip) * K + (K - 1 - jp)) * ts;
+        T* dst = u_row + jp * ts + (K - 1 - jp);
         for (index_t w = 0; w < W; ++w) dst[w] = src[w];
       }
     }
   }
+  pack_tile(u, ts, KK, s.cols, n, tile);
 }
 
 // ---- filter gradient ---------------------------------------------------------------------------------------
