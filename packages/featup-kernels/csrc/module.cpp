@@ -27,6 +27,11 @@ py::dict build_info() {
   info["cuda_architectures"] = py::none();
 #endif
   info["cpu_isa"] = featup::cpu::active_isa();
+#ifdef _OPENMP
+  info["openmp"] = true;  // at::parallel_for uses torch's intra-op threads
+#else
+  info["openmp"] = false;  // at::parallel_for runs on the calling thread only
+#endif
   return info;
 }
 

@@ -24,6 +24,13 @@ def test_build_info_matches_running_torch() -> None:
     assert has_cuda_kernel == info["cuda"]
 
 
+def test_cpu_kernels_use_torch_threads_when_torch_does() -> None:
+    """Without OpenMP, at::parallel_for in the extension silently runs on one thread whatever
+    torch.set_num_threads says (the state of every release before this check)."""
+    if torch.backends.openmp.is_available():
+        assert featup.kernels.build_info()["openmp"] is True
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
