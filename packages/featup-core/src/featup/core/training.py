@@ -443,8 +443,10 @@ def _train_jbu(
 
     torch.manual_seed(derive_seed(seed, "init"))  # every rank builds identical modules
     if upsampler is None:
-        kwargs = saved[1]["upsampler"]["kwargs"] if saved is not None else {}
-        upsampler = JBUStack(**JBUStack.kwargs_from_config(kwargs) if saved is not None else {})
+        if saved is None:
+            upsampler = JBUStack()
+        else:  # a config saved before later options gets the values it was saved with
+            upsampler = JBUStack(**JBUStack.kwargs_from_config(saved[1]["upsampler"]["kwargs"]))
     elif (
         saved is not None
         and hasattr(upsampler, "config")
