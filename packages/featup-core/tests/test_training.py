@@ -291,6 +291,36 @@ def test_jitter_probabilities_reach_the_views(monkeypatch):
     assert seen and all(p.flip and p.zoom > 1.0 for p in seen)
 
 
+def test_uncertainty_false_trains_on_plain_mse(tmp_path, monkeypatch):
+    """uncertainty=False: no scale head (nothing of it checkpointed), every loss call has s = 1, and it
+    still learns; resuming with the other setting is refused."""
+    import featup.core.training as training
+
+    scales = []
+    real = training.reconstruction_loss
+
+    def spy(pred, target, log_scale=None):
+        scales.append(log_scale)
+        return real(pred, target, log_scale)
+
+    monkeypatch.setattr(training, "reconstruction_loss", spy)
+    backbone = PooledPointwise()
+    images = regions(8, 32, seed=21)
+    up = train_jbu(backbone, images, steps=30, uncertainty=False, checkpoint_dir=tmp_path, **JBU_FAST)
+    assert scales and all(s is None for s in scales)
+    assert upsample_error(up, backbone, images) < upsample_error(None, backbone, images)
+    state = load_checkpoint(tmp_path / JBU_STATE_FILE)
+    assert not any(k.startswith("head.") for k in state[0]) and state[1]["hparams"]["uncertainty"] is False
+    with pytest.raises(CheckpointError, match="uncertainty"):
+        train_jbu(backbone, images, steps=31, checkpoint_dir=tmp_path, **JBU_FAST)
+    scales.clear()
+    fit_implicit(backbone, images[:1], steps=2, uncertainty=False, **IMP_FAST)
+    assert scales and all(s is None for s in scales)
+    scales.clear()
+    train_jbu(backbone, images, steps=2, **JBU_FAST)  # the default keeps eq. 1's learned scale
+    assert scales and all(s is not None for s in scales)
+
+
 def test_corrupted_training_state_is_a_clear_error(tmp_path):
     backbone = PooledPointwise()
     images = regions(4, 24, seed=10)
@@ -383,6 +413,7 @@ def test_backbone_mode_restored():
         (torch.rand(2, 3, 24, 24), {"p_flip": 1.5}, ValueError, r"p_flip in \[0, 1\]"),
         (torch.rand(2, 3, 24, 24), {"p_zoom": -0.1}, ValueError, "p_zoom"),
         (torch.rand(2, 3, 24, 24), {"p_flip": "yes"}, TypeError, "p_flip"),
+        (torch.rand(2, 3, 24, 24), {"uncertainty": "no"}, TypeError, r"uncertainty as True or False.*'no'"),
         ([], {}, ValueError, "at least one"),
         ([torch.rand(3, 24, 24)], {}, ValueError, r"\(B,3,H,W\)"),
     ],

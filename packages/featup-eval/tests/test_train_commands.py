@@ -195,3 +195,20 @@ def test_help_lists_commands(cmd, capsys):
         main([cmd, "--help"])
     assert exc.value.code == 0
     assert "--backbone" in capsys.readouterr().out
+
+
+def test_no_uncertainty_reaches_training_and_is_part_of_the_run(tmp_path, capsys):
+    """--no-uncertainty trains with a plain MSE (stored with the run); resuming without it is refused."""
+    imgs = _images(tmp_path / "imgs", 2)
+    ckpt = tmp_path / "run"
+    args = ["train-jbu", "--images", str(imgs), *TINY, "--batch-size", "1", "--checkpoint-dir", str(ckpt)]
+    assert main([*args, "--steps", "1", "--no-uncertainty"]) == 0
+    capsys.readouterr()
+    assert load_checkpoint(ckpt / "jbu_stack.safetensors")[1]["extra"]["uncertainty"] is False
+    assert main([*args, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "uncertainty" in err, err
+    out = tmp_path / "implicit"
+    fit = ["fit-implicit", str(imgs / "img0.png"), *TINY, "--steps", "1", "--pca-dim", "8"]
+    assert main([*fit, "--out", str(out), "--no-uncertainty"]) == 0
+    assert load_checkpoint(out / "img0.safetensors")[1]["extra"]["uncertainty"] is False

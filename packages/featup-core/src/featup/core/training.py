@@ -101,9 +101,21 @@ def _check_probability(name: str, value: object) -> float:
     return value
 
 
-def _with_jitter_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """States saved before ``p_zoom`` / ``p_flip`` existed were trained with the Table 7 values (0.5)."""
-    return {"p_zoom": 0.5, "p_flip": 0.5, **saved}
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} as True or False, got {value!r}")
+    return value
+
+
+def _with_hparam_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """States saved before ``p_zoom`` / ``p_flip`` / ``uncertainty`` existed were trained with the Table 7
+    values (0.5, 0.5) and with the uncertainty head."""
+    return {"p_zoom": 0.5, "p_flip": 0.5, "uncertainty": True, **saved}
+
+
+def _uncertainty_head(enabled: bool, dim: int) -> UncertaintyHead | None:
+    """eq. 1's per-pixel scale head, or None for a plain mean squared error (``uncertainty=False``)."""
+    return UncertaintyHead(dim) if enabled else None
 
 
 def _check_common(
@@ -211,7 +223,7 @@ class _JBUObjective(nn.Module):
     the projected ``down(t(F_hr))`` against the projected ``f(t(x))`` with log-scales from ``head(f(t(x)))``.
     """
 
-    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, head: nn.Module) -> None:
+    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, head: nn.Module | None) -> None:
         super().__init__()
         self.upsampler = upsampler
         self.downsampler = downsampler
@@ -229,10 +241,11 @@ class _JBUObjective(nn.Module):
         total = hr.new_zeros(())
         for params, target in zip(jitters, targets):
             down = self.downsampler(apply_jitter(hr, params), tuple(target.shape[-2:]))
-            log_scale = self.head(target)
+            log_scale = self.head(target) if self.head is not None else None
             # under mixed precision the loss (projection included) is still computed in float32
             with full_precision(hr.device):
-                down, target, log_scale = to_float32(down), to_float32(target), to_float32(log_scale)
+                down, target = to_float32(down), to_float32(target)
+                log_scale = to_float32(log_scale) if log_scale is not None else None
                 if proj is not None:
                     down, target = project(down, proj), project(target, proj)
                 total = total + reconstruction_loss(down, target, log_scale)
@@ -261,6 +274,7 @@ def train_jbu(
     max_zoom: float = 2.0,
     p_zoom: float = 0.5,
     p_flip: float = 0.5,
+    uncertainty: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -302,6 +316,8 @@ def train_jbu(
         p_flip: probability that a jitter flips horizontally. 0 for a backbone whose features are not
             flip-equivariant (e.g. oriented filters: a flip swaps their orientation channels, so no
             high-res map explains both views).
+        uncertainty: learn eq. 1's per-pixel scale (the paper); False compares the views with a plain mean
+            squared error, which does not let hard pixels (object boundaries) be explained away as noise.
         seed: seed of every random draw.
         checkpoint_dir: folder for ``train_state.safetensors`` (full resumable state: all modules, optimizer,
             step) and, at the end, ``jbu_stack.safetensors`` (``JBUStack.load``-able); None disables both.
@@ -340,6 +356,7 @@ def train_jbu(
     check_training_precision(precision)
     _check_probability("p_zoom", p_zoom)
     _check_probability("p_flip", p_flip)
+    _check_bool("uncertainty", uncertainty)
     if proj_dim is not None:
         _check_int("proj_dim", proj_dim, 1)
     if upsampler is not None and not isinstance(upsampler, nn.Module):
@@ -365,6 +382,7 @@ def train_jbu(
                 max_zoom=max_zoom,
                 p_zoom=float(p_zoom),
                 p_flip=float(p_flip),
+                uncertainty=uncertainty,
                 seed=seed,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
@@ -395,6 +413,7 @@ def _train_jbu(
     max_zoom: float,
     p_zoom: float,
     p_flip: float,
+    uncertainty: bool,
     seed: int,
     checkpoint_dir: str | os.PathLike | None,
     checkpoint_every: int,
@@ -417,13 +436,14 @@ def _train_jbu(
         "max_zoom": max_zoom,
         "p_zoom": p_zoom,
         "p_flip": p_flip,
+        "uncertainty": uncertainty,
         "seed": seed,
     }
     state_path = Path(checkpoint_dir) / JBU_STATE_FILE if checkpoint_dir is not None else None
     saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     if state_path is not None and resume and state_path.is_file():
         saved = load_train_state(state_path, "jbu", map_location=device)
-        check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, state_path)
+        check_hparams(_with_hparam_defaults(saved[1]["hparams"]), hparams, state_path)
         check_precision(saved[1], precision, state_path)
         if saved[1].get("world_size") != ctx.world_size:
             warnings.warn(
@@ -458,13 +478,13 @@ def _train_jbu(
             f"{saved[1]['upsampler']['kwargs']}, the given upsampler has {upsampler.config()}"
         )
     down = create_downsampler(downsampler, feat_dim, kernel_size)
-    head = UncertaintyHead(feat_dim)
+    head = _uncertainty_head(uncertainty, feat_dim)
     objective = _JBUObjective(upsampler, down, head).to(device)
     if not any(p.requires_grad for p in upsampler.parameters()):
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
     optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
     scaler = make_grad_scaler(precision, device)  # enabled for float16 only
-    modules = {"upsampler": upsampler, "downsampler": down, "head": head}
+    modules = {"upsampler": upsampler, "downsampler": down, **({"head": head} if head is not None else {})}
 
     start = 0
     if saved is not None:
@@ -578,6 +598,7 @@ def fit_implicit(
     max_zoom: float = 1.8,
     p_zoom: float = 0.5,
     p_flip: float = 0.5,
+    uncertainty: bool = True,
     tv_weight: float = 0.05,
     downsampler: str = "attention",
     upsampler_kwargs: dict[str, Any] | None = None,
@@ -610,6 +631,7 @@ def fit_implicit(
         max_zoom: largest jitter zoom.
         p_zoom: probability that a jitter zooms (else zoom 1).
         p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
+        uncertainty: learn eq. 1's per-pixel scale (the paper); False: plain mean squared error.
         tv_weight: weight of the total-variation prior.
         downsampler: "attention" or "simple".
         upsampler_kwargs: extra ``ImplicitUpsampler`` arguments (``hidden_dim``, ``n_freqs``, ...).
@@ -648,6 +670,7 @@ def fit_implicit(
     _check_int("pca_dim", pca_dim, 1)
     _check_probability("p_zoom", p_zoom)
     _check_probability("p_flip", p_flip)
+    _check_bool("uncertainty", uncertainty)
     _check_float("tv_weight", tv_weight, 0.0)
     check_training_precision(precision)
     image = validate_images(image, "image")
@@ -669,6 +692,7 @@ def fit_implicit(
             max_zoom=max_zoom,
             p_zoom=float(p_zoom),
             p_flip=float(p_flip),
+            uncertainty=uncertainty,
             tv_weight=tv_weight,
             downsampler=downsampler,
             upsampler_kwargs=dict(upsampler_kwargs or {}),
@@ -696,6 +720,7 @@ def _fit_implicit(
     max_zoom: float,
     p_zoom: float,
     p_flip: float,
+    uncertainty: bool,
     tv_weight: float,
     downsampler: str,
     upsampler_kwargs: dict[str, Any],
@@ -717,6 +742,7 @@ def _fit_implicit(
         "max_zoom": max_zoom,
         "p_zoom": p_zoom,
         "p_flip": p_flip,
+        "uncertainty": uncertainty,
         "tv_weight": tv_weight,
         "downsampler": downsampler,
         "seed": seed,
@@ -724,7 +750,7 @@ def _fit_implicit(
     saved = None
     if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
         saved = load_train_state(checkpoint_path, "implicit", map_location=device)
-        check_hparams(_with_jitter_defaults(saved[1]["hparams"]), hparams, checkpoint_path)
+        check_hparams(_with_hparam_defaults(saved[1]["hparams"]), hparams, checkpoint_path)
         check_precision(saved[1], precision, checkpoint_path)
 
     with mixed_precision(precision, device):
@@ -755,8 +781,8 @@ def _fit_implicit(
     n_comp = int(imp.pca_dim)
     pca = imp.pca
     down = create_downsampler(downsampler, n_comp, kernel_size).to(device)
-    head = UncertaintyHead(n_comp).to(device)
-    modules = {"upsampler": imp, "downsampler": down, "head": head}
+    head = _uncertainty_head(uncertainty, n_comp)
+    modules = {"upsampler": imp, "downsampler": down, **({"head": head.to(device)} if head is not None else {})}
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.NAdam(params, lr=lr)
     scaler = make_grad_scaler(precision, device)  # enabled for float16 only
@@ -808,10 +834,11 @@ def _fit_implicit(
             with mixed_precision(precision, device):
                 hr = imp.forward_compressed(image)
                 down_feats = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
-                log_scale = head(targets)
+                log_scale = head(targets) if head is not None else None
             # under mixed precision the loss is still computed in float32
             with full_precision(device):
-                hr, down_feats, log_scale = to_float32(hr), to_float32(down_feats), to_float32(log_scale)
+                hr, down_feats = to_float32(hr), to_float32(down_feats)
+                log_scale = to_float32(log_scale) if log_scale is not None else None
                 rec = reconstruction_loss(down_feats, targets, log_scale)
                 tv = tv_loss(hr) if tv_weight > 0 else hr.new_zeros(())
                 loss = rec + tv_weight * tv

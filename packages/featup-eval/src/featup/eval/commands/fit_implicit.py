@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 "backbone": args.backbone,
                 "steps": args.steps,
                 "precision": args.precision,
+                "uncertainty": not args.no_uncertainty,
             },
         )
         for leftover in (state, state.with_suffix(".json")):

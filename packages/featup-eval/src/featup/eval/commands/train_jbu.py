@@ -175,6 +175,11 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
         help="autocast dtype of the training forward passes; parameters, optimizer state and the loss stay "
         "float32, float16 scales the loss (default float32; a run resumes only in its own precision)",
     )
+    p.add_argument(
+        "--no-uncertainty",
+        action="store_true",
+        help="compare the views with a plain mean squared error instead of eq. 1's learned per-pixel scale",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -189,6 +194,7 @@ def training_kwargs(args: argparse.Namespace, device: torch.device) -> dict[str,
         "checkpoint_every": args.checkpoint_every,
         "device": device,
         "precision": args.precision,
+        "uncertainty": not args.no_uncertainty,
     }
 
 
@@ -273,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             "size": args.size,
             "world_size": world,
             "precision": args.precision,
+            "uncertainty": not args.no_uncertainty,
         }
         path = up.save(out, extra=extra)
         n_params = sum(p.numel() for p in up.parameters())
