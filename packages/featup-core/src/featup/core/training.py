@@ -484,7 +484,9 @@ def _train_jbu(
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
     optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
     scaler = make_grad_scaler(precision, device)  # enabled for float16 only
-    modules = {"upsampler": upsampler, "downsampler": down, **({"head": head} if head is not None else {})}
+    modules: dict[str, nn.Module] = {"upsampler": upsampler, "downsampler": down}
+    if head is not None:
+        modules["head"] = head
 
     start = 0
     if saved is not None:
@@ -782,7 +784,9 @@ def _fit_implicit(
     pca = imp.pca
     down = create_downsampler(downsampler, n_comp, kernel_size).to(device)
     head = _uncertainty_head(uncertainty, n_comp)
-    modules = {"upsampler": imp, "downsampler": down, **({"head": head.to(device)} if head is not None else {})}
+    modules: dict[str, nn.Module] = {"upsampler": imp, "downsampler": down}
+    if head is not None:
+        modules["head"] = head = head.to(device)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.NAdam(params, lr=lr)
     scaler = make_grad_scaler(precision, device)  # enabled for float16 only
