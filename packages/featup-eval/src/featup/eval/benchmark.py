@@ -42,7 +42,8 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Sizes and budgets of one benchmark run (the defaults take a few minutes on 2 CPU cores).
+    """Sizes and budgets of one benchmark run (the defaults: 24-43 min on 2 shared CPU cores, nearly all of
+    it the implicit fit on each evaluation scene).
 
     The training hyperparameters are those of this domain, not the paper's Table 7 (which ``train_jbu`` /
     ``fit_implicit`` keep as their defaults); each change is measured on this benchmark (84 px, seed 0,
@@ -64,9 +65,10 @@ class BenchConfig:
       :class:`~featup.core.downsamplers.SimpleDownsampler` of that size is exactly, and it is the cheaper
       one. (The trained JBU scores the same with the attention downsampler, see below.)
     - ``jbu_steps=100``: the default :class:`~featup.core.jbu.JBUStack` (distance range kernel, guidance
-      encoder, spatial sigma starting at 1) reaches cos 0.9237 / MSE 0.1484 / mIoU 55.2 / boundary F 55.3
-      on the 12 evaluation scenes in 100 steps (0.9399 / 0.1179 / 37.0 / 48.2 on the first 3, where the
-      variants below were compared); 300 steps of the per-stage-encoder variant gave the same (0.9394 / 36.4), and a larger
+      encoder, spatial sigma starting at 1) reaches cos 0.9262 / MSE 0.1445 / mIoU 56.5 / boundary F 59.3
+      on the 12 evaluation scenes in 100 steps with ``uncertainty=False`` (0.9237 / 0.1484 / 55.2 / 55.3
+      with eq. 1's learned scale; 0.9399 / 0.1179 / 37.0 / 48.2 on the first 3, where the variants below
+      were compared); 300 steps of the per-stage-encoder variant gave the same (0.9394 / 36.4), and a larger
       initial range temperature (exp(1.4)) is worse (0.9391 / 36.3). The paper's form
       (``range_kernel="dot", guidance_encoder=False``) converges within ~40 steps to a chain of bicubic 2x
       resizes (every spatial sigma -> 0.03-0.13: cos 0.9368, mIoU 36.1) whatever the jitters, downsampler,

@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " "
         "apply every registered upsampler, and score all of them against the extractor's stride-1 features "
         "(cosine, MSE) and through a frozen linear probe (mIoU, accuracy, boundary F). Offline; the default "
-        "takes a few minutes on 2 CPU cores.",
+        "took 24-43 min on 2 shared CPU cores, almost all of it fitting the implicit upsampler to each of the "
+        "12 evaluation scenes (--n-eval 3, as the demo does, takes a few minutes).",
     )
     add_bench_options(p)
     p.add_argument(
