@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from featup.core import CheckpointError, JBUStack, ResizeConvUpsampler, create_upsampler
 from featup.core.guidance import GuidanceEncoder, MirrorConv2d
-from featup.core.jbu import neighborhood_dot, neighborhood_sqdist, stage_sizes
+from featup.core.jbu import neighborhood_dot, neighborhood_sqdist, pool_guidance, stage_sizes
 
 torch.set_num_threads(1)
 
@@ -88,12 +88,12 @@ def _gaussian_taps(radius: int, sigma: float) -> torch.Tensor:
 
 
 def _spatial_smoothing(
-    x: torch.Tensor, size: tuple[int, int], radius: int, sigma: float, mode: str
+    x: torch.Tensor, size: tuple[int, int], radius: int, taps: torch.Tensor, mode: str
 ) -> torch.Tensor:
-    """Reference: resize, reflect pad, depthwise convolution with the normalized Gaussian."""
+    """Reference: resize, reflect pad, depthwise convolution with one K x K filter."""
     x = F.interpolate(x, size=size, mode=mode, align_corners=False)
     x = F.pad(x, [radius] * 4, mode="reflect")
-    k = _gaussian_taps(radius, sigma).to(x.dtype)
+    k = taps.to(x.dtype)
     c = x.shape[1]
     return F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)
 
@@ -101,23 +101,47 @@ def _spatial_smoothing(
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("out_size", [(22, 18), (44, 36), (37, 29)])
 def test_constant_guidance_reduces_to_spatial_smoothing(out_size, mode):
-    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2, resize_mode=mode), seed=3).double()
+    # eq. 4-6 alone (no kernel correction): the spatial Gaussian of each stage
+    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2, resize_mode=mode, kernel_fixup=False), seed=3)
+    up = up.double()
     sigmas = [s.sigma_spatial.item() for s in up.stages]
     x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
     image = torch.full((2, 3, *out_size), 0.37, dtype=torch.float64)  # constant: every range logit is equal
     expected = x
     for k, size in enumerate(stage_sizes(x.shape[-2:], out_size)):
-        expected = _spatial_smoothing(expected, size, 2, sigmas[min(k, 1)], mode)
+        expected = _spatial_smoothing(expected, size, 2, _gaussian_taps(2, sigmas[min(k, 1)]), mode)
     torch.testing.assert_close(up(x, image), expected)
 
 
-def test_kernels_sum_to_one_and_constants_are_preserved():
-    up = _randomize(JBUStack(radius=3, key_dim=8), seed=1)
+def test_constant_guidance_with_kernel_correction_is_one_fixed_filter_per_stage():
+    """The correction is a function of the kernel and the guidance, so a constant image still gives one
+    spatially invariant filter per stage (mirror-symmetric, summing to 1), no longer the bare Gaussian."""
+    up = _randomize(JBUStack(radius=2, key_dim=8, n_stages=2), seed=3).double()
+    x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
+    image = torch.full((2, 3, 37, 29), 0.37, dtype=torch.float64)
+    guidance = up.guidance(image)
+    expected = x
+    for k, size in enumerate(stage_sizes(x.shape[-2:], (37, 29))):
+        stage = up.stages[min(k, 1)]
+        kernel = stage.kernel(pool_guidance(guidance, size))[0]
+        taps = kernel[:, size[0] // 2, size[1] // 2].view(5, 5)
+        torch.testing.assert_close(kernel, taps.reshape(25, 1, 1).expand_as(kernel))
+        torch.testing.assert_close(taps, taps.flip(1))
+        torch.testing.assert_close(taps.sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert not torch.allclose(taps, _gaussian_taps(2, stage.sigma_spatial.item()))
+        expected = _spatial_smoothing(expected, size, 2, taps, "bicubic")
+    torch.testing.assert_close(up(x, image), expected)
+
+
+@pytest.mark.parametrize("kernel_fixup", [False, True])
+def test_kernels_sum_to_one_and_constants_are_preserved(kernel_fixup):
+    up = _randomize(JBUStack(radius=3, key_dim=8, kernel_fixup=kernel_fixup), seed=1)
     image = torch.rand(1, 3, 40, 56)
     kernel = up.up1.kernel(up.guidance(image))
     assert kernel.shape == (1, 49, 40, 56)
     torch.testing.assert_close(kernel.sum(1), torch.ones(1, 40, 56))
-    assert (kernel >= 0).all()
+    # eq. 6 is a weighted average; the correction may add negative taps (sharpening), still summing to 1
+    assert (kernel >= 0).all() != kernel_fixup
     const = torch.full((1, 3, 5, 7), 2.5)
     torch.testing.assert_close(up(const, image), torch.full((1, 3, 40, 56), 2.5))
     shrunk = up(const, image, output_size=(3, 4))
@@ -145,6 +169,7 @@ def test_range_kernel_follows_the_guidance_edge(range_kernel):
         init_sigma_spatial=1.0,
         range_kernel=range_kernel,
         guidance_encoder=False,
+        kernel_fixup=False,
     ).eval()
     with torch.no_grad():
         up.up1.range_proj[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
@@ -170,13 +195,21 @@ def test_range_kernel_follows_the_guidance_edge(range_kernel):
     assert (sharp - target).abs().mean() < 0.85 * (blurry - target).abs().mean()
 
 
-def test_horizontal_flip_equivariance():
-    # (kernel_fixup / original=True are not equivariant: their learned 1x1 conv mixes the taps)
-    up = _randomize(JBUStack(feat_dim=5, key_dim=8), seed=4)
+@pytest.mark.parametrize("kernel_fixup", [True, False])
+def test_horizontal_flip_equivariance(kernel_fixup):
+    up = _randomize(JBUStack(feat_dim=5, key_dim=8, kernel_fixup=kernel_fixup), seed=4)
     x, image = torch.randn(2, 5, 7, 9), torch.rand(2, 3, 61, 75)
     out = up(x, image)
     flipped = up(x.flip(-1), image.flip(-1))
     torch.testing.assert_close(flipped, out.flip(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_unmirrored_kernel_correction_breaks_flip_equivariance():
+    # the original's correction (a 1x1 conv over the taps) is not equivariant; the mirror average is what makes
+    # the default stack so
+    up = _randomize(JBUStack(feat_dim=5, key_dim=8, constrained_fixup=False), seed=4)
+    x, image = torch.randn(2, 5, 7, 9), torch.rand(2, 3, 61, 75)
+    assert not torch.allclose(up(x.flip(-1), image.flip(-1)), up(x, image).flip(-1), atol=1e-3)
 
 
 @pytest.mark.parametrize(
