@@ -81,7 +81,7 @@ def unfold_jbu_forward(stack, lr_feats, image, size):
         kernel = kernel * spatial_gaussian(r, stage.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
         if stage.fixup_proj is not None:
-            kernel = kernel + 0.1 * stage.fixup_proj(torch.cat([kernel, g], dim=1))
+            kernel = kernel + 0.1 * stage.kernel_correction(kernel, g)
         src = pad2d(resize(x, (h, w), stage.resize_mode), r, stage.pad_mode)
         patches = F.unfold(src, d).view(b, x.shape[1], d * d, h, w)
         x = (patches * kernel[:, None]).sum(2)  # (torch.einsum is far slower here: tiny batched matmuls)

@@ -64,6 +64,23 @@ def test_bench_quick_json_and_ordering(tmp_path, capsys):
     assert data["transfer"] == []
 
 
+def test_bench_untrained_baselines_start_from_seeded_weights():
+    from featup.eval.benchmark import _make_baseline
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        torch.rand(7)  # whatever the global generator did before must not matter
+        return [p.detach().clone() for p in _make_baseline("resize_conv", 8, seed).parameters()]
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, z) for x, z in zip(a, c))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _make_baseline("carafe", 8, 0)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is left alone
+
+
 def test_upsample_bilinear_implicit_and_checkpoint(demo_dir, tmp_path, capsys):
     img = _png(tmp_path / "scene.png")
     out = tmp_path / "out"

@@ -327,7 +327,8 @@ class JBUStage(nn.Module):
             )
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
-        """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 without the fixup."""
+        """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 unless the original's
+        unconstrained correction is on."""
         keys = self.range_proj(guidance)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         if self.range_kernel == "distance":
@@ -338,10 +339,11 @@ class JBUStage(nn.Module):
         kernel = range_kernel * spatial_gaussian(self.radius, self.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
         if self.fixup_proj is not None:
-            kernel = kernel + 0.1 * self._fixup(kernel, guidance)
+            kernel = kernel + 0.1 * self.kernel_correction(kernel, guidance)
         return kernel
 
-    def _fixup(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def kernel_correction(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """The learned additive correction of ``kernel`` (B, K*K, H, W) for this guidance (``kernel_fixup``)."""
         correction = self.fixup_proj(torch.cat([kernel, guidance], dim=1))
         if not self.constrained_fixup:
             return correction
