@@ -319,7 +319,7 @@ def train_jbu(
         uncertainty: learn eq. 1's per-pixel scale (the paper); False compares the views with a plain mean
             squared error, which does not let hard pixels (object boundaries) be explained away as noise.
             With the scale, keep ``lr`` moderate: on the synthetic benchmark the default stack trained
-            normally at 5e-3 and degraded at 2e-2 (see ``featup.eval.benchmark.BenchConfig``).
+            normally at 5e-3 and 1e-2 and degraded at 2e-2 (see ``featup.eval.benchmark.BenchConfig``).
         seed: seed of every random draw.
         checkpoint_dir: folder for ``train_state.safetensors`` (full resumable state: all modules, optimizer,
             step) and, at the end, ``jbu_stack.safetensors`` (``JBUStack.load``-able); None disables both.
