@@ -10,9 +10,9 @@ Because the kernels depend on the image only, the stack is linear in the feature
 ``feat_dim=None``, has no per-feature parameter: one trained stack applies to any backbone's features.
 
 Three departures from the paper's equations are the defaults, all measured on the synthetic benchmark
-(``featup bench``) and all switchable back (``guidance_encoder=False, range_kernel="dot", kernel_fixup=False``;
-``original=True`` gives the original code's form): the range kernel compares keys by squared distance, a Gaussian on learned
-features as in Kopf et al., rather than by inner product; and the keys come from a small convolutional
+(``featup bench``) and all switchable back (``guidance_encoder=False, range_kernel="dot",
+kernel_fixup=False``; ``original=True`` gives the original code's form): the range kernel compares keys by
+squared distance, a Gaussian on learned features as in Kopf et al., rather than by inner product; and the keys come from a small convolutional
 :class:`~featup.core.guidance.GuidanceEncoder` run once on the full-resolution image and pooled per stage,
 rather than from the pooled RGB pixel alone. With the paper's form, training (multi-view or even directly
 supervised) shrinks every spatial Gaussian to its centre tap: an inner-product softmax favours large keys
@@ -257,11 +257,11 @@ class JBUStage(nn.Module):
     """One learned joint bilateral upsampling stage (eq. 4-6) at the guidance's resolution.
 
     kernel = softmax_taps(-exp(range_temp) * |MLP(g_center) - MLP(g_neighbor)|^2) * spatial Gaussian,
-    normalized to sum 1 (with ``range_kernel="dot"``: ``+exp(range_temp) * <MLP(g_center), MLP(g_neighbor)>``);
-    optionally plus ``0.1 * fixup_proj([kernel, guidance])``, the original project's learned correction (not
-    renormalized) or, with ``constrained_fixup``, that correction bounded, mirror-averaged and zero-sum.
-    Parameter names follow the original project's stage, so its weights load
-    as they are.
+    normalized to sum 1 (with ``range_kernel="dot"``:
+    ``+exp(range_temp) * <MLP(g_center), MLP(g_neighbor)>``); optionally plus
+    ``0.1 * fixup_proj([kernel, guidance])``, the original project's learned correction (not renormalized)
+    or, with ``constrained_fixup``, that correction bounded, mirror-averaged and zero-sum. Parameter names
+    follow the original project's stage, so its weights load as they are.
 
     Args:
         radius: neighborhood radius (K = 2 * radius + 1 taps per side).
@@ -343,14 +343,15 @@ class JBUStage(nn.Module):
         return kernel
 
     def kernel_correction(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """The learned additive correction of ``kernel`` (B, K*K, H, W) for this guidance (``kernel_fixup``)."""
+        """The learned additive correction of ``kernel`` (B, K*K, H, W) for this guidance."""
         correction = self.fixup_proj(torch.cat([kernel, guidance], dim=1))
         if not self.constrained_fixup:
             return correction
         # Unconstrained, the correction can grow each stage's gain until training diverges, and a 1x1 MLP
         # that mixes taps is not flip-equivariant. So: bounded (tanh), averaged with its conjugate by the
-        # left-right tap mirror (the guidance channels are mirror-invariant, see GuidanceEncoder), and zero-sum
-        # over the taps, so the kernel still sums to 1 (constants are kept) while taps may go negative.
+        # left-right tap mirror (the guidance channels are mirror-invariant, see GuidanceEncoder), and
+        # zero-sum over the taps, so the kernel still sums to 1 (constants are kept) while taps may go
+        # negative.
         mirror = _mirrored_taps(self.diameter, kernel.device)
         mirrored = self.fixup_proj(torch.cat([kernel[:, mirror], guidance], dim=1))[:, mirror]
         correction = 0.5 * (torch.tanh(correction) + torch.tanh(mirrored))
@@ -405,9 +406,10 @@ class JBUStack(Upsampler, CheckpointMixin):
             mIoU / boundary F): paper form 0.937 / 0.123 / 36.1 / 42.9 (= bicubic, every sigma -> 0.03);
             distance kernel 0.940 / 0.118 / 36.7 / 47.0; distance + encoder 0.942 / 0.115 / 37.4 / 52.3.
         original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
-            the unconstrained kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized guidance, sigma init 1,
-            the inner-product range kernel on 1x1 keys of the pooled image (no guidance encoder), a residual final 1x1 conv scaled by 0.1 behind Dropout2d(0.2); needs ``feat_dim`` and the default
-            ``radius=3``, ``key_dim=32``, ``n_stages=4``. At 16x this is the original stack stage for stage.
+            the unconstrained kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized
+            guidance, sigma init 1, the inner-product range kernel on 1x1 keys of the pooled image (no
+            guidance encoder), a residual final 1x1 conv scaled by 0.1 behind Dropout2d(0.2); needs
+            ``feat_dim`` and the default ``radius=3``, ``key_dim=32``, ``n_stages=4``. At 16x this is the original stack stage for stage.
 
     Shape:
         - lr_feats: (B, C, h, w)

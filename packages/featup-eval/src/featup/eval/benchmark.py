@@ -72,10 +72,11 @@ class BenchConfig:
       directly on the ground truth for 200 steps: 0.9487 / 0.1033 / 60.8 / 74.6. Without
       the kernel correction (the previous default, whose stages can only average): 0.9262 / 0.1445 / 56.5 /
       59.3, a tie with jbu_classic that no training setting below changed. The paper's form
-      (``range_kernel="dot", guidance_encoder=False, kernel_fixup=False``) converges within ~40 steps to a chain of bicubic 2x
-      resizes (every spatial sigma -> 0.03-0.13: cos 0.9368, mIoU 36.1 on the first 3 scenes) whatever the
-      jitters, downsampler, lr (2e-3 to 2e-2), initial sigma (0.15-0.5) or range temperature (0-3), and it
-      does the same when trained directly on the ground truth; see :mod:`featup.core.jbu`.
+      (``range_kernel="dot", guidance_encoder=False, kernel_fixup=False``) converges within ~40 steps to a
+      chain of bicubic 2x resizes (every spatial sigma -> 0.03-0.13: cos 0.9368, mIoU 36.1 on the first 3
+      scenes) whatever the jitters, downsampler, lr (2e-3 to 2e-2), initial sigma (0.15-0.5) or range
+      temperature (0-3), and it does the same when trained directly on the ground truth; see
+      :mod:`featup.core.jbu`.
     - ``uncertainty=False`` (JBU and learnable baselines): eq. 1's learned per-pixel scale does not go
       with a high learning rate (this benchmark's is 10x the paper's, for the CPU budget). Default stack, 12
       scenes, with the scale at lr 2e-2: training seeds 0 / 1 reach mIoU 43.6 / 53.0, MSE 0.293 / 0.169 (the
