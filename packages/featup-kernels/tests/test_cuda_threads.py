@@ -10,6 +10,8 @@ without FMA contraction), and with ``adaptive_conv_reference`` and its autograd 
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +166,17 @@ def test_emulation_validates_like_the_op() -> None:
     x, f, _ = make(1, 2, 3, 4, 3, torch.float64)
     with pytest.raises(ValueError, match="input"):
         ops._emulate_cuda_threads_forward(x[:, :, 1:], f)
+
+
+CUDA_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "adaptive_conv_cuda.cu"
+
+
+@pytest.mark.skipif(not CUDA_SOURCE.exists(), reason="needs the package's source tree")
+def test_cuda_file_holds_launches_only() -> None:
+    """Every __global__ kernel is one call into a thread body of adaptive_conv_threads.h (tested above)."""
+    text = CUDA_SOURCE.read_text()
+    kernels = re.findall(r"__global__ void (\w+)\([^)]*\)\s*\{(.*?)\n\}", text, re.S)
+    assert {name for name, _ in kernels} == {"forward_kernel", "grad_input_kernel", "grad_filters_kernel"}
+    for name, body in kernels:
+        assert re.fullmatch(r"\s*threads::\w+_thread<[^;]*>\([^;]*\);\s*", body), f"{name}: {body}"
+    assert "%" not in text and "for (" not in text, "index arithmetic or loops in the .cu file"
