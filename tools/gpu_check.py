@@ -290,6 +290,28 @@ def bk_launch() -> tuple[int, int]:
 # ---- 2. Table 6 -------------------------------------------------------------------------------------------
 
 
+def measure_route(name: str, shape: bk.Shape, device: torch.device, budget: float, min_runs: int) -> dict:
+    """Forward and forward + backward median ms and peak MB of one route on one shape (its tensors die here)."""
+    fn = bk.METHODS[name]
+    x, f, g = (t.to(device) for t in shape.inputs())
+    xg, fg = x.clone().requires_grad_(True), f.clone().requires_grad_(True)
+
+    def forward() -> None:
+        with torch.no_grad():
+            fn(x, f)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(fn(xg, fg), (xg, fg), g)
+
+    forward_backward()  # warm-up outside the memory measurement
+    return {
+        "forward_ms": median_ms(forward, device, budget, min_runs),
+        "fwdbwd_ms": median_ms(forward_backward, device, budget, min_runs),
+        "forward_peak_mb": peak_mb(forward, device),
+        "fwdbwd_peak_mb": peak_mb(forward_backward, device),
+    }
+
+
 def table6(device: torch.device, quick: bool, budget: float, max_unfold_mb: float) -> list[dict[str, Any]]:
     shapes = bk.scaled_shapes(max_unfold_mb)
     if quick:  # the smaller shapes, each once (scaled batches can make two paper shapes the same)
@@ -301,27 +323,8 @@ def table6(device: torch.device, quick: bool, budget: float, max_unfold_mb: floa
         methods: dict[str, dict[str, Any]] = {}
         for name in ("ours", "unfold", "shifted"):
             print(f"  table 6 {shape.label} {name} ...", file=sys.stderr, flush=True)
-            fn = bk.METHODS[name]
             try:
-                x, f, g = (t.to(device) for t in shape.inputs())
-
-                def forward(fn=fn, x=x, f=f) -> None:
-                    with torch.no_grad():
-                        fn(x, f)
-
-                xg, fg = x.clone().requires_grad_(True), f.clone().requires_grad_(True)
-
-                def forward_backward(fn=fn, xg=xg, fg=fg, g=g) -> None:
-                    torch.autograd.grad(fn(xg, fg), (xg, fg), g)
-
-                forward_backward()  # warm-up outside the memory measurement
-                methods[name] = {
-                    "forward_ms": median_ms(forward, device, budget, min_runs),
-                    "fwdbwd_ms": median_ms(forward_backward, device, budget, min_runs),
-                    "forward_peak_mb": peak_mb(forward, device),
-                    "fwdbwd_peak_mb": peak_mb(forward_backward, device),
-                }
-                del x, f, g, xg, fg
+                methods[name] = measure_route(name, shape, device, budget, min_runs)
             except Exception as error:  # out of memory is a result, anything else a failure
                 if not is_oom(error):
                     raise
