@@ -25,7 +25,7 @@ BUILD_TOOLS = ["scikit-build-core>=0.10", "pybind11>=2.12", "cmake>=3.26", "ninj
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "expecttest"]
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
 
-nox.options.sessions = ["lint", "kernels", "cuda", "core", "backbones", "eval"]
+nox.options.sessions = ["lint", "kernels", "cuda", "core", "backbones", "eval", "gpu_check"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -149,6 +149,28 @@ def backbones(session: nox.Session) -> None:
 def eval(session: nox.Session) -> None:  # the package is called featup-eval
     """featup-eval tests: synthetic benchmark, probes, CAM, segmentation, the featup command."""
     _pytest(session, shared_env(session), "featup-eval")
+
+
+@nox.session(venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """tools/gpu_check.py in its quick CPU mode (so the GPU check never rots); checks the JSON it writes.
+
+    On a GPU machine run the full check directly: ``python tools/gpu_check.py`` (see docs/notes/kernels.md).
+    """
+    python = shared_env(session)
+    out = ROOT / ".nox" / "gpu-check"
+    result = out / "gpu_check.json"
+    result.unlink(missing_ok=True)
+    session.run(python, str(ROOT / "tools" / "gpu_check.py"), "--quick", "--device", "cpu", "--out", str(out),
+                *session.posargs, external=True, env=TEST_ENV)  # fmt: skip
+    check = (
+        "import json, sys; r = json.load(open(sys.argv[1])); "
+        "missing = {'kernel_checks', 'table6', 'jbu', 'training'} - r.keys(); "
+        "assert not missing, f'sections missing: {missing}'; "
+        "assert r['ok'] and r['kernel_checks'] and r['table6'], r['errors']; "
+        "print(f\"gpu_check quick: {len(r['kernel_checks'])} kernel checks ok, {r['seconds']:.0f} s\")"
+    )
+    session.run(python, "-c", check, str(result), external=True)
 
 
 @nox.session(venv_backend="none")

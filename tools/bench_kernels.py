@@ -285,13 +285,19 @@ def machine_rates(budget_s: float) -> dict[str, float]:
 # ---- memory (child process) ---------------------------------------------------------------------------
 
 
-def _status_mb(key: str) -> float:
+# Large allocations straight to mmap: freed tensors leave the process, so the resident set tracks live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: resident now, VmHWM: its high-water mark) in MB."""
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) / 1024
 
 
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+def reset_peak_rss() -> None:
+    """Reset the resident-set high-water mark (VmHWM) to the current resident set."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure_memory(shapes: list[Shape]) -> dict[str, dict[str, dict[str, float]]]:
@@ -303,19 +309,19 @@ def measure_memory(shapes: list[Shape]) -> dict[str, dict[str, dict[str, float]]
             x, f, g = shape.inputs(requires_grad=True)
             # warm up lazily allocated state (thread pools, autograd engine, caches) with a full pass
             torch.autograd.grad(METHODS[name](x, f), (x, f), g)
-            _reset_peak()
-            base = _status_mb("VmRSS")
+            reset_peak_rss()
+            base = status_mb("VmRSS")
             out = METHODS[name](x, f)
-            fwd = _status_mb("VmHWM") - base
+            fwd = status_mb("VmHWM") - base
             grads = torch.autograd.grad(out, (x, f), g)
-            total = _status_mb("VmHWM") - base
+            total = status_mb("VmHWM") - base
             del out, grads
             result[shape.label][name] = {"forward_peak_mb": fwd, "peak_mb": total}
     return result
 
 
 def memory_in_child(shapes: list[Shape]) -> dict[str, dict[str, dict[str, float]]]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(os.environ, **MALLOC_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "shapes.json"
         spec.write_text(json.dumps([asdict(s) for s in shapes]))

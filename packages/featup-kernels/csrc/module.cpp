@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "adaptive_conv_threads.h"
 #include "cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -52,4 +53,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("isa"),
         "Select the CPU kernel build: 'auto' (the best this CPU supports), 'avx2' or 'default'.");
+  m.def(
+      "_cuda_launch_config",
+      [](int64_t n) {
+        return py::make_tuple(featup::threads::kThreads, featup::threads::blocks_for(n));
+      },
+      py::arg("n"), "Private, for tests: (threads per block, blocks) of the CUDA launch over n elements.");
 }

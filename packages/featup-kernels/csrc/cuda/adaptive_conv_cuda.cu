@@ -1,8 +1,9 @@
 // CUDA implementations of featup::adaptive_conv and featup::adaptive_conv_backward.
 //
-// One thread per output element, one launch per tensor for the whole batch, on the current stream. The
-// arithmetic of every element is the shared host/device code of adaptive_conv_math.h (also run by the CPU
-// kernels, so the CPU tests cover it); half and bfloat16 accumulate in float (at::opmath_type).
+// Launches only: one thread per output element (grid-stride beyond the grid cap), one launch per tensor for the
+// whole batch, on the current stream. Every thread body, with its index decomposition and pointer offsets, is
+// the shared host/device code of adaptive_conv_threads.h, which the CPU tests run over every thread index
+// (featup::_emulate_cuda_threads_*); half and bfloat16 accumulate in float (at::opmath_type).
 // Gradients are gathers: every element of grad_input and grad_filters is written by exactly one thread, so
 // there are no atomics and all 25 (K*K) taps of every filter get their gradient.
 #include <ATen/Dispatch.h>
@@ -15,69 +16,45 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 
-#include "adaptive_conv_math.h"
+#include "adaptive_conv_threads.h"
 #include "validation.h"
 
 namespace featup::cuda {
 namespace {
 
-using math::index_t;
+using threads::index_t;
 
-constexpr int kThreads = 256;
-
-// Grid-stride loops: a bounded grid covers any size with 64-bit indices.
-inline unsigned int blocks_for(index_t n) {
-  const index_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min<index_t>(std::max<index_t>(blocks, 1), 65535 * 8));
-}
+// The thread bodies are threads::*_thread (adaptive_conv_threads.h, run on the CPU by the tests); each kernel
+// hands them its global thread index and the grid size.
+__device__ __forceinline__ index_t global_thread() { return blockIdx.x * index_t(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ index_t grid_threads() { return index_t(gridDim.x) * blockDim.x; }
 
 template <typename scalar_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ f,
                                scalar_t* __restrict__ out, index_t B, index_t C, index_t H, index_t W, int K) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t Hp = H + K - 1, Wp = W + K - 1, KK = index_t(K) * K;
-  const index_t n = B * C * H * W;
-  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n; idx += index_t(gridDim.x) * blockDim.x) {
-    const index_t w = idx % W, h = (idx / W) % H, bc = idx / (W * H), b = bc / C;
-    const acc_t acc = math::forward_element<acc_t>(x + (bc * Hp + h) * Wp + w, Wp, 1, f + ((b * H + h) * W + w) * KK,
-                                                   K, 1, K);
-    out[idx] = static_cast<scalar_t>(acc);
-  }
+  threads::forward_thread<at::opmath_type<scalar_t>>(global_thread(), grid_threads(), x, f, out, B, C, H, W, K);
 }
 
 template <typename scalar_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
                                   scalar_t* __restrict__ grad_input, index_t B, index_t C, index_t H, index_t W,
                                   int K) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t Hp = H + K - 1, Wp = W + K - 1, KK = index_t(K) * K;
-  const index_t n = B * C * Hp * Wp;
-  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n; idx += index_t(gridDim.x) * blockDim.x) {
-    const index_t x = idx % Wp, y = (idx / Wp) % Hp, bc = idx / (Wp * Hp), b = bc / C;
-    const acc_t acc = math::grad_input_element<acc_t>(g + bc * H * W, W, 1, f + b * H * W * KK, W * KK, KK, K, 1, y,
-                                                      x, H, W, K);
-    grad_input[idx] = static_cast<scalar_t>(acc);
-  }
+  threads::grad_input_thread<at::opmath_type<scalar_t>>(global_thread(), grid_threads(), g, f, grad_input, B, C, H,
+                                                        W, K);
 }
 
 template <typename scalar_t>
 __global__ void grad_filters_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                     scalar_t* __restrict__ grad_filters, index_t B, index_t C, index_t H, index_t W,
                                     int K) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t Hp = H + K - 1, Wp = W + K - 1;
-  const index_t n = B * H * W * K * K;
-  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n; idx += index_t(gridDim.x) * blockDim.x) {
-    const index_t j = idx % K, i = (idx / K) % K, w = (idx / (K * K)) % W, h = (idx / (K * K * W)) % H;
-    const index_t b = idx / (K * K * W * H);
-    const acc_t acc = math::grad_filter_element<acc_t>(g + b * C * H * W + h * W + w, H * W,
-                                                       x + b * C * Hp * Wp + (h + i) * Wp + (w + j), Hp * Wp, C);
-    grad_filters[idx] = static_cast<scalar_t>(acc);
-  }
+  threads::grad_filters_thread<at::opmath_type<scalar_t>>(global_thread(), grid_threads(), g, x, grad_filters, B, C,
+                                                          H, W, K);
 }
+
+inline unsigned int blocks_for(index_t n) { return static_cast<unsigned int>(threads::blocks_for(n)); }
+constexpr int kThreads = threads::kThreads;
 
 at::Tensor adaptive_conv_cuda(const at::Tensor& input, const at::Tensor& filters) {
   const AdaptiveConvSizes z = check_adaptive_conv(input, filters);
