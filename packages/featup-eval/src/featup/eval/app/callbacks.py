@@ -709,7 +709,14 @@ class DemoApp:
 
     # -- CAM -----------------------------------------------------------------------------------------
 
-    def cam(self, result: Result, class_index: int | str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    def cam(
+        self,
+        result: Result,
+        class_index: int | str | None = None,
+        *,
+        session: str = "default",
+        progress: Callable[[float, str], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, str]:
         """Class activation maps of an ImageNet class from the low-res and the upsampled features.
 
         ``class_index`` None or "top-1": the network's top-1 class on the image.
@@ -720,15 +727,39 @@ class DemoApp:
         Raises:
             AppError: the backbone (at this layer) has no ImageNet classifier.
         """
-        bb, _ = self.backbone(result.spec["backbone"], result.spec["layer"])
+        spec = result.spec
+        bb, _ = self.backbone(spec["backbone"], spec["layer"])
         head = _classifier_head(bb, result.lr.shape[1])
+        note = ""
+        if (
+            head is None
+            and isinstance(getattr(bb, "classifier", None), nn.Linear)
+            and spec["layer"] != "head"
+        ):
+            # the classifier reads the network's last ("head") features: CAM is computed on those
+            result = self.compute(
+                _uint8(result.image),
+                spec["backbone"],
+                "head",
+                spec["upsampler"],
+                spec["steps"],
+                max(result.image.shape[-2:]),
+                *result.output_size,
+                spec["checkpoint"],
+                session=session,
+                progress=progress,
+            )
+            spec = result.spec
+            bb, _ = self.backbone(spec["backbone"], "head")
+            head = _classifier_head(bb, result.lr.shape[1])
+            note = " (on the classifier's input features, layer head)"
         if head is None:
             raise AppError(
-                f"CAM needs an ImageNet classifier on these features: {result.spec['backbone']} "
-                + (f"(layer {result.spec['layer']!r}) " if result.spec["layer"] != "" else "")
+                f"CAM needs an ImageNet classifier on these features: {spec['backbone']} "
+                + (f"(layer {spec['layer']!r}) " if spec["layer"] != "" else "")
                 + f"exposes none for {result.lr.shape[1]}-channel features"
             )
-        weight, bias, pool_logits = head
+        weight, pool_logits = head
         names = imagenet_classes()
         with torch.inference_mode():
             logits = pool_logits(result.lr)[0]
@@ -753,7 +784,7 @@ class DemoApp:
         label = names[k] if k < len(names) else f"class {k}"
         top = int(probs.argmax())
         text = (
-            f"CAM of ImageNet class {k} '{label}' (p = {float(probs[k]):.3f}); the network's top-1 is "
+            f"CAM{note} of ImageNet class {k} '{label}' (p = {float(probs[k]):.3f}); the network's top-1 is "
             f"{top} '{names[top] if top < len(names) else top}' (p = {float(probs[top]):.3f})"
         )
         return rgb(cam_lr, (int(H), int(W))), rgb(cam_hr, result.output_size), text
@@ -868,29 +899,21 @@ def _find_shipped_jbu(backbone_name: str, layer: Any) -> tuple[nn.Module, str] |
     return model.upsampler, f"the shipped JBU trained for {backbone_name} on real photos"
 
 
-def _classifier_head(bb: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
-    """(weight (K, C), bias (K,), pooled-logits function) when ``bb`` exposes a linear ImageNet classifier
-    on its own features (``classifier_head()``), else None."""
-    get = getattr(bb, "classifier_head", None)
-    if get is None:
-        return None
+def _classifier_head(bb: nn.Module, channels: int) -> tuple[torch.Tensor, Callable] | None:
+    """(weight (K, C), pooled-logits function) when ``bb`` exposes a linear ImageNet classifier (``classifier``)
+    that reads ``channels``-channel features, else None."""
     try:
-        head = get() if callable(get) else get
-    except (ValueError, RuntimeError, NotImplementedError):
+        head = getattr(bb, "classifier", None)
+    except (AttributeError, RuntimeError):  # pragma: no cover - a property that fails
         return None
-    if head is None:
+    if not isinstance(head, nn.Linear) or head.in_features != channels:
         return None
-    if isinstance(head, nn.Linear):
-        weight, bias = head.weight.detach(), head.bias.detach()
-    else:
-        weight, bias = (t.detach() for t in head)
-    if weight.shape[1] != channels:
-        return None
+    logits = getattr(bb, "head_logits", None)
 
     def pooled(lr: torch.Tensor) -> torch.Tensor:
-        return lr.mean((-2, -1)) @ weight.to(lr).T + bias.to(lr)
+        return logits(lr) if callable(logits) else head(lr.mean((-2, -1)))
 
-    return weight, bias, pooled
+    return head.weight.detach(), pooled
 
 
 _IMAGENET: list[str] | None = None

@@ -37,12 +37,11 @@ Everything runs on this machine, offline."""
 def example_photos() -> list[str]:
     """Paths of real photos bundled with installed packages (scikit-image, matplotlib), never fetched."""
     try:
-        from featup.eval import photos
+        from featup.eval.photos import photo_names, photo_path
 
-        paths = [str(p) for p in photos.photo_paths()]  # type: ignore[attr-defined]
-        if paths:
-            return paths
-    except (ImportError, AttributeError, OSError, ValueError):
+        names = [*photo_names("eval"), "rocket", "motorcycle_left"]
+        return [str(photo_path(n)) for n in names]
+    except (ImportError, OSError, RuntimeError, ValueError):
         pass
     found: list[str] = []
     try:
@@ -233,7 +232,12 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
         @guard
         def on_cam(img, bb, lay, up, st, size, oh, ow, ckpt, cls, request: gr.Request, progress=_PROGRESS):
             r = _result(img, bb, lay, up, st, size, oh, ow, ckpt, request, progress)
-            return app.cam(r, cls)
+            return app.cam(
+                r,
+                cls,
+                session=getattr(request, "session_hash", None) or "default",
+                progress=lambda f, d: progress(f, desc=d),
+            )
 
         def on_cancel(request: gr.Request):
             return app.cancel(getattr(request, "session_hash", None) or "default")
