@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except AppError as exc:
         raise UsageError(str(exc)) from None
+    # a plain `kill` (SIGTERM) ends the server like Ctrl-C, so the temporary folder is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"featup serve: http://{args.host}:{args.port} (temporary files in {workdir})", file=sys.stderr)
     try:
         launch(app, args.host, args.port, share=args.share, block=True)
