@@ -101,6 +101,9 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                     elem_id="input-image",
                     height=260,
                 )
+                with gr.Row():
+                    run = gr.Button("Run", variant="primary", elem_id="run")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 if photos:
                     gr.Examples(examples=[[p] for p in photos], inputs=[image], label="example photos")
                 backbone = gr.Dropdown(
@@ -108,7 +111,7 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                 )
                 layer = gr.Textbox(
                     value=app.default_layer,
-                    label="layer (empty: the backbone's default; e.g. 16 / -2 / a block index)",
+                    label="layer (empty: the default; efficientnet_lite0: 8, 16, 32 or head; ViTs: a block index)",
                     elem_id="layer",
                 )
                 upsampler = gr.Radio(list(UPSAMPLERS), value="jbu", label="upsampler", elem_id="upsampler")
@@ -122,14 +125,8 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                     file_types=[".safetensors", ".ckpt"],
                     elem_id="checkpoint",
                 )
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column(scale=2):
                 status = gr.Markdown("", elem_id="status")
-                panel1 = gr.Image(label="components 1-3", interactive=False, elem_id="panel-1", format="png")
-                panel2 = gr.Image(label="components 4-6", interactive=False, elem_id="panel-2", format="png")
-                panel3 = gr.Image(label="components 7-9", interactive=False, elem_id="panel-3", format="png")
                 with gr.Row():
                     clickable = gr.Image(
                         label="click a point", interactive=False, elem_id="click-image", format="png"
@@ -141,6 +138,9 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                         label="cosine, upsampled", interactive=False, elem_id="heat-hr", format="png"
                     )
                 heat_info = gr.Markdown("", elem_id="heat-info")
+                panel1 = gr.Image(label="components 1-3", interactive=False, elem_id="panel-1", format="png")
+                panel2 = gr.Image(label="components 4-6", interactive=False, elem_id="panel-2", format="png")
+                panel3 = gr.Image(label="components 7-9", interactive=False, elem_id="panel-3", format="png")
                 px = gr.Number(visible=False, label="x")
                 py = gr.Number(visible=False, label="y")
                 heat_button = gr.Button("heatmaps at (x, y)", visible=False)
