@@ -311,3 +311,22 @@ def test_real_network_classifies_the_cat():
         r = a.compute(str(photo_path("chelsea")), upsampler="bilinear", input_size=224)
         _, _, text = a.cam(r)
     assert "top-1 is 285 'Egyptian cat'" in text
+
+
+def test_default_jbu_is_the_shipped_one_else_labelled_untrained(cat, tmp_path, monkeypatch):
+    import featup.eval.pretrained as pre
+    from featup.core import JBUStack
+
+    shipped = JBUStack().save(tmp_path / "jbu_efficientnet_lite0.safetensors")
+    monkeypatch.setattr(pre, "shipped_jbu_path", lambda name: shipped)
+    with DemoApp(pretrained=False) as a:
+        r = a.compute(cat, upsampler="jbu", input_size=SIZE)
+    assert any("the shipped JBU trained for efficientnet_lite0" in n for n in r.notes)
+    assert not any("UNTRAINED" in n for n in r.notes)
+
+    monkeypatch.setattr(pre, "shipped_jbu_path", lambda name: tmp_path / "missing.safetensors")
+    with DemoApp(pretrained=False) as a:
+        r = a.compute(cat, upsampler="jbu", input_size=SIZE)
+    assert tuple(r.hr.shape) == (1, 112, 64, 96)
+    (note,) = [n for n in r.notes if n.startswith("JBU:")]
+    assert "UNTRAINED" in note and "missing" in note

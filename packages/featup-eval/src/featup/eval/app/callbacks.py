@@ -481,20 +481,17 @@ class DemoApp:
         """The JBU shipped for this backbone, else an untrained ``JBUStack`` with a note saying so."""
         from featup.core import JBUStack
 
-        shipped = _find_shipped_jbu(backbone_name, layer)
-        if shipped is not None:
-            up, label = shipped
+        up, label = _find_shipped_jbu(backbone_name, layer)
+        if up is not None:
             fd = getattr(up, "feat_dim", None)
             if fd is None or fd == feat_dim:
                 return up, [f"JBU: {label}"]
             reason = f"the shipped JBU expects {fd}-channel features; this layer gives {feat_dim}"
         else:
-            reason = f"no trained JBU is shipped for {backbone_name!r}" + (
-                f" at layer {layer!r}" if layer is not None else ""
-            )
+            reason = label
         return JBUStack(feat_dim or None), [
-            f"JBU: UNTRAINED JBUStack ({reason}); its output shows the architecture, not FeatUp's "
-            "quality - pass --checkpoint from `featup train-jbu`"
+            f"JBU: UNTRAINED JBUStack ({reason}); a fresh stack upsamples like repeated 2x bicubic "
+            "resizing, not like a trained FeatUp JBU - pass --checkpoint from `featup train-jbu`"
         ]
 
     # -- cancellation --------------------------------------------------------------------------------
@@ -881,22 +878,21 @@ def _output_size(height: Any, width: Any, image_size: tuple[int, int]) -> tuple[
     return hh, ww
 
 
-def _find_shipped_jbu(backbone_name: str, layer: Any) -> tuple[nn.Module, str] | None:
-    """The JBU shipped with featup-eval for ``backbone_name`` (default layer only), if there is one."""
+def _find_shipped_jbu(backbone_name: str, layer: Any) -> tuple[nn.Module | None, str]:
+    """(the JBU shipped with featup-eval for ``backbone_name``, a label), or (None, why there is none)."""
+    from featup.core import CheckpointError
+    from featup.eval.pretrained import SHIPPED_JBUS, PretrainedUnavailableError, load_shipped_jbu
+
+    if backbone_name not in SHIPPED_JBUS:
+        return None, f"no trained JBU is shipped for {backbone_name!r} (shipped: {list(SHIPPED_JBUS)})"
+    try:
+        up = load_shipped_jbu(backbone_name)
+    except (PretrainedUnavailableError, CheckpointError, OSError) as exc:
+        return None, str(exc).strip().splitlines()[0]
+    label = f"the shipped JBU trained for {backbone_name} on real photos"
     if layer is not None:
-        return None
-    try:
-        from featup.eval import pretrained as pre
-    except ImportError:  # pragma: no cover
-        return None
-    shipped = getattr(pre, "SHIPPED_NAMES", None) or getattr(pre, "SHIPPED_JBU", None)
-    if not shipped or backbone_name not in shipped:
-        return None
-    try:
-        model = pre.load_pretrained(backbone_name)
-    except (OSError, ValueError, RuntimeError):
-        return None
-    return model.upsampler, f"the shipped JBU trained for {backbone_name} on real photos"
+        label += f" (trained on the default layer's features; here layer {layer!r})"
+    return up, label
 
 
 def _classifier_head(bb: nn.Module, channels: int) -> tuple[torch.Tensor, Callable] | None:
