@@ -240,3 +240,34 @@ def test_server_refuses_a_checkpoint_for_another_backbone(tmp_path):
     )
     assert r.returncode == 2
     assert "trained for backbone 'vit_small_patch16_224'" in r.stderr
+
+
+def test_implicit_fit_reports_progress_and_cancels(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    job = client.submit(
+        handle_file(str(photo_path("coffee"))),
+        BACKBONE,
+        "",
+        "implicit",
+        2000,
+        64,
+        0,
+        0,
+        None,
+        api_name="/panels",
+    )
+    deadline = time.monotonic() + 180
+    progress = None
+    while time.monotonic() < deadline and progress is None:
+        for update in job.status().progress_data or []:
+            if update.desc and "implicit fit: step" in update.desc:
+                progress = update.desc
+        time.sleep(0.3)
+    assert progress is not None, "no progress of the implicit fit was reported"
+    assert "cancelling" in client.predict(api_name="/cancel")
+    with pytest.raises(AppError, match=r"cancelled after \d+ of 2000 steps"):
+        job.result(timeout=120)
+    # the server is free again
+    assert "bilinear" in panels(client, photo_path("coffee"), upsampler="bilinear", size=96)[0]

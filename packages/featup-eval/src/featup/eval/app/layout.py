@@ -242,14 +242,14 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
         def on_cancel(request: gr.Request):
             return app.cancel(getattr(request, "session_hash", None) or "default")
 
-        run_event = run.click(
+        run.click(
             on_run,
             inputs=model_inputs,
             outputs=[status, panel1, panel2, panel3, clickable, dl_features, dl_panel],
             preprocess=False,
             api_name="panels",
         )
-        click_event = clickable.select(
+        clickable.select(
             on_click,
             inputs=model_inputs,
             outputs=[heat_lr, heat_hr, heat_info],
@@ -257,28 +257,22 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
             api_visibility="private",
         )
         # the same computation by pixel coordinates, for API clients (in the page a click carries them)
-        point_event = heat_button.click(
+        heat_button.click(
             on_point,
             inputs=[*model_inputs, px, py],
             outputs=[heat_lr, heat_hr, heat_info],
             preprocess=False,
             api_name="heatmaps",
         )
-        cam_event = cam_button.click(
+        cam_button.click(
             on_cam,
             inputs=[*model_inputs, cam_class],
             outputs=[cam_lr, cam_hr, cam_info],
             preprocess=False,
             api_name="cam",
         )
-        cancel.click(
-            on_cancel,
-            None,
-            status,
-            cancels=[run_event, click_event, point_event, cam_event],
-            api_name="cancel",
-            queue=False,
-        )
+        # the running fit stops at its next step and its event ends with a "cancelled" message in the page
+        cancel.click(on_cancel, None, status, api_name="cancel", queue=False)
     return demo
 
 
