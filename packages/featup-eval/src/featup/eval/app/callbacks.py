@@ -246,9 +246,11 @@ class Heatmaps:
 
 
 def _coolwarm(sim: np.ndarray) -> np.ndarray:
+    """Similarity as RGB (blue low, red high), stretched to the map's own range so structure is visible."""
     from matplotlib import colormaps
 
-    x = np.clip((sim + 1.0) / 2.0, 0, 1)
+    lo, hi = float(sim.min()), float(sim.max())
+    x = (sim - lo) / max(hi - lo, 1e-8)
     return colormaps["coolwarm"](x)[..., :3].astype(np.float32)
 
 
@@ -257,7 +259,7 @@ def _blend(image: torch.Tensor, heat: np.ndarray, point: tuple[float, float] | N
     h, w = heat.shape[:2]
     img = F.interpolate(image.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     img = img[0].permute(1, 2, 0).clamp(0, 1).numpy()
-    out = 0.45 * img + 0.55 * heat
+    out = 0.3 * img + 0.7 * heat
     if point is not None:
         x, y = int(round(point[0])), int(round(point[1]))
         r = max(2, min(h, w) // 40)

@@ -129,13 +129,25 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row():
                     clickable = gr.Image(
-                        label="click a point", interactive=False, elem_id="click-image", format="png"
+                        label="click a point",
+                        interactive=False,
+                        elem_id="click-image",
+                        format="png",
+                        height=240,
                     )
                     heat_lr = gr.Image(
-                        label="cosine, low-res", interactive=False, elem_id="heat-lr", format="png"
+                        label="cosine, low-res",
+                        interactive=False,
+                        elem_id="heat-lr",
+                        format="png",
+                        height=240,
                     )
                     heat_hr = gr.Image(
-                        label="cosine, upsampled", interactive=False, elem_id="heat-hr", format="png"
+                        label="cosine, upsampled",
+                        interactive=False,
+                        elem_id="heat-hr",
+                        format="png",
+                        height=240,
                     )
                 heat_info = gr.Markdown("", elem_id="heat-info")
                 panel1 = gr.Image(label="components 1-3", interactive=False, elem_id="panel-1", format="png")
