@@ -428,7 +428,7 @@ def run_real_bench(
         featup.backbones.WeightsUnavailableError: the EfficientNet-Lite0 weights package is missing.
     """
     from featup.backbones import create_backbone
-    from featup.core import JBUStack, create_upsampler
+    from featup.core import create_upsampler
     from featup.core.training import fit_implicit
 
     cfg = (cfg or RealBenchConfig()).validate()
@@ -480,9 +480,8 @@ def run_real_bench(
             train_step_s = statistics.mean(per_step)
         elif method in _AGNOSTIC:
             if method == "jbu_paper":
-                fresh = _seeded(
-                    lambda: JBUStack(range_kernel="dot", guidance_encoder=False, kernel_fixup=False), cfg.seed
-                )
+                # eq. 4-6 as written: inner-product range kernel on the pooled image, no encoder/correction
+                fresh = _seeded(partial(create_upsampler, "jbu_paper"), cfg.seed)
             else:
                 fresh = None  # train_jbu's own default stack
             up, train_step_s = _train(bb16, train_images, cfg, fresh, progress)

@@ -127,6 +127,15 @@ def print_real_table(result) -> None:
     from featup.eval.real_bench import format_real_table
 
     cfg = result.config
+    methods = [r["method"] for r in result.rows]
+    trained = ""
+    if any(m in methods for m in ("resize_conv", "carafe", "sapa", "jbu_paper", "jbu_trained")):
+        trained += (
+            f"Trained methods: {cfg['train_steps']} train_jbu steps (batch {cfg['batch_size']}) on "
+            f"{len(cfg['train_photos'])} training photos x 5 windows of {cfg['train_size']} px. "
+        )
+    if "implicit" in methods:
+        trained += f"Implicit: {cfg['implicit_steps']} steps ({cfg['implicit_jitters']} jitters) per window and layer. "
     print(
         f"\n## Real photos: EfficientNet-Lite0, {len(result.windows)} windows of {cfg['window']} px "
         f"({', '.join(cfg['eval_photos'])}{', mirrored too' if cfg['mirror'] else ''})\n"
@@ -135,9 +144,7 @@ def print_real_table(result) -> None:
     print(
         f"\nheld-out views: stride-16 features, offsets {cfg['offsets_px']} px; CAM on "
         f"{len(result.cam_windows)} windows with top-1 confidence >= {cfg['confidence']}: "
-        f"{'; '.join(result.cam_windows) or 'none'}. Trained methods: {cfg['train_steps']} train_jbu steps on "
-        f"{len(cfg['train_photos'])} training photos x 5 windows of {cfg['train_size']} px; implicit: "
-        f"{cfg['implicit_steps']} steps per window. Machine: {result.machine['processor']}, "
+        f"{'; '.join(result.cam_windows) or 'none'}. {trained}Machine: {result.machine['processor']}, "
         f"{result.machine['cpu_count']} CPUs, torch {result.machine['torch']} "
         f"({result.machine['torch_threads']} threads)"
     )
