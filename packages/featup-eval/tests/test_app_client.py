@@ -271,3 +271,24 @@ def test_implicit_fit_reports_progress_and_cancels(client):
         job.result(timeout=120)
     # the server is free again
     assert "bilinear" in panels(client, photo_path("coffee"), upsampler="bilinear", size=96)[0]
+
+
+@pytest.mark.parametrize("extra, share", [([], False), (["--share"], True)])
+def test_serve_never_shares_unless_asked(monkeypatch, extra, share):
+    require("gradio")
+    import gradio as gr
+
+    from featup.eval.cli import main
+
+    seen = {}
+
+    def fake_launch(self, **kwargs):
+        seen.update(kwargs)
+        return None
+
+    monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # restored after the test
+    assert main(["serve", "--no-pretrained", "--port", "7999", *extra]) == 0
+    assert seen["share"] is share
+    assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7999
+    assert seen["max_file_size"] == "25mb"
