@@ -118,15 +118,26 @@ def test_upload_click_heatmaps_in_chromium(page, tmp_path):
 
     target = page.locator("#click-image img").first
     target.wait_for()
-    box = target.bounding_box()
-    assert box and box["width"] > 50 and box["height"] > 30
-    target.click(position={"x": box["width"] * 0.75, "y": box["height"] * 0.8})
+
+    def click_pixel(x: int, y: int) -> None:
+        """Click natural pixel (x, y) of the shown image (Gradio letterboxes it inside the <img> box)."""
+        box = target.bounding_box()
+        nw, nh = target.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+        scale = min(box["width"] / nw, box["height"] / nh, 1.0)
+        left, top = (box["width"] - nw * scale) / 2, (box["height"] - nh * scale) / 2
+        target.click(position={"x": left + (x + 0.5) * scale, "y": top + (y + 0.5) * scale})
+
+    assert target.evaluate("e => [e.naturalWidth, e.naturalHeight]") == [224, 149]  # chelsea at 224 px
+    click_pixel(170, 120)
     first = _src_change(page, "#heat-hr", None)
     first_lr = page.locator("#heat-lr img").first.get_attribute("src")
-    assert "cached" in page.locator("#heat-info").inner_text()  # the click reused the Run's features
+    info = page.locator("#heat-info").inner_text()
+    assert "x=170, y=120" in info  # the server got the clicked pixel
+    assert "cached" in info  # and reused the Run's features
 
-    target.click(position={"x": box["width"] * 0.33, "y": box["height"] * 0.4})  # an eye
+    click_pixel(74, 60)  # the cat's left eye
     second = _src_change(page, "#heat-hr", first)
+    assert "x=74, y=60" in page.locator("#heat-info").inner_text()
     a, b = page.request.get(first).body(), page.request.get(second).body()
     assert a[:8] == b"\x89PNG\r\n\x1a\n" and b[:8] == b"\x89PNG\r\n\x1a\n"
     assert a != b
