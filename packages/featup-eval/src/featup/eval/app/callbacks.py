@@ -512,7 +512,7 @@ class DemoApp:
         backbone: str | None = None,
         layer: str | int | None = None,
         upsampler: str = "jbu",
-        steps: int = 50,
+        steps: int = 20,
         input_size: int = 224,
         output_height: int | None = None,
         output_width: int | None = None,

@@ -115,7 +115,14 @@ def build_blocks(app: DemoApp, *, title: str = "FeatUp") -> Any:
                     elem_id="layer",
                 )
                 upsampler = gr.Radio(list(UPSAMPLERS), value="jbu", label="upsampler", elem_id="upsampler")
-                steps = gr.Slider(1, 2000, value=50, step=1, label="implicit: fitting steps", elem_id="steps")
+                steps = gr.Slider(
+                    1,
+                    2000,
+                    value=20,
+                    step=1,
+                    label="implicit: fitting steps (seconds each on a CPU at 224 px; Cancel stops the fit)",
+                    elem_id="steps",
+                )
                 input_size = gr.Slider(32, 1024, value=224, step=8, label="input size (longer side, px)")
                 with gr.Row():
                     out_h = gr.Number(value=0, precision=0, label="output height (0: auto)", elem_id="out-h")
