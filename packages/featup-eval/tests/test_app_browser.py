@@ -168,3 +168,18 @@ def test_bad_upload_shows_a_message_in_the_page(page, tmp_path):
     _upload_and_run(page, photo_path("coffee"))
     assert "/gradio_api/file=" in _src_change(page, "#panel-1", None)
     assert page.outside == []
+
+
+def test_example_photo_implicit_fit_progress_and_cancel(page):
+    # an example photo (bundled with scikit-image) goes into the input with one click
+    page.locator("button.gallery-item").first.click()
+    page.locator("#input-image img").first.wait_for()
+    assert "chelsea" in page.locator("#input-image img").first.get_attribute("src")
+    page.locator("#upsampler").get_by_text("implicit").click()
+    page.locator("#run").click()
+    page.get_by_text("implicit fit: step", exact=False).first.wait_for()  # progress is shown per step
+    page.locator("#cancel").click()
+    message = page.get_by_text("implicit fit cancelled after", exact=False).first
+    message.wait_for()
+    assert "nothing was cached" in message.inner_text()
+    assert page.outside == []
