@@ -300,7 +300,7 @@ class RealBenchConfig:
     batch_size: int = 2
     implicit_steps: int = 100
     implicit_jitters: int = 4
-    confidence: float = 0.5
+    confidence: float = 0.4
     methods: tuple[str, ...] = tuple(REAL_METHODS)
     seed: int = 0
     shipped: str = "efficientnet_lite0"
@@ -313,7 +313,7 @@ class RealBenchConfig:
             offsets=((0.5, 0.5),),
             mirror=False,
             eval_photos=("chelsea", "coffee"),
-            train_photos=("rocket", "camera"),
+            train_photos=("rocket", "coins"),
             train_size=64,
             train_steps=2,
             implicit_steps=2,
