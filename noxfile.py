@@ -145,10 +145,20 @@ def backbones(session: nox.Session) -> None:
     _pytest(session, shared_env(session), "featup-backbones")
 
 
+def _install_app(session: nox.Session, python: str) -> None:
+    """The web demo's extras: featup-eval[app] (Gradio) and [app-test]
+    (gradio_client, Playwright; Chromium itself comes from apt, see tools/dev)."""
+    eval_pkg = PACKAGES / "featup-eval"
+    digest = _digest(eval_pkg / "pyproject.toml", PACKAGES / "featup-backbones" / "pyproject.toml")
+    _install_once(session, python, "app", digest, "--no-build-isolation", f"{eval_pkg}[app,app-test]")
+
+
 @nox.session(venv_backend="none")
 def eval(session: nox.Session) -> None:  # the package is called featup-eval
-    """featup-eval tests: synthetic benchmark, probes, CAM, segmentation, the featup command."""
-    _pytest(session, shared_env(session), "featup-eval")
+    """featup-eval tests: synthetic benchmark, probes, CAM, segmentation, the featup command, the web demo."""
+    python = shared_env(session)
+    _install_app(session, python)
+    _pytest(session, python, "featup-eval")
 
 
 @nox.session(venv_backend="none")

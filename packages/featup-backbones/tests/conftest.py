@@ -22,7 +22,7 @@ VIT_TEST_DEPTH = 2
 def _cached(name: str) -> Backbone:
     torch.manual_seed(0)
     depth = 1 if ("vitl" in name or "vitg" in name) else VIT_TEST_DEPTH
-    kwargs = {} if "resnet" in name else {"model_kwargs": {"depth": depth}}
+    kwargs = {} if ("resnet" in name or "efficientnet" in name) else {"model_kwargs": {"depth": depth}}
     return create_backbone(name, **kwargs)
 
 

@@ -53,6 +53,10 @@ EXPECTED = {
     "vit_small_patch16_224": (384, 16, 16),
     "resnet50": (2048, 32, None),
     "deeplabv3_resnet50": (2048, 8, None),
+    "efficientnet_lite0": (112, 16, None),
+    "dinov3_vits16": (384, 16, 16),
+    "dinov3_vitb16": (768, 16, 16),
+    "dinov3_vitl16": (1024, 16, 16),
 }
 
 

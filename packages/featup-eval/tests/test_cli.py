@@ -26,9 +26,9 @@ def _png(path: Path, h: int = 45, w: int = 58, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """One quick demo run (it runs the quick benchmark); later tests reuse its trained JBU."""
+    """One quick synthetic demo run (it runs the quick benchmark); later tests reuse its trained JBU."""
     out = tmp_path_factory.mktemp("demo")
-    code = main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    code = main(["demo", "--synthetic", "--quick", "--out", str(out), "--no-progress"])
     assert code == 0
     return out
 

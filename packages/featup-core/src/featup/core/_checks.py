@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_features", "check_image", "resolve_size"]
+__all__ = ["check_features", "check_image", "check_unit_range", "resolve_size"]
 
 
 def check_features(feats: object, name: str = "features") -> torch.Tensor:
@@ -32,6 +32,7 @@ def check_image(image: object, feats: torch.Tensor | None = None, name: str = "i
         raise ValueError(f"expected non-empty {name} (B,3,H,W), got shape {tuple(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"expected a floating-point {name} in [0,1], got dtype {image.dtype}")
+    check_unit_range(image, name)
     if feats is not None:
         if feats.shape[0] != image.shape[0]:
             raise ValueError(
@@ -42,6 +43,22 @@ def check_image(image: object, feats: torch.Tensor | None = None, name: str = "i
             raise ValueError(
                 f"expected features and {name} on one device, got {feats.device} and {image.device}"
             )
+    return image
+
+
+def check_unit_range(image: torch.Tensor, name: str = "image", tol: float = 1e-3) -> torch.Tensor:
+    """Require finite values in [0, 1] (up to ``tol`` of rounding): un-normalized RGB, no NaN.
+
+    A NaN or an ImageNet-normalized image would otherwise give silently wrong guidance.
+    """
+    with torch.no_grad():
+        finite = bool(torch.isfinite(image).all())
+        lo, hi = float(image.detach().min()), float(image.detach().max())
+    if not finite or lo < -tol or hi > 1 + tol:
+        what = "NaN/inf values" if not finite else f"values in [{lo:.3g}, {hi:.3g}]"
+        raise ValueError(
+            f"expected {name} RGB in [0,1] (un-normalized; upsamplers normalize internally), got {what}"
+        )
     return image
 
 

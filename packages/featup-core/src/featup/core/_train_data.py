@@ -124,9 +124,10 @@ class IterableSource(BatchSource):
         sampler = getattr(self._iterable, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(self._pass)
-        # a shuffling DataLoader draws its order from the global RNG when its iterator is created
+        # a shuffling DataLoader draws its order from the global CPU RNG when its iterator is created; seed
+        # only that one (torch.manual_seed would also seed every CUDA device, which this fork does not save)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self._seed, "data-pass", self._pass))
+            torch.default_generator.manual_seed(derive_seed(self._seed, "data-pass", self._pass))
             self._it = iter(self._iterable)
 
     def _next(self) -> object:

@@ -18,9 +18,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionDownsampler", "SimpleDownsampler", "create_downsampler", "window_indices", "window_pool"]
+__all__ = [
+    "AttentionDownsampler",
+    "SimpleDownsampler",
+    "create_downsampler",
+    "gaussian_blur",
+    "window_indices",
+    "window_pool",
+]
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int = 5, sigma: float = 1.0) -> torch.Tensor:
+    """Depthwise Gaussian blur with reflect borders (the same kernel on every channel, so it commutes with
+    any channel mixing); the original code's ``blur_attn`` pre-blur is ``kernel_size=5, sigma=1``.
+
+    Shape:
+        - x: (B, C, H, W)
+        - output: (B, C, H, W)
+    """
+    radius = kernel_size // 2
+    coords = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - radius
+    g = torch.exp(-coords.square() / (2 * sigma**2))
+    g = g / g.sum()
+    b, c, h, w = x.shape
+    flat = x.reshape(b * c, 1, h, w)
+    mode = "reflect" if min(h, w) > radius else "replicate"
+    flat = F.pad(flat, [radius] * 4, mode=mode)
+    flat = F.conv2d(flat, g.view(1, 1, 1, -1))
+    flat = F.conv2d(flat, g.view(1, 1, -1, 1))
+    return flat.view(b, c, h, w)
 
 
 def window_indices(
@@ -216,13 +245,15 @@ class AttentionDownsampler(nn.Module):
         kernel_size: side of the square window (Table 7: 16 for JBU, 29 for the implicit model).
         dropout: dropout on the features before the salience conv during training (as in the original code);
             eval mode is deterministic.
+        blur: blur the high-resolution features with a 5x5 Gaussian (sigma 1) before windowing, for both the
+            salience and the pooled values (the original code's ``blur_attn``).
 
     Shape:
         - hr: (B, dim, H, W)
         - output: (B, dim, h, w) with (h, w) = ``output_size``
     """
 
-    def __init__(self, dim: int, kernel_size: int = 16, *, dropout: float = 0.2) -> None:
+    def __init__(self, dim: int, kernel_size: int = 16, *, dropout: float = 0.2, blur: bool = False) -> None:
         super().__init__()
         if int(dim) < 1 or int(kernel_size) < 1:
             raise ValueError(
@@ -233,6 +264,9 @@ class AttentionDownsampler(nn.Module):
         self.dim = int(dim)
         self.kernel_size = k = int(kernel_size)
         self.dropout = float(dropout)
+        if not isinstance(blur, bool):
+            raise TypeError(f"expected blur as True or False, got {blur!r}")
+        self.blur = blur
         self.salience_net = nn.Sequential(nn.Dropout(self.dropout), nn.Conv2d(self.dim, 1, 1))
         # near-uniform start (w ~ 1, b ~ 0) like the original, with a little noise to break symmetry
         self.weight = nn.Parameter(torch.ones(k, k) + 0.01 * torch.randn(k, k))
@@ -258,11 +292,25 @@ class AttentionDownsampler(nn.Module):
         Shape:
             - output: (B, h, w, k, k)
         """
+        return self.salience_kernels(self.salience(hr), output_size)
+
+    def salience_kernels(self, salience: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
+        """Pooling weights from given salience logits (what :meth:`kernels` does after :meth:`salience`).
+
+        Lets a caller compute the salience another way, e.g. as the upsampled low-resolution
+        ``conv(f)`` of a channel-linear upsampler, which equals ``conv`` of the upsampled features.
+
+        Shape:
+            - salience: (B, 1, H, W)
+            - output: (B, h, w, k, k)
+        """
         h, w = _resolve_output_size(output_size)
         k = self.kernel_size
-        sal = self.salience(hr)[:, 0]
-        rows, vr = window_indices(hr.shape[-2], h, k, hr.device)
-        cols, vc = window_indices(hr.shape[-1], w, k, hr.device)
+        if salience.dim() != 4 or salience.shape[1] != 1:
+            raise ValueError(f"expected salience (B,1,H,W), got {tuple(salience.shape)}")
+        sal = salience[:, 0]
+        rows, vr = window_indices(sal.shape[-2], h, k, sal.device)
+        cols, vc = window_indices(sal.shape[-1], w, k, sal.device)
         b = sal.shape[0]
         # (B, h*k, W) -> (B, h, k, w, k) -> (B, h, w, k, k)
         sal = sal.index_select(1, rows.reshape(-1)).index_select(2, cols.reshape(-1))
@@ -271,18 +319,24 @@ class AttentionDownsampler(nn.Module):
         valid = vr[:, None, :, None] & vc[None, :, None, :]
         return _masked_softmax(logits, valid)
 
+    def prepare(self, hr: torch.Tensor) -> torch.Tensor:
+        """The map that is windowed: ``hr`` itself, or its Gaussian pre-blur when ``blur`` is on."""
+        return gaussian_blur(hr) if self.blur else hr
+
     def forward(self, hr: torch.Tensor, output_size: int | Sequence[int]) -> torch.Tensor:
         h, w = _resolve_output_size(output_size)
+        hr = self.prepare(_check_hr(hr))
         return window_pool(hr, self.kernels(hr, (h, w)), (h, w))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, kernel_size={self.kernel_size}, dropout={self.dropout}"
+        return f"dim={self.dim}, kernel_size={self.kernel_size}, dropout={self.dropout}, blur={self.blur}"
 
 
-def create_downsampler(kind: str, dim: int, kernel_size: int) -> nn.Module:
-    """Build a downsampler by name: ``"simple"`` (learned blur) or ``"attention"`` (eq. 2)."""
+def create_downsampler(kind: str, dim: int, kernel_size: int, *, blur: bool = False) -> nn.Module:
+    """Build a downsampler by name: ``"simple"`` (learned blur) or ``"attention"`` (eq. 2; ``blur`` turns on
+    its Gaussian pre-blur)."""
     if kind == "simple":
         return SimpleDownsampler(kernel_size)
     if kind == "attention":
-        return AttentionDownsampler(dim, kernel_size)
+        return AttentionDownsampler(dim, kernel_size, blur=blur)
     raise ValueError(f"unknown downsampler {kind!r}; expected 'simple' or 'attention'")

@@ -30,6 +30,14 @@ training seeds 0 / 1 / 2 (mIoU / boundary F / MSE): without it 56.3 / 55.5 / 55.
 unconstrained correction reached 58.7 / 59.3 / 59.5 but can diverge (an unbounded, non-normalized kernel
 grows each stage's gain: with only the mirror average added, seed 1 ended at an MSE of 1e12).
 
+A fresh stack starts safe (``safe_start=True``, the default): each stage's kernel is
+``delta + gate * (bilateral - delta) + correction`` with the gate and the correction's output layer
+zero-initialised, so before training the stack is exactly the chain of 2x resizes its stages resample with
+(bicubic by default), and training can only add to it; without it four stages of a wide bilateral kernel
+compound into a blur (measured in ``docs/notes/jbu.md``). The variants have registry names:
+``create_upsampler("jbu")`` is this default, ``"jbu_paper"`` eq. 4-6 as written (inner-product range kernel
+on the pooled image, no encoder, no correction, no safe start) and ``"jbu_original"`` the original code's layout.
+
 The neighborhood similarities are computed by the fused op as well (the inner products of every pixel with
 its K x K neighbours are exactly the filter gradient of an adaptive convolution), so no (C * K * K, H, W)
 patch tensor is ever materialized; the working memory stays at a few feature maps per stage.
@@ -277,6 +285,11 @@ class JBUStage(nn.Module):
         pad_mode: border handling of keys and source ("reflect" falls back to "replicate" on tiny maps).
         init_sigma_spatial: initial width of the spatial Gaussian (window coordinates in [-1, 1]).
         range_kernel: ``"distance"`` or ``"dot"`` (see :data:`RANGE_KERNELS`).
+        safe_start: gate the bilateral kernel with a zero-initialised scalar ``gate``:
+            ``kernel = delta + gate * (bilateral - delta) [+ correction]``, and zero-initialise the
+            correction's output layer, so a fresh stage is exactly its source resize (the centre tap alone)
+            and training can only add to it. Without it (the paper's form) the stage starts as the bilateral
+            kernel itself.
 
     Shape:
         - source: (B, C, h, w)
@@ -297,6 +310,7 @@ class JBUStage(nn.Module):
         init_sigma_spatial: float = 1.0,
         range_kernel: str = "distance",
         constrained_fixup: bool = False,
+        safe_start: bool = False,
     ) -> None:
         super().__init__()
         if range_kernel not in RANGE_KERNELS:
@@ -325,6 +339,13 @@ class JBUStage(nn.Module):
                 nn.Dropout2d(dropout),
                 nn.Conv2d(taps, taps, 1),
             )
+        self.safe_start = bool(safe_start)
+        self.gate: nn.Parameter | None = None
+        if self.safe_start:
+            self.gate = nn.Parameter(torch.tensor(0.0))
+            if self.fixup_proj is not None:
+                nn.init.zeros_(self.fixup_proj[3].weight)
+                nn.init.zeros_(self.fixup_proj[3].bias)
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
         """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 unless the original's
@@ -338,8 +359,17 @@ class JBUStage(nn.Module):
         range_kernel = torch.softmax(logits, dim=1)
         kernel = range_kernel * spatial_gaussian(self.radius, self.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
+        correction = None
         if self.fixup_proj is not None:
-            kernel = kernel + 0.1 * self.kernel_correction(kernel, guidance)
+            correction = 0.1 * self.kernel_correction(kernel, guidance)
+        if self.gate is not None:
+            # delta + gate * (kernel - delta): exactly the centre tap while the gate is 0
+            delta = torch.zeros(self.diameter**2, device=kernel.device, dtype=kernel.dtype)
+            delta[self.diameter**2 // 2] = 1.0
+            delta = delta.view(1, -1, 1, 1)
+            kernel = delta + self.gate.to(kernel.dtype) * (kernel - delta)
+        if correction is not None:
+            kernel = kernel + correction
         return kernel
 
     def kernel_correction(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -365,11 +395,10 @@ class JBUStage(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"radius={self.radius}, key_dim={self.key_dim}, resize_mode={self.resize_mode!r}, "
-            f"range_kernel={self.range_kernel!r}"
+            f"range_kernel={self.range_kernel!r}, safe_start={self.safe_start}"
         )
 
 
-@register_upsampler("jbu")
 class JBUStack(Upsampler, CheckpointMixin):
     """FeatUp's JBU upsampler: learned JBU stages, 2x each, the last one landing on the exact output size.
 
@@ -405,6 +434,11 @@ class JBUStack(Upsampler, CheckpointMixin):
             Synthetic benchmark, extractor A, JBU trained on ground truth directly for 100 steps (cos / MSE /
             mIoU / boundary F): paper form 0.937 / 0.123 / 36.1 / 42.9 (= bicubic, every sigma -> 0.03);
             distance kernel 0.940 / 0.118 / 36.7 / 47.0; distance + encoder 0.942 / 0.115 / 37.4 / 52.3.
+        safe_start: start as a sound fixed upsampler (default): every stage's bilateral kernel is gated by a
+            zero-initialised scalar and its correction's output layer is zero-initialised, so a fresh stack is
+            exactly the chain of 2x ``resize_mode`` resizes (bicubic by default) its stages resample with, and
+            training can only add to it (see :class:`JBUStage`). False starts from the bilateral kernels
+            themselves (the paper's form, and stacks saved before this option).
         original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
             the unconstrained kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized
             guidance, sigma init 1, the inner-product range kernel on 1x1 keys of the pooled image (no
@@ -433,6 +467,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         init_sigma_spatial: float = 1.0,
         range_kernel: str = "distance",
         guidance_encoder: bool = True,
+        safe_start: bool = True,
         original: bool = False,
     ) -> None:
         super().__init__()
@@ -466,6 +501,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 0.1,
             )
             init_sigma_spatial, range_kernel, guidance_encoder, constrained_fixup = 1.0, "dot", False, False
+            safe_start = False
         self.feat_dim = feat_dim
         self.radius = radius
         self.key_dim = key_dim
@@ -478,6 +514,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         self.normalize_guidance = normalize_guidance
         self.init_sigma_spatial = float(init_sigma_spatial)
         self.range_kernel = range_kernel
+        self.safe_start = bool(safe_start)
         self.original = original
         self.encoder: GuidanceEncoder | None = GuidanceEncoder(3, key_dim) if guidance_encoder else None
         for k in range(1, n_stages + 1):
@@ -492,6 +529,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 resize_mode=resize_mode,
                 pad_mode=pad_mode,
                 init_sigma_spatial=init_sigma_spatial,
+                safe_start=self.safe_start,
             )
             self.add_module(f"up{k}", stage)
         self.proj_scale = 0.1 if original else 1.0
@@ -527,6 +565,7 @@ class JBUStack(Upsampler, CheckpointMixin):
             "init_sigma_spatial": self.init_sigma_spatial,
             "range_kernel": self.range_kernel,
             "guidance_encoder": self.encoder is not None,
+            "safe_start": self.safe_start,
             "original": self.original,
         }
 
@@ -535,6 +574,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         "range_kernel": "dot",
         "guidance_encoder": False,
         "constrained_fixup": False,
+        "safe_start": False,
     }
 
     @classmethod
@@ -598,3 +638,28 @@ class JBUStack(Upsampler, CheckpointMixin):
         except RuntimeError as exc:  # pragma: no cover - read_original_jbu validates keys and shapes first
             raise CheckpointError(f"original JBU weights do not match the original layout: {exc}") from None
         return module.to(map_location).eval()
+
+
+# Named variants, as timm names model configurations; the flags that remain are real hyperparameters.
+register_upsampler("jbu")(JBUStack)
+
+
+@register_upsampler("jbu_paper")
+def jbu_paper(**kwargs: Any) -> JBUStack:
+    """The paper's equations (eq. 4-6): inner-product range kernel on a 1x1 MLP of the pooled image, no
+    guidance encoder, no kernel correction, starting from the bilateral kernels (no safe start)."""
+    return JBUStack(
+        **{
+            "range_kernel": "dot",
+            "guidance_encoder": False,
+            "kernel_fixup": False,
+            "safe_start": False,
+            **kwargs,
+        }
+    )
+
+
+@register_upsampler("jbu_original")
+def jbu_original(feat_dim: int | None = None, **kwargs: Any) -> JBUStack:
+    """The original FeatUp code's layout (``JBUStack(feat_dim, original=True)``; needs ``feat_dim``)."""
+    return JBUStack(feat_dim, original=True, **kwargs)

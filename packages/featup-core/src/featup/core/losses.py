@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["UncertaintyHead", "project", "random_projection", "reconstruction_loss", "tv_loss"]
+__all__ = ["MIN_SCALE", "UncertaintyHead", "project", "random_projection", "reconstruction_loss", "tv_loss"]
 
 
 def _check4d(x: object, name: str) -> torch.Tensor:
@@ -63,19 +63,29 @@ class UncertaintyHead(nn.Module):
         return f"dim={self.dim}"
 
 
+#: the smallest per-pixel scale eq. 1 may use (the original code's ``clamp_min(1e-4)``)
+MIN_SCALE = 1e-4
+
+
 def reconstruction_loss(
-    pred: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    log_scale: torch.Tensor | None = None,
+    *,
+    min_scale: float | None = MIN_SCALE,
 ) -> torch.Tensor:
     """Gaussian negative log-likelihood with a per-pixel scale (paper eq. 1).
 
-    ``mean_{b,i,j} [ mean_c (pred - target)^2 / (2 s^2) + log s ]`` with ``s = exp(log_scale)``; without a
-    ``log_scale`` it is ``s = 1``, i.e. half the mean squared error. Averaging this over the jittered views
-    gives eq. 1's ``1/|T| sum_t``.
+    ``mean_{b,i,j} [ mean_c (pred - target)^2 / (2 s^2) + log s ]`` with ``s = max(exp(log_scale),
+    min_scale)``; without a ``log_scale`` it is ``s = 1``, i.e. half the mean squared error. Averaging this
+    over the jittered views gives eq. 1's ``1/|T| sum_t``. The floor keeps the likelihood bounded below (an
+    unfloored scale can run to zero, where the loss goes to minus infinity and its gradient grows as 1/s^2).
 
     Args:
         pred: downsampled, jittered high-resolution features.
         target: backbone features of the jittered image.
         log_scale: per-pixel ``log s`` (e.g. from :class:`UncertaintyHead`), or None.
+        min_scale: floor of ``s`` (> 0; below it the scale gets no gradient), or None for no floor.
 
     Returns:
         Scalar loss.
@@ -97,6 +107,10 @@ def reconstruction_loss(
     expected = (pred.shape[0], 1, pred.shape[2], pred.shape[3])
     if tuple(log_scale.shape) != expected:
         raise ValueError(f"expected log_scale of shape {expected}, got {tuple(log_scale.shape)}")
+    if min_scale is not None:
+        if not (isinstance(min_scale, (int, float)) and math.isfinite(min_scale) and min_scale > 0):
+            raise ValueError(f"expected min_scale as a positive finite number or None, got {min_scale!r}")
+        log_scale = log_scale.clamp_min(math.log(min_scale))
     return (0.5 * err * torch.exp(-2.0 * log_scale) + log_scale).mean()
 
 

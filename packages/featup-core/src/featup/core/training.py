@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,7 +51,7 @@ from featup.core._train_state import (
 )
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError
-from featup.core.downsamplers import create_downsampler
+from featup.core.downsamplers import AttentionDownsampler, create_downsampler, window_pool
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.jbu import JBUStack
 from featup.core.jitter import JitterParams, apply_jitter, sample_jitter
@@ -110,7 +111,7 @@ def _check_bool(name: str, value: object) -> bool:
 def _with_hparam_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """States saved before ``p_zoom`` / ``p_flip`` / ``uncertainty`` existed were trained with the Table 7
     values (0.5, 0.5) and with the uncertainty head."""
-    return {"p_zoom": 0.5, "p_flip": 0.5, "uncertainty": True, **saved}
+    return {"p_zoom": 0.5, "p_flip": 0.5, "uncertainty": True, "blur": False, **saved}
 
 
 def _uncertainty_head(enabled: bool, dim: int) -> UncertaintyHead | None:
@@ -185,8 +186,11 @@ def _frozen(backbone: object):
 def _training_context(device: torch.device):
     """Fork the global RNGs (the seeding done by training never leaks to the caller) and make sure autograd
     is on, even when the caller sits inside ``torch.no_grad`` or ``torch.inference_mode``."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+    with (
+        torch.random.fork_rng(devices=_forked_devices(device)),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
         yield
 
 
@@ -205,7 +209,82 @@ def _features(backbone: Callable, images: torch.Tensor, what: str) -> torch.Tens
         )
     if not feats.is_floating_point():
         raise ValueError(f"expected floating-point backbone features, got dtype {feats.dtype} ({what})")
-    return feats.detach()
+    return _check_finite_features(feats.detach(), what)
+
+
+def _seed_rngs(seed: int, device: torch.device) -> None:
+    """Seed only the generators a run on ``device`` draws from: the CPU's and, on CUDA, that device's.
+
+    ``torch.manual_seed`` would also seed every other CUDA device (or queue that seeding until CUDA starts),
+    which ``fork_rng`` then may not restore: the caller's generators would change.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def _forked_devices(device: torch.device) -> list[int]:
+    """CUDA devices whose RNG state ``fork_rng`` must save: every initialised one, and the training one."""
+    devices: set[int] = set()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices.update(range(torch.cuda.device_count()))
+    if device.type == "cuda":
+        devices.add(device.index if device.index is not None else torch.cuda.current_device())
+    return sorted(devices)
+
+
+def _check_finite_features(feats: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise when backbone features hold NaN or infinity (they would poison every parameter)."""
+    if not bool(torch.isfinite(feats).all()):
+        n_bad = int((~torch.isfinite(feats)).sum())
+        raise ValueError(
+            f"expected finite backbone features, got {n_bad} NaN/inf values of {feats.numel()} ({what}); "
+            "nothing was trained or written on them"
+        )
+    return feats
+
+
+def _check_finite_loss(
+    loss: torch.Tensor,
+    step: int,
+    ctx: dist_utils.DistContext | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Raise before the backward pass, the optimizer step and any checkpoint when the loss is NaN/inf.
+
+    Under torchrun every rank learns that some rank failed, so none waits forever in the gradient all-reduce.
+    """
+    bad = not bool(torch.isfinite(loss.detach()))
+    if ctx is not None and device is not None:
+        bad = dist_utils.any_true(bad, ctx, device)
+    if bad:
+        raise FloatingPointError(
+            f"non-finite training loss ({float(loss.detach())}) at step {step + 1}: the parameters were not "
+            "updated and nothing was written for this step (lower lr, or check the images and the backbone)"
+        )
+
+
+def _batched_features(
+    backbone: Callable,
+    x: torch.Tensor,
+    jitters: list[list[JitterParams]],
+    precision: str,
+    device: torch.device,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's features of the batch, then of all its jittered views in one more backbone call.
+
+    Shape:
+        - x: (B, 3, H, W); jitters: n lists of B jitters
+        - output: (B, C, h, w) and (n * B, C, h, w), jitter-major
+    """
+    flat = [p for params in jitters for p in params]
+    views = apply_jitter(x.repeat(len(jitters), 1, 1, 1), flat)
+    with mixed_precision(precision, device):
+        lr_feats = to_float32(_features(backbone, x, f"step {step}"))
+        targets = to_float32(_features(backbone, views, f"jittered views, step {step}"))
+    return lr_feats, targets
 
 
 def _step_logs(**values: torch.Tensor | float) -> dict[str, float]:
@@ -216,27 +295,61 @@ def _step_logs(**values: torch.Tensor | float) -> dict[str, float]:
 # JBU
 
 
+def channel_linear(upsampler: nn.Module) -> bool:
+    """True when ``upsampler`` applies one image-dependent linear operator to every feature channel alike.
+
+    Then ``up(f @ P) = up(f) @ P`` for any channel mixing ``P`` (the random projection, the attention
+    downsampler's salience conv), so training may upsample a few mixed channels instead of all of them.
+    The default encoder-agnostic :class:`JBUStack` (``feat_dim=None``) is; a stack with a per-feature 1x1
+    conv, the original layout, and any other module are treated as not.
+    """
+    declared = getattr(upsampler, "channel_linear", None)
+    if isinstance(declared, bool):
+        return declared
+    return isinstance(upsampler, JBUStack) and upsampler.feat_dim is None and not upsampler.original
+
+
 class _JBUObjective(nn.Module):
     """Every trainable piece of JBU training behind one forward, so DistributedDataParallel sees one module.
 
     ``forward`` returns eq. 1 averaged over the jitters: ``F_hr = up(f(x), x)`` once, then for each jitter
     the projected ``down(t(F_hr))`` against the projected ``f(t(x))`` with log-scales from ``head(f(t(x)))``.
+
+    With ``project_first`` and a :func:`channel_linear` upsampler the same quantity is computed on
+    ``D + 1`` channels instead of ``C``: the low-res features are projected to ``D`` dimensions and, for the
+    attention downsampler, its salience conv is applied to them (one more channel) before upsampling; the
+    jitters, the downsampler's pre-blur and its window pooling act on every channel alike, so they commute
+    with both. Exact up to float rounding, except that the salience conv's dropout masks the low-res
+    features instead of the high-res ones (the masks are drawn from ``dropout_generator``).
     """
 
-    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, head: nn.Module | None) -> None:
+    def __init__(
+        self,
+        upsampler: nn.Module,
+        downsampler: nn.Module,
+        head: nn.Module | None,
+        *,
+        project_first: bool = False,
+    ) -> None:
         super().__init__()
         self.upsampler = upsampler
         self.downsampler = downsampler
         self.head = head
+        self.project_first = bool(project_first) and channel_linear(upsampler)
 
     def forward(
         self,
         image: torch.Tensor,
         lr_feats: torch.Tensor,
         jitters: list[list[JitterParams]],
-        targets: list[torch.Tensor],
+        targets: torch.Tensor | list[torch.Tensor],
         proj: torch.Tensor | None,
+        dropout_generator: torch.Generator | None = None,
     ) -> torch.Tensor:
+        if isinstance(targets, torch.Tensor):  # the views of all jitters, jitter-major (n * B, C, h, w)
+            targets = list(targets.chunk(len(jitters)))
+        if self.project_first:
+            return self._projected_first(image, lr_feats, jitters, targets, proj, dropout_generator)
         hr = self.upsampler(lr_feats, image)
         total = hr.new_zeros(())
         for params, target in zip(jitters, targets):
@@ -250,6 +363,49 @@ class _JBUObjective(nn.Module):
                     down, target = project(down, proj), project(target, proj)
                 total = total + reconstruction_loss(down, target, log_scale)
         return total / len(targets)
+
+    def _projected_first(
+        self,
+        image: torch.Tensor,
+        lr_feats: torch.Tensor,
+        jitters: list[list[JitterParams]],
+        targets: list[torch.Tensor],
+        proj: torch.Tensor | None,
+        dropout_generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        down = self.downsampler
+        attention = isinstance(down, AttentionDownsampler)
+        low = project(lr_feats, proj) if proj is not None else lr_feats
+        dim = low.shape[1]
+        if attention:
+            conv = down.salience_net[1]
+            sal_in = lr_feats
+            if down.training and down.dropout > 0:
+                keep = 1.0 - down.dropout
+                mask = torch.empty_like(lr_feats).bernoulli_(keep, generator=dropout_generator)
+                sal_in = lr_feats * mask / keep
+            salience = F.conv2d(sal_in, conv.weight.to(sal_in.dtype))  # bias added after upsampling
+            low = torch.cat([low, salience.to(low.dtype)], dim=1)
+        hr = self.upsampler(low, image)
+        n = len(jitters)
+        flat = [p for params in jitters for p in params]
+        views = apply_jitter(hr.repeat(n, 1, 1, 1), flat)  # jitter-major, like the targets
+        size = tuple(targets[0].shape[-2:])
+        if attention:
+            views = down.prepare(views)
+            salience = views[:, dim:] + conv.bias.to(views.dtype).view(1, 1, 1, 1)
+            pred = window_pool(views[:, :dim], down.salience_kernels(salience, size), size)
+        else:
+            pred = down(views, size)
+        target = torch.cat(targets)
+        log_scale = self.head(target) if self.head is not None else None
+        with full_precision(hr.device):
+            pred, target = to_float32(pred), to_float32(target)
+            log_scale = to_float32(log_scale) if log_scale is not None else None
+            if proj is not None:
+                target = project(target, proj)
+            # every view has the same size, so the mean over all is the mean of the per-jitter means
+            return reconstruction_loss(pred, target, log_scale)
 
 
 def _saved_kwargs(upsampler: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +431,8 @@ def train_jbu(
     p_zoom: float = 0.5,
     p_flip: float = 0.5,
     uncertainty: bool = True,
+    blur: bool = False,
+    project_first: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -320,6 +478,13 @@ def train_jbu(
             squared error, which does not let hard pixels (object boundaries) be explained away as noise.
             With the scale, keep ``lr`` moderate: on the synthetic benchmark the default stack trained
             normally at 5e-3 and 1e-2 and degraded at 2e-2 (see ``featup.eval.benchmark.BenchConfig``).
+        blur: the attention downsampler blurs the high-res features (5x5 Gaussian, sigma 1) before
+            windowing, as the original code's ``blur_attn``.
+        project_first: with a channel-linear upsampler (the default ``JBUStack()``, see
+            :func:`channel_linear`), project the low-res features before upsampling, so each step upsamples
+            ``proj_dim + 1`` channels instead of all ``C`` (several times faster). The loss is the same up to
+            float rounding, except that the downsampler's salience dropout then masks the low-res features.
+            Ignored (the plain path) for other upsamplers.
         seed: seed of every random draw.
         checkpoint_dir: folder for ``train_state.safetensors`` (full resumable state: all modules, optimizer,
             step) and, at the end, ``jbu_stack.safetensors`` (``JBUStack.load``-able); None disables both.
@@ -359,6 +524,8 @@ def train_jbu(
     _check_probability("p_zoom", p_zoom)
     _check_probability("p_flip", p_flip)
     _check_bool("uncertainty", uncertainty)
+    _check_bool("blur", blur)
+    _check_bool("project_first", project_first)
     if proj_dim is not None:
         _check_int("proj_dim", proj_dim, 1)
     if upsampler is not None and not isinstance(upsampler, nn.Module):
@@ -385,6 +552,8 @@ def train_jbu(
                 p_zoom=float(p_zoom),
                 p_flip=float(p_flip),
                 uncertainty=uncertainty,
+                blur=blur,
+                project_first=project_first,
                 seed=seed,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
@@ -416,6 +585,8 @@ def _train_jbu(
     p_zoom: float,
     p_flip: float,
     uncertainty: bool,
+    blur: bool,
+    project_first: bool,
     seed: int,
     checkpoint_dir: str | os.PathLike | None,
     checkpoint_every: int,
@@ -439,6 +610,7 @@ def _train_jbu(
         "p_zoom": p_zoom,
         "p_flip": p_flip,
         "uncertainty": uncertainty,
+        "blur": blur,
         "seed": seed,
     }
     state_path = Path(checkpoint_dir) / JBU_STATE_FILE if checkpoint_dir is not None else None
@@ -463,7 +635,7 @@ def _train_jbu(
             f"the backbone now gives {feat_dim}"
         )
 
-    torch.manual_seed(derive_seed(seed, "init"))  # every rank builds identical modules
+    _seed_rngs(derive_seed(seed, "init"), device)  # every rank builds identical modules
     if upsampler is None:
         if saved is None:
             upsampler = JBUStack()
@@ -479,9 +651,9 @@ def _train_jbu(
             f"cannot resume from {state_path}: it holds a {saved[1]['upsampler']['class']} with "
             f"{saved[1]['upsampler']['kwargs']}, the given upsampler has {upsampler.config()}"
         )
-    down = create_downsampler(downsampler, feat_dim, kernel_size)
+    down = create_downsampler(downsampler, feat_dim, kernel_size, blur=blur)
     head = _uncertainty_head(uncertainty, feat_dim)
-    objective = _JBUObjective(upsampler, down, head).to(device)
+    objective = _JBUObjective(upsampler, down, head, project_first=project_first).to(device)
     if not any(p.requires_grad for p in upsampler.parameters()):
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
     optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
@@ -527,14 +699,8 @@ def _train_jbu(
     try:
         while step < steps:
             x = first if step == 0 else validate_images(source.batch(step), "images").to(device)
-            torch.manual_seed(derive_seed(seed, "dropout", ctx.rank, step))
+            _seed_rngs(derive_seed(seed, "dropout", ctx.rank, step), device)
             gen = torch.Generator().manual_seed(derive_seed(seed, "jitter", ctx.rank, step))
-            with mixed_precision(precision, device):
-                lr_feats = to_float32(_features(backbone, x, f"step {step}"))
-            if lr_feats.shape[1] != feat_dim:
-                raise ValueError(
-                    f"expected {feat_dim}-channel backbone features, got {tuple(lr_feats.shape)}"
-                )
             jitters = [
                 [
                     sample_jitter(gen, max_pad=max_pad, max_zoom=max_zoom, p_zoom=p_zoom, p_flip=p_flip)
@@ -542,18 +708,22 @@ def _train_jbu(
                 ]
                 for _ in range(n_jitters)
             ]
-            with mixed_precision(precision, device):
-                targets = [
-                    to_float32(_features(backbone, apply_jitter(x, p), f"jittered view, step {step}"))
-                    for p in jitters
-                ]
+            lr_feats, targets = _batched_features(backbone, x, jitters, precision, device, step)
+            if lr_feats.shape[1] != feat_dim:
+                raise ValueError(
+                    f"expected {feat_dim}-channel backbone features, got {tuple(lr_feats.shape)}"
+                )
             proj = None
             if proj_dim is not None:
                 proj = random_projection(
                     feat_dim, proj_dim, generator=gen, device=device, dtype=lr_feats.dtype
                 )
+            drop_gen = torch.Generator(device=device).manual_seed(
+                derive_seed(seed, "salience-dropout", ctx.rank, step)
+            )
             with mixed_precision(precision, device):
-                loss = model(x, lr_feats, jitters, targets, proj)
+                loss = model(x, lr_feats, jitters, targets, proj, drop_gen)
+            _check_finite_loss(loss, step, ctx, device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # scale/step/update are plain backward/step unless float16
             scaler.step(optimizer)

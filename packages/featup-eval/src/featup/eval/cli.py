@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "probe",
     "cam",
     "segment",
+    "serve",
 )
 
 

