@@ -406,7 +406,7 @@ def apply_kernel_fused(
     pad = [max(0, -ox), max(0, ox + width - 1), max(0, -oy), max(0, oy + width - 1)]
     src = F.pad(source, pad) if any(pad) else source
     src = src[..., max(0, oy) :, max(0, ox) :][..., : h + width - 1, : w + width - 1]
-    out = None if fy == fx == 1 else source.new_empty(b, source.shape[1], h, fy, w, fx)
+    out: torch.Tensor | None = None
     for p in range(fy):
         for q in range(fx):
             kpq = k[:, :, p, :, q]  # (B, h, w, K, K)
@@ -420,8 +420,10 @@ def apply_kernel_fused(
             if len(cols):
                 filters[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
             res = adaptive_conv(src, filters.to(source.dtype))
-            if out is None:
+            if fy == fx == 1:
                 return res
+            if out is None:  # the op's output dtype (the autocast dtype under autocast)
+                out = res.new_empty(b, source.shape[1], h, fy, w, fx)
             out[:, :, :, p, :, q] = res
     assert out is not None
     return out.view(b, source.shape[1], big_h, big_w)
