@@ -366,6 +366,24 @@ def _fused_factor(n: int, big: int) -> int | None:
     return big // n if big in (n, 2 * n) else None
 
 
+def _fused_geometry(
+    h: int, w: int, big_h: int, big_w: int, radius: int, resize_mode: str, pad_mode: str, dtype: torch.dtype
+) -> tuple | None:
+    """The plans of both dimensions, the common window width and the source padding [l, r, t, b] of a
+    fusable stage (1x or 2x per dimension); None for the others."""
+    fy, fx = _fused_factor(h, big_h), _fused_factor(w, big_w)
+    if fy is None or fx is None:
+        return None
+    mode = _resolved_pad_mode((big_h, big_w), radius, pad_mode)
+    plan_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    py = _resize_pad_plan(h, fy, radius, resize_mode, mode, plan_dtype)
+    px = _resize_pad_plan(w, fx, radius, resize_mode, mode, plan_dtype)
+    width = max(py[0].shape[-1], px[0].shape[-1])  # the op takes square kernels: widen one window with zeros
+    oy, ox = py[1], px[1]
+    pad = [max(0, -ox), max(0, ox + width - 1), max(0, -oy), max(0, oy + width - 1)]
+    return fy, fx, py, px, width, pad
+
+
 def apply_kernel_fused(
     source: torch.Tensor,
     kernel: torch.Tensor,
@@ -373,6 +391,8 @@ def apply_kernel_fused(
     *,
     resize_mode: str = "bilinear",
     pad_mode: str = "reflect",
+    source_padding: Sequence[int] | None = None,
+    out_padding: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """:func:`apply_kernel` without materialising the resized, padded source (same result to rounding).
 
@@ -382,31 +402,44 @@ def apply_kernel_fused(
     phase (1, 2 or 4) on the low-res grid. Stages that are neither 1x nor 2x per dimension take the plain
     path.
 
+    Args:
+        source_padding: ``source`` already carries zero margins [l, r, t, b] around the (h, w) map (the
+            previous stage wrote it so; saves a padded copy).
+        out_padding: write the output into a buffer with zero margins [l, r, t, b] and return the buffer.
+
     Shape:
-        - source: (B, C, h, w)
+        - source: (B, C, h, w), or (B, C, t + h + b, l + w + r) with ``source_padding``
         - kernel: (B, K * K, H, W)
-        - output: (B, C, H, W)
+        - output: (B, C, H, W), or (B, C, t + H + b, l + W + r) with ``out_padding``
     """
     b, kk, big_h, big_w = kernel.shape
     diameter = 2 * radius + 1
+    if source_padding is not None:
+        left, right, top, bottom = source_padding
+        buffer = source
+        source = source[..., top : source.shape[-2] - bottom, left : source.shape[-1] - right]
     h, w = source.shape[-2:]
-    fy, fx = _fused_factor(h, big_h), _fused_factor(w, big_w)
-    if fy is None or fx is None or kk != diameter * diameter:
-        return apply_kernel(source, kernel, radius, resize_mode=resize_mode, pad_mode=pad_mode)
-    mode = _resolved_pad_mode((big_h, big_w), radius, pad_mode)
-    plan_dtype = torch.float64 if kernel.dtype == torch.float64 else torch.float32
-    ay, oy, iy, sy = _resize_pad_plan(h, fy, radius, resize_mode, mode, plan_dtype)
-    ax, ox, ix, sx = _resize_pad_plan(w, fx, radius, resize_mode, mode, plan_dtype)
-    width = max(ay.shape[-1], ax.shape[-1])  # the op takes square kernels: widen one window with zeros
-    dev = kernel.device
+    geometry = None
+    if kk == diameter * diameter:
+        geometry = _fused_geometry(h, w, big_h, big_w, radius, resize_mode, pad_mode, kernel.dtype)
+    if geometry is None:
+        out = apply_kernel(source, kernel, radius, resize_mode=resize_mode, pad_mode=pad_mode)
+        return F.pad(out, list(out_padding)) if out_padding is not None else out
+    fy, fx, (ay, oy, iy, sy), (ax, ox, ix, sx), width, pad = geometry
+    dev, plan_dtype = kernel.device, ay.dtype
     ay, iy = F.pad(ay, [0, width - ay.shape[-1]]).to(dev), F.pad(iy, [0, width - iy.shape[-1]]).to(dev)
     ax, ix = F.pad(ax, [0, width - ax.shape[-1]]).to(dev), F.pad(ix, [0, width - ix.shape[-1]]).to(dev)
     # pixel-major kernels (free if they come from JBUStage.kernel), split by output phase (p, q)
     k = kernel.permute(0, 2, 3, 1).to(plan_dtype).reshape(b, h, fy, w, fx, diameter, diameter)
-    pad = [max(0, -ox), max(0, ox + width - 1), max(0, -oy), max(0, oy + width - 1)]
-    src = F.pad(source, pad) if any(pad) else source
+    if source_padding is not None and list(source_padding) == pad:
+        src = buffer
+    else:
+        src = F.pad(source, pad) if any(pad) else source
     src = src[..., max(0, oy) :, max(0, ox) :][..., : h + width - 1, : w + width - 1]
+    channels = source.shape[1]
+    del source
     out: torch.Tensor | None = None
+    result: torch.Tensor | None = None
     for p in range(fy):
         for q in range(fx):
             kpq = k[:, :, p, :, q]  # (B, h, w, K, K)
@@ -419,14 +452,32 @@ def apply_kernel_fused(
                 filters[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
             if len(cols):
                 filters[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
-            res = adaptive_conv(src, filters.to(source.dtype))
-            if fy == fx == 1:
+            res = adaptive_conv(src, filters.to(src.dtype))
+            if fy == fx == 1 and out_padding is None:
                 return res
             if out is None:  # the op's output dtype (the autocast dtype under autocast)
-                out = res.new_empty(b, source.shape[1], h, fy, w, fx)
+                result, out = _output_buffer(res, big_h, big_w, out_padding)
+                out = out.view(b, channels, h, fy, w, fx)
             out[:, :, :, p, :, q] = res
-    assert out is not None
-    return out.view(b, source.shape[1], big_h, big_w)
+    assert result is not None
+    return result
+
+
+def _output_buffer(
+    like: torch.Tensor, big_h: int, big_w: int, padding: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tensor to return, the (B, C, H, W) region to write): a plain output, or one inside zero margins."""
+    b, c = like.shape[:2]
+    if padding is None:
+        out = like.new_empty(b, c, big_h, big_w)
+        return out, out
+    left, right, top, bottom = padding
+    buf = like.new_empty(b, c, top + big_h + bottom, left + big_w + right)
+    buf[..., :top, :].zero_()
+    buf[..., top + big_h :, :].zero_()
+    buf[..., :, :left].zero_()
+    buf[..., :, left + big_w :].zero_()
+    return buf, buf[..., top : top + big_h, left : left + big_w]
 
 
 class JBUStage(nn.Module):
@@ -623,7 +674,15 @@ class JBUStage(nn.Module):
         correction = 0.5 * (torch.tanh(correction) + torch.tanh(mirrored))
         return correction - correction.mean(1, keepdim=True)
 
-    def forward(self, source: torch.Tensor, guidance: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        source: torch.Tensor,
+        guidance: torch.Tensor,
+        *,
+        fused: bool = True,
+        source_padding: Sequence[int] | None = None,
+        out_padding: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Apply this stage; ``fused=False`` runs the plain path (:meth:`kernel_plain`, :func:`apply_kernel`).
 
         The kernels are computed in the parameters' precision even under autocast (the squared distances
@@ -633,8 +692,19 @@ class JBUStage(nn.Module):
         with _without_autocast(guidance.device):
             guidance = _to_param_precision(guidance, self.range_temp)
             kernel = self.kernel(guidance) if fused else self.kernel_plain(guidance)
-        apply = apply_kernel_fused if fused else apply_kernel
-        return apply(source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode)
+        if not fused:
+            return apply_kernel(
+                source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
+            )
+        return apply_kernel_fused(
+            source,
+            kernel,
+            self.radius,
+            resize_mode=self.resize_mode,
+            pad_mode=self.pad_mode,
+            source_padding=source_padding,
+            out_padding=out_padding,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -856,8 +926,28 @@ class JBUStack(Upsampler, CheckpointMixin):
             guidance = self.guidance(image)
         x = lr_feats
         stages = self.stages
-        for k, stage_size in enumerate(stage_sizes(lr_feats.shape[-2:], size)):
-            x = stages[min(k, len(stages) - 1)](x, pool_guidance(guidance, stage_size), fused=self.fused)
+        sizes = stage_sizes(lr_feats.shape[-2:], size)
+        padding = None  # zero margins around x, written by the previous fused stage for this one
+        for k, stage_size in enumerate(sizes):
+            stage = stages[min(k, len(stages) - 1)]
+            if not self.fused:
+                x = stage(x, pool_guidance(guidance, stage_size), fused=False)
+                continue
+            next_padding = None
+            if k + 1 < len(sizes):
+                following = stages[min(k + 1, len(stages) - 1)]
+                geometry = _fused_geometry(
+                    *stage_size, *sizes[k + 1], following.radius, following.resize_mode,
+                    following.pad_mode, guidance.dtype,
+                )  # fmt: skip
+                next_padding = None if geometry is None else geometry[-1]
+            x = stage(
+                x,
+                pool_guidance(guidance, stage_size),
+                source_padding=padding,
+                out_padding=next_padding,
+            )
+            padding = next_padding
         if self.fixup_proj is not None:
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
