@@ -583,6 +583,7 @@ FUSED_CASES = [
     ((7, 5), (109, 83)),  # odd, non-square, a last stage that is not 2x
     ((9, 12), (37, 200)),  # different ratios per dimension
     ((3, 2), (6, 4)),  # windows wider than the map
+    ((14, 10), (20, 80)),  # a plain-path stage (14 -> 20) feeding fused ones through a zero-margined buffer
     ((8, 8), (5, 3)),  # shrinking: the plain path
 ]
 FUSED_CONFIGS = [
