@@ -80,8 +80,12 @@ def unfold_jbu_forward(stack, lr_feats, image, size):
             kernel = torch.softmax(temp * (key_patches * keys[:, :, None]).sum(1), dim=1)
         kernel = kernel * spatial_gaussian(r, stage.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
-        if stage.fixup_proj is not None:
-            kernel = kernel + 0.1 * stage.kernel_correction(kernel, g)
+        correction = 0.1 * stage.kernel_correction(kernel, g) if stage.fixup_proj is not None else 0
+        if getattr(stage, "gate", None) is not None:  # safe start: delta + gate * (kernel - delta)
+            delta = torch.zeros(d * d, dtype=kernel.dtype).view(1, -1, 1, 1)
+            delta[:, d * d // 2] = 1.0
+            kernel = delta + stage.gate * (kernel - delta)
+        kernel = kernel + correction
         src = pad2d(resize(x, (h, w), stage.resize_mode), r, stage.pad_mode)
         patches = F.unfold(src, d).view(b, x.shape[1], d * d, h, w)
         x = (patches * kernel[:, None]).sum(2)  # (torch.einsum is far slower here: tiny batched matmuls)

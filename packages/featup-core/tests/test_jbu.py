@@ -573,3 +573,98 @@ def test_registry_names_the_variants():
     assert not any(k.endswith("gate") for k in original.state_dict())
     with pytest.raises(ValueError, match="feat_dim"):
         create_upsampler("jbu_original")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused forward against the plain path (the oracle)
+
+FUSED_CASES = [
+    ((14, 14), (224, 224)),  # four exact 2x stages
+    ((7, 5), (109, 83)),  # odd, non-square, a last stage that is not 2x
+    ((9, 12), (37, 200)),  # different ratios per dimension
+    ((3, 2), (6, 4)),  # windows wider than the map
+    ((14, 10), (20, 80)),  # a plain-path stage (14 -> 20) feeding fused ones through a zero-margined buffer
+    ((8, 8), (5, 3)),  # shrinking: the plain path
+]
+FUSED_CONFIGS = [
+    {},
+    {"feat_dim": 5},
+    {"constrained_fixup": False},
+    {"kernel_fixup": False, "resize_mode": "bilinear", "radius": 2},
+    {"range_kernel": "dot", "guidance_encoder": False, "kernel_fixup": False, "safe_start": False},
+    {"feat_dim": 5, "original": True},
+    {"pad_mode": "replicate", "radius": 1},
+]
+
+
+def _both_paths(up: JBUStack, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    up.fused = False
+    plain = up(x, image)
+    up.fused = True
+    return plain, up(x, image)
+
+
+@pytest.mark.parametrize("kwargs", FUSED_CONFIGS)
+def test_fused_forward_equals_the_plain_path(kwargs):
+    up = _randomize(JBUStack(**kwargs), seed=12)
+    for m in up.stages:
+        if m.gate is not None:
+            with torch.no_grad():
+                m.gate.fill_(0.7)
+    for lr_size, out_size in FUSED_CASES:
+        x, image = torch.randn(2, 5, *lr_size), _photo_like(2, *out_size, seed=3)
+        with torch.no_grad():
+            plain, fused = _both_paths(up, x, image)  # float32
+            up64 = up.double()
+            plain64, fused64 = _both_paths(up64, x.double(), image.double())
+            up.float()
+        torch.testing.assert_close(fused64, plain64, rtol=1e-10, atol=1e-10)
+        # float32: no further from the float64 result than the plain path is (only the rounding differs)
+        scale = plain64.abs().max()
+        assert (fused.double() - plain64).abs().max() <= 2 * (
+            plain.double() - plain64
+        ).abs().max() + 1e-6 * scale
+
+
+def test_fused_gradients_and_dropout_masks_equal_the_plain_path():
+    up = _randomize(JBUStack(feat_dim=3, radius=2, key_dim=6), seed=13).double().train()
+    for m in up.stages:
+        with torch.no_grad():
+            m.gate.fill_(0.6)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    image = _photo_like(2, 40, 29, seed=5).double()
+    grads = []
+    for fused in (False, True):
+        up.fused = fused
+        up.zero_grad()
+        xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
+        torch.manual_seed(0)  # the same dropout masks
+        out = up(xi, ii)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        grads.append(
+            (
+                out.detach(),
+                xi.grad,
+                ii.grad,
+                {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None},
+            )
+        )
+    (o0, x0, i0, p0), (o1, x1, i1, p1) = grads
+    torch.testing.assert_close(o1, o0)
+    torch.testing.assert_close(x1, x0)
+    torch.testing.assert_close(i1, i0)
+    assert p0.keys() == p1.keys() and len(p0) > 20  # up4 is unused at 8x
+    for name in p0:
+        torch.testing.assert_close(p1[name], p0[name], msg=name)
+
+
+def test_fused_path_runs_inside_inference_mode_and_then_with_autograd():
+    up = _randomize(JBUStack(key_dim=8), seed=14)
+    x, image = torch.randn(1, 4, 6, 6), torch.rand(1, 3, 48, 48)
+    with torch.inference_mode():
+        first = up(x, image)
+    x.requires_grad_(True)
+    out = up(x, image)  # cached resampling plans made in inference mode must not break autograd
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), first)
+    assert x.grad is not None

@@ -1,0 +1,240 @@
+"""Performance benchmark: FeatUp's hot paths against the plain implementation and the baselines, one run.
+
+Sections (a list of functions: each returns rows, the table prints them in order; add new sections to
+``SECTIONS``):
+
+- ``jbu_forward``: ``JBUStack`` forward, one image, ``C``-channel 14 x 14 features to 224 x 224 px (16x, four
+  2x stages) under ``torch.inference_mode()``, for C = 384 and 1024: the fused path (default), the plain
+  path (``up.fused = False``: resize, pad and kernel computed step by step, the reference the fused path is
+  tested against), bilinear and bicubic ``F.interpolate``. The stack has the default layout with its
+  safe-start gates at 1 (a trained stack's cost; the values do not change the work done).
+
+Method: ratios within one run, never absolute figures across runs (the machine's speed moves by up to 2x).
+Time is the median of ``--repeats`` calls after a warm-up, the methods of a case interleaved call by call so
+that load changes hit all of them alike. Peak memory runs each (case, method) in a fresh subprocess with a
+fixed glibc mmap threshold (large tensors are returned to the system on free, so the resident size follows
+live tensors): after a warm-up call the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and
+the peak is ``VmHWM`` after one call minus ``VmRSS`` before it (inputs excluded, output included), reported
+in MB and as a multiple of the output tensor's size. Where clear_refs is not writable memory is reported as
+unavailable.
+
+Run:  python tools/bench_perf.py [--quick] [--json out.json] [--repeats N] [--no-memory]
+``--quick`` (CI): 64 / 128 channels, 7 x 7 -> 112 px, two repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measurement helpers (shared by every section)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each callable, the callables interleaved call by call."""
+    for fn in calls.values():  # warm-up: thread pools, cached plans, lazily initialised kernels
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory_subprocess(section: str, case: dict[str, Any], method: str) -> float | None:
+    """Peak extra resident MB of one call, measured in a fresh process; None where unavailable."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_memory",
+        json.dumps({"section": section, "case": case, "method": method}),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe {section}/{method} failed:\n{res.stderr[-2000:]}")
+    value = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    return None if value is None else float(value)
+
+
+def _memory_probe(spec: dict[str, Any]) -> None:
+    """Child process: build the case, warm up, reset the peak counter, call once, print the peak."""
+    import torch
+
+    torch.set_num_threads(1)
+    fn = MEMORY_FACTORIES[spec["section"]](spec["case"], spec["method"])
+    with torch.inference_mode():
+        fn()
+        if not _reset_peak():
+            print(json.dumps({"peak_mb": None}))
+            return
+        before = _rss_kb("VmRSS")
+        out = fn()
+        peak = _rss_kb("VmHWM") - before
+    del out
+    print(json.dumps({"peak_mb": peak / 1024}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# section: JBU forward
+
+
+def _jbu_callables(case: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    from featup.core import JBUStack
+
+    channels, lr, out = case["channels"], case["lr"], case["out"]
+    torch.manual_seed(0)
+    stack = JBUStack().eval()
+    with torch.no_grad():
+        for stage in stack.stages:
+            stage.gate.fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, channels, lr, lr, generator=g)
+    image = torch.rand(1, 3, out, out, generator=g)
+
+    def jbu(fused: bool) -> Callable[[], Any]:
+        def call() -> Any:
+            stack.fused = fused
+            return stack(feats, image)
+
+        return call
+
+    def interp(mode: str) -> Callable[[], Any]:
+        return lambda: F.interpolate(feats, size=(out, out), mode=mode, align_corners=False)
+
+    return {
+        "bilinear": interp("bilinear"),
+        "bicubic": interp("bicubic"),
+        "jbu (plain path)": jbu(False),
+        "jbu (fused)": jbu(True),
+    }
+
+
+def jbu_forward(args: argparse.Namespace) -> list[Row]:
+    import torch
+
+    torch.set_num_threads(1)
+    cases = (
+        [{"channels": 64, "lr": 7, "out": 112}, {"channels": 128, "lr": 7, "out": 112}]
+        if args.quick
+        else [{"channels": 384, "lr": 14, "out": 224}, {"channels": 1024, "lr": 14, "out": 224}]
+    )
+    rows: list[Row] = []
+    for case in cases:
+        calls = _jbu_callables(case)
+        with torch.inference_mode():
+            times = time_interleaved(calls, args.repeats)
+        out_mb = case["channels"] * case["out"] ** 2 * 4 / 2**20
+        label = f"{case['channels']} ch, {case['lr']}x{case['lr']} -> {case['out']}x{case['out']}"
+        for method, seconds in times.items():
+            peak = None if args.no_memory else peak_memory_subprocess("jbu_forward", case, method)
+            rows.append(
+                {
+                    "section": "jbu_forward",
+                    "case": label,
+                    "method": method,
+                    "time_ms": 1e3 * seconds,
+                    "time_vs": "bilinear",
+                    "time_ratio": seconds / times["bilinear"],
+                    "peak_mb": peak,
+                    "output_mb": out_mb,
+                    "peak_vs_output": None if peak is None else peak / out_mb,
+                }
+            )
+    return rows
+
+
+#: every section: name -> function(args) -> rows. Other sections (training, implicit fitting) go here.
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"jbu_forward": jbu_forward}
+
+#: sections that measure memory: name -> (case, method) -> the callable whose peak is measured
+MEMORY_FACTORIES: dict[str, Callable[[dict[str, Any], str], Callable[[], Any]]] = {
+    "jbu_forward": lambda case, method: _jbu_callables(case)[method],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| section | case | method | time (ms) | time ratio | peak memory (MB) | peak / output |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['section']} | {r['case']} | {r['method']} | {_fmt(r['time_ms'])} | "
+            f"{_fmt(r['time_ratio'], 2)}x {r['time_vs']} | {_fmt(r['peak_mb'])} | {_fmt(r['peak_vs_output'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small cases for CI")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows and settings as JSON")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 7, quick 2)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._memory is not None:
+        _memory_probe(json.loads(args._memory))
+        return []
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 7
+    if args.repeats < 1:
+        ap.error(f"expected --repeats >= 1, got {args.repeats}")
+    rows: list[Row] = []
+    for name in args.sections:
+        rows.extend(SECTIONS[name](args))
+    print(markdown(rows))
+    if args.json is not None:
+        settings = {
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
