@@ -269,8 +269,8 @@ def test_training_context_forks_every_initialised_cuda_device(monkeypatch):
 def test_blur_is_a_run_hyperparameter(tmp_path):
     backbone = PooledPointwise()
     images = regions(4, 24, seed=2)
-    train_jbu(backbone, images, steps=1, blur=True, checkpoint_dir=tmp_path, **JBU_FAST)
-    assert load_checkpoint(tmp_path / JBU_STATE_FILE)[1]["hparams"]["blur"] is True
+    train_jbu(backbone, images, steps=1, blur=False, checkpoint_dir=tmp_path, **JBU_FAST)
+    assert load_checkpoint(tmp_path / JBU_STATE_FILE)[1]["hparams"]["blur"] is False
     with pytest.raises(Exception, match="blur"):
         train_jbu(backbone, images, steps=2, checkpoint_dir=tmp_path, **JBU_FAST)
     with pytest.raises(TypeError, match="blur"):

@@ -5,8 +5,8 @@ every setting is checked once, in one place, and the run-defining ones (:meth:`J
 stored in the checkpoint and compared on resume. Presets (see docs/notes/trainjbu.md for the measurements):
 
 - ``"paper"``: Table 7 of the paper (NAdam at a constant 1e-3, 2000 steps, batch 4, 2 jitters, pad 30 px,
-  zoom up to 2x, flips, attention downsampler with 16 px windows, 30-d projection, eq. 1's learned scale).
-  It needs the 2000 steps, i.e. a GPU.
+  zoom up to 2x, flips, attention downsampler with 16 px windows and the original code's pre-blur, 30-d
+  projection, eq. 1's learned scale). It needs the 2000 steps, i.e. a GPU.
 - ``"default"``: the paper's objective with a short linear warm-up and a cosine decay over the run.
 """
 
@@ -65,7 +65,8 @@ class JBUTrainConfig:
         p_zoom: probability that a jitter zooms.
         p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
-        blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``).
+        blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``; on by
+            default: it won on 3 of 3 seeds, docs/notes/trainjbu.md).
         project_first: upsample the projected features when the upsampler is channel-linear (faster; see
             ``train_jbu``).
         seed: seed of every random draw.
@@ -91,7 +92,7 @@ class JBUTrainConfig:
     p_zoom: float = 0.5
     p_flip: float = 0.5
     uncertainty: bool = True
-    blur: bool = False
+    blur: bool = True
     project_first: bool = True
     seed: int = 0
     checkpoint_every: int = 100
@@ -186,5 +187,5 @@ def learning_rate_factor(schedule: str, step: int, steps: int, warmup_steps: int
 #: named presets: field values on top of the Table 7 defaults of :class:`JBUTrainConfig`
 JBU_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "default": {"schedule": "cosine", "warmup_steps": 20},
+    "default": {"schedule": "cosine", "warmup_steps": 10},
 }
