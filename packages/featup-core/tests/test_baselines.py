@@ -67,6 +67,14 @@ def test_learnable_baselines_get_gradients_everywhere(name):
         if isinstance(m, torch.nn.Dropout2d):
             m.p = 0.0
     x, image = torch.randn(2, 4, 3, 4, requires_grad=True), torch.rand(2, 3, 48, 64)
+    # one optimizer step first: a safe-start JBU is exactly a resize at initialisation (zero-initialised gates,
+    # tested in test_jbu), so its gated parameters learn from the second step on
+    opt = torch.optim.Adam(up.parameters(), lr=1e-2)
+    out = up(x, image)
+    (out * torch.randn_like(out)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    x.grad = None
     out = up(x, image)
     (out * torch.randn_like(out)).sum().backward()
     for pname, p in up.named_parameters():

@@ -19,11 +19,16 @@ torch.set_num_threads(1)
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial values (a trained-looking stack) without changing the layout."""
+    """Give every parameter non-trivial values (a trained-looking stack) without changing the layout.
+
+    A safe-start gate is set to 1: the bilateral kernel fully on, as far from the safe start as training goes.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("sigma_spatial"):
+            if name.endswith(".gate"):
+                p.fill_(1.0)
+            elif name.endswith("sigma_spatial"):
                 p.copy_(0.5 + torch.rand((), generator=g))
             elif name.endswith("range_temp"):
                 p.copy_(torch.rand((), generator=g) - 0.5)
@@ -170,6 +175,7 @@ def test_range_kernel_follows_the_guidance_edge(range_kernel):
         range_kernel=range_kernel,
         guidance_encoder=False,
         kernel_fixup=False,
+        safe_start=False,
     ).eval()
     with torch.no_grad():
         up.up1.range_proj[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
@@ -346,3 +352,318 @@ def test_neighborhood_helpers_gradcheck_and_match_shifted_views():
     )
     assert torch.autograd.gradcheck(lambda x: neighborhood_dot(x, 1), (q,))
     assert torch.autograd.gradcheck(lambda x: neighborhood_sqdist(x + 0.5, 2), (q,))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safe start: a fresh stack is the chain of its stages' resizes; training moves it away
+
+
+def _resize_chain(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Reference: the plain 2x resizes of the stack's stage plan, with torch's own interpolation."""
+    for stage_size in stage_sizes(x.shape[-2:], size):
+        shrinking = stage_size[0] < x.shape[-2] or stage_size[1] < x.shape[-1]
+        x = F.interpolate(x, size=stage_size, mode=mode, align_corners=False, antialias=shrinking)
+    return x
+
+
+def _photo_like(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Smooth shading, hard region edges and sensor noise: a stand-in for a photograph."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    shade = 0.5 + 0.3 * torch.sin(3 * xx + 2 * yy)
+    edge = ((xx * 0.7 - yy * 0.4) > 0.1).float()
+    base = torch.rand(n, 3, 1, 1, generator=g) * shade + 0.4 * edge * torch.rand(n, 3, 1, 1, generator=g)
+    return (base + 0.03 * torch.randn(n, 3, h, w, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("lr_size", "out_size", "feat_dim"),
+    [((14, 14), (224, 224), None), ((7, 5), (109, 83), None), ((9, 12), (37, 200), 6), ((8, 8), (5, 3), 6)],
+)
+def test_fresh_stack_is_the_chain_of_its_stage_resizes(lr_size, out_size, feat_dim, mode):
+    torch.manual_seed(0)
+    up = JBUStack(feat_dim, resize_mode=mode).eval()
+    channels = feat_dim or 5
+    for x, image in [
+        (torch.randn(2, channels, *lr_size), torch.rand(2, 3, *out_size)),  # random
+        (3 * torch.randn(2, channels, *lr_size), _photo_like(2, *out_size, seed=1)),  # photo-like guidance
+    ]:
+        out = up(x, image)
+        torch.testing.assert_close(out, _resize_chain(x, out_size, mode), atol=1e-6, rtol=1e-6)
+    assert create_upsampler("jbu").config() == JBUStack().config() and JBUStack().safe_start
+
+
+def test_paper_form_is_not_the_safe_start():
+    # the check above is not vacuous: without the safe start the same fresh stack blurs
+    torch.manual_seed(0)
+    x, image = torch.randn(1, 5, 7, 5), _photo_like(1, 109, 83, seed=1)
+    for up in (JBUStack(safe_start=False), create_upsampler("jbu_paper")):
+        assert (up(x, image) - _resize_chain(x, (109, 83), "bicubic")).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"feat_dim": 4}, {"kernel_fixup": False}, {"constrained_fixup": False}]
+)
+def test_safe_start_gets_gradients_at_initialisation(kwargs):
+    """The gates (and the corrections' zero-initialised output layers) get gradients at step 0."""
+    torch.manual_seed(0)
+    up = JBUStack(**kwargs).train()
+    up.eval()  # no dropout: the gradient is deterministic
+    x = torch.randn(2, 4, 4, 3)
+    image = _photo_like(2, 64, 48, seed=2)
+    out = up(x, image)
+    (out * torch.randn_like(out)).sum().backward()
+    grads = {n: p.grad for n, p in up.named_parameters()}
+    must = [f"up{k}.gate" for k in range(1, 5)]
+    if up.up1.fixup_proj is not None:
+        must += [f"up{k}.fixup_proj.3.weight" for k in range(1, 5)]
+    if up.fixup_proj is not None:
+        must += ["fixup_proj.1.weight", "fixup_proj.1.bias"]
+    for name in must:
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_gate_interpolates_between_the_resize_and_the_bilateral_kernel():
+    paper = _randomize(JBUStack(key_dim=8, radius=2, kernel_fixup=False, safe_start=False), seed=3)
+    gated = JBUStack(key_dim=8, radius=2, kernel_fixup=False).eval()
+    gated.load_state_dict({**paper.state_dict(), **{f"up{k}.gate": torch.tensor(1.0) for k in range(1, 5)}})
+    guidance = gated.guidance(_photo_like(1, 20, 26, seed=4))
+    torch.testing.assert_close(gated.up1.kernel(guidance), paper.up1.kernel(guidance))
+    with torch.no_grad():
+        gated.up1.gate.fill_(0.3)
+    delta = torch.zeros(1, 25, 1, 1)
+    delta[:, 12] = 1.0
+    expected = 0.3 * paper.up1.kernel(guidance) + 0.7 * delta
+    torch.testing.assert_close(gated.up1.kernel(guidance), expected)
+
+
+def test_gradcheck_float64_gate_between_zero_and_one():
+    up = _randomize(JBUStack(feat_dim=2, radius=1, key_dim=4, n_stages=2), seed=6).double()
+    with torch.no_grad():
+        up.up1.gate.fill_(0.4)
+        up.up2.gate.fill_(-0.2)
+    x0 = torch.randn(1, 2, 3, 2, dtype=torch.float64)
+    i0 = torch.rand(1, 3, 6, 5, dtype=torch.float64)
+    names = ["up1.gate", "up2.gate", "up1.range_temp", "up1.fixup_proj.3.weight"]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in up.named_parameters() if n in names}
+    assert len(params) == len(names)
+
+    def f(*values):
+        return torch.func.functional_call(up, dict(zip(params, values)), (x0, i0, (11, 8)))
+
+    assert torch.autograd.gradcheck(f, tuple(params.values()))
+
+
+class _PooledPointwise(torch.nn.Module):
+    """Frozen toy backbone: stride-4 average pool of a pointwise nonlinearity of the colours."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Conv2d(3, dim, 1)
+        with torch.no_grad():
+            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
+            self.proj.bias.copy_(torch.randn(dim, generator=g))
+        self.requires_grad_(False)
+
+    def hr_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x - 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.hr_features(x), 4)
+
+
+def _regions(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    imgs = torch.empty(n, 3, size, size)
+    for i in range(n):
+        a, b = (torch.rand(2, generator=g) * 2 * math.pi).tolist()
+        o1, o2 = (torch.rand(2, generator=g) - 0.5).tolist()
+        code = (math.cos(a) * xx + math.sin(a) * yy > o1).long() * 2 + (
+            math.cos(b) * xx + math.sin(b) * yy > o2
+        )
+        imgs[i] = torch.rand(4, 3, generator=g)[code].permute(2, 0, 1)
+    return imgs
+
+
+def _view_loss(up: torch.nn.Module, backbone: _PooledPointwise, images: torch.Tensor) -> float:
+    """The multi-view objective on fixed views: every sub-stride shift of a crop, its features against the
+    4x4 box average (the toy backbone's true downsampler) of the same crop of the upsampled map."""
+    with torch.no_grad():
+        hr = up(backbone(images), images)
+        size = images.shape[-1] - 4
+        errs = [
+            (
+                backbone(images[..., i : i + size, j : j + size])
+                - F.avg_pool2d(hr[..., i : i + size, j : j + size], 4)
+            )
+            .square()
+            .mean()
+            for i in range(4)
+            for j in range(4)
+        ]
+    return float(torch.stack(errs).mean())
+
+
+def test_short_training_moves_away_from_the_safe_start_and_improves_it():
+    from featup.core.training import train_jbu
+
+    backbone = _PooledPointwise()
+    train, held_out = _regions(8, 32, seed=1), _regions(6, 32, seed=2)
+    up = train_jbu(
+        backbone,
+        train,
+        steps=40,
+        batch_size=4,
+        kernel_size=4,
+        lr=1e-2,
+        uncertainty=False,
+        progress=False,
+        seed=0,
+    )
+    assert all(abs(s.gate.item()) > 1e-3 for s in up.stages[:2])  # 8 -> 32 px: two stages
+    start = JBUStack().eval()
+    with torch.no_grad():
+        lr, truth = backbone(held_out), backbone.hr_features(held_out)
+        err_trained = float((up(lr, held_out) - truth).square().mean())
+        err_start = float((start(lr, held_out) - truth).square().mean())
+    views_trained, views_start = _view_loss(up, backbone, held_out), _view_loss(start, backbone, held_out)
+    print(
+        f"held-out views {views_trained:.3e} vs start {views_start:.3e}; MSE {err_trained:.5f} vs {err_start:.5f}"
+    )
+    # training seeds 0 / 1 / 2: views 0.84 / 0.78 / 0.76 of the start's, MSE 0.958 / 0.953 / 0.947
+    assert views_trained < 0.92 * views_start
+    assert err_trained < 0.98 * err_start
+
+
+def test_configs_saved_before_the_safe_start_load_as_saved(tmp_path):
+    # a stack saved by the release before ``safe_start`` (every other option present)
+    up = _randomize(JBUStack(key_dim=8, safe_start=False), seed=10)
+    path = up.save(tmp_path / "pre")
+    cfg = json.loads((tmp_path / "pre.json").read_text())
+    assert cfg["kwargs"].pop("safe_start") is False
+    (tmp_path / "pre.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path, metadata={"format": "featup-checkpoint/1", "config": json.dumps(cfg)})
+    loaded = JBUStack.load(path)
+    assert not loaded.safe_start and loaded.up1.gate is None
+    x, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 33, 41)
+    torch.testing.assert_close(loaded(x, image), up(x, image), atol=0, rtol=0)
+    # and one saved now round-trips with its gates
+    fresh = _randomize(JBUStack(key_dim=8), seed=11)
+    again = JBUStack.load(fresh.save(tmp_path / "now"))
+    assert again.safe_start and torch.equal(again.up2.gate, fresh.up2.gate)
+
+
+def test_registry_names_the_variants():
+    paper = create_upsampler("jbu_paper")
+    assert (paper.range_kernel, paper.encoder, paper.kernel_fixup, paper.safe_start) == (
+        "dot",
+        None,
+        False,
+        False,
+    )
+    assert create_upsampler("jbu_paper", radius=2).radius == 2  # the real hyperparameters stay flags
+    original = create_upsampler("jbu_original", feat_dim=6)
+    assert original.config() == JBUStack(6, original=True).config()
+    assert original.state_dict().keys() == JBUStack(6, original=True).state_dict().keys()
+    assert not any(k.endswith("gate") for k in original.state_dict())
+    with pytest.raises(ValueError, match="feat_dim"):
+        create_upsampler("jbu_original")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused forward against the plain path (the oracle)
+
+FUSED_CASES = [
+    ((14, 14), (224, 224)),  # four exact 2x stages
+    ((7, 5), (109, 83)),  # odd, non-square, a last stage that is not 2x
+    ((9, 12), (37, 200)),  # different ratios per dimension
+    ((3, 2), (6, 4)),  # windows wider than the map
+    ((8, 8), (5, 3)),  # shrinking: the plain path
+]
+FUSED_CONFIGS = [
+    {},
+    {"feat_dim": 5},
+    {"constrained_fixup": False},
+    {"kernel_fixup": False, "resize_mode": "bilinear", "radius": 2},
+    {"range_kernel": "dot", "guidance_encoder": False, "kernel_fixup": False, "safe_start": False},
+    {"feat_dim": 5, "original": True},
+    {"pad_mode": "replicate", "radius": 1},
+]
+
+
+def _both_paths(up: JBUStack, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    up.fused = False
+    plain = up(x, image)
+    up.fused = True
+    return plain, up(x, image)
+
+
+@pytest.mark.parametrize("kwargs", FUSED_CONFIGS)
+def test_fused_forward_equals_the_plain_path(kwargs):
+    up = _randomize(JBUStack(**kwargs), seed=12)
+    for m in up.stages:
+        if m.gate is not None:
+            with torch.no_grad():
+                m.gate.fill_(0.7)
+    for lr_size, out_size in FUSED_CASES:
+        x, image = torch.randn(2, 5, *lr_size), _photo_like(2, *out_size, seed=3)
+        with torch.no_grad():
+            plain, fused = _both_paths(up, x, image)  # float32
+            up64 = up.double()
+            plain64, fused64 = _both_paths(up64, x.double(), image.double())
+            up.float()
+        torch.testing.assert_close(fused64, plain64, rtol=1e-10, atol=1e-10)
+        # float32: no further from the float64 result than the plain path is (only the rounding differs)
+        scale = plain64.abs().max()
+        assert (fused.double() - plain64).abs().max() <= 2 * (
+            plain.double() - plain64
+        ).abs().max() + 1e-6 * scale
+
+
+def test_fused_gradients_and_dropout_masks_equal_the_plain_path():
+    up = _randomize(JBUStack(feat_dim=3, radius=2, key_dim=6), seed=13).double().train()
+    for m in up.stages:
+        with torch.no_grad():
+            m.gate.fill_(0.6)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    image = _photo_like(2, 40, 29, seed=5).double()
+    grads = []
+    for fused in (False, True):
+        up.fused = fused
+        up.zero_grad()
+        xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
+        torch.manual_seed(0)  # the same dropout masks
+        out = up(xi, ii)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        grads.append(
+            (
+                out.detach(),
+                xi.grad,
+                ii.grad,
+                {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None},
+            )
+        )
+    (o0, x0, i0, p0), (o1, x1, i1, p1) = grads
+    torch.testing.assert_close(o1, o0)
+    torch.testing.assert_close(x1, x0)
+    torch.testing.assert_close(i1, i0)
+    assert p0.keys() == p1.keys() and len(p0) > 20  # up4 is unused at 8x
+    for name in p0:
+        torch.testing.assert_close(p1[name], p0[name], msg=name)
+
+
+def test_fused_path_runs_inside_inference_mode_and_then_with_autograd():
+    up = _randomize(JBUStack(key_dim=8), seed=14)
+    x, image = torch.randn(1, 4, 6, 6), torch.rand(1, 3, 48, 48)
+    with torch.inference_mode():
+        first = up(x, image)
+    x.requires_grad_(True)
+    out = up(x, image)  # cached resampling plans made in inference mode must not break autograd
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), first)
+    assert x.grad is not None

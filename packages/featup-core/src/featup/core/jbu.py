@@ -30,6 +30,14 @@ training seeds 0 / 1 / 2 (mIoU / boundary F / MSE): without it 56.3 / 55.5 / 55.
 unconstrained correction reached 58.7 / 59.3 / 59.5 but can diverge (an unbounded, non-normalized kernel
 grows each stage's gain: with only the mirror average added, seed 1 ended at an MSE of 1e12).
 
+A fresh stack starts safe (``safe_start=True``, the default): each stage's kernel is
+``delta + gate * (bilateral - delta) + correction`` with the gate and the correction's output layer
+zero-initialised, so before training the stack is exactly the chain of 2x resizes its stages resample with
+(bicubic by default), and training can only add to it; without it four stages of a wide bilateral kernel
+compound into a blur (measured in ``docs/notes/jbu.md``). The variants have registry names:
+``create_upsampler("jbu")`` is this default, ``"jbu_paper"`` eq. 4-6 as written (inner-product range kernel
+on the pooled image, no encoder, no correction, no safe start) and ``"jbu_original"`` the original code's layout.
+
 The neighborhood similarities are computed by the fused op as well (the inner products of every pixel with
 its K x K neighbours are exactly the filter gradient of an adaptive convolution), so no (C * K * K, H, W)
 patch tensor is ever materialized; the working memory stays at a few feature maps per stage.
@@ -37,6 +45,8 @@ patch tensor is ever materialized; the working memory stays at a few feature map
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -144,6 +154,38 @@ def pool_guidance(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize(image, size, "bilinear")
 
 
+def _pointwise_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run a Sequential of 1x1 convolutions and activations with the convolutions as matrix products
+    (torch's CPU 1x1 convolution is a slow im2col path). Dropout and activations run as modules."""
+    b, _, h, w = x.shape
+    for layer in mlp:
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
+            weight = layer.weight.flatten(1).to(x.dtype)
+            flat = x.reshape(b, -1, h * w)
+            if layer.bias is None:
+                x = torch.matmul(weight, flat)
+            else:
+                x = torch.baddbmm(layer.bias.to(x.dtype).view(1, -1, 1), weight.expand(b, -1, -1), flat)
+            x = x.view(b, -1, h, w)
+        else:
+            x = layer(x)
+    return x
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast on ``device`` for the enclosed block (nothing to do where it is off)."""
+    kind = device.type
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _to_param_precision(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Cast autocast-lowered activations (float16 / bfloat16) back up to a float32 (or float64) module."""
+    low = (torch.float16, torch.bfloat16)
+    return x.to(param.dtype) if x.dtype in low and param.dtype not in low else x
+
+
 def _taps(radius: int) -> list[tuple[int, int]]:
     diameter = 2 * radius + 1
     return [(i, j) for i in range(diameter) for j in range(diameter)]
@@ -210,6 +252,21 @@ def neighborhood_sqdist(g: torch.Tensor, radius: int, pad_mode: str = "reflect")
     return (norms + neighbor_norms - 2 * neighborhood_dot(g, radius, pad_mode)).clamp_min(0)
 
 
+def _neighborhood_sqdist_pixel_major(g: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
+    """:func:`neighborhood_sqdist` as one neighbourhood product, pixel-major (B, H, W, K*K).
+
+    ``<[-2 g_p, 1, |g_p|^2], [g_q, |g_q|^2, 1]> = |g_p - g_q|^2``, so the norms ride along as two channels.
+    """
+    b, _, h, w = g.shape
+    diameter = 2 * radius + 1
+    norms = g.square().sum(1, keepdim=True)
+    ones = torch.ones_like(norms)
+    centre = torch.cat([g * -2, ones, norms], 1)
+    neighbours = pad2d(torch.cat([g, norms, ones], 1), radius, pad_mode)
+    dist = _NeighborhoodDot.apply(centre, neighbours, diameter).reshape(b, h, w, diameter * diameter)
+    return dist.clamp_min(0)
+
+
 def _mirrored_taps(diameter: int, device: torch.device) -> torch.Tensor:
     """Tap order of the left-right mirrored window: tap ``i * K + j`` becomes ``i * K + (K - 1 - j)``."""
     return torch.arange(diameter * diameter, device=device).view(diameter, diameter).flip(1).reshape(-1)
@@ -253,6 +310,123 @@ def apply_kernel(
     return adaptive_conv(src, filters)
 
 
+def _resolved_pad_mode(size: Sequence[int], radius: int, pad_mode: str) -> str:
+    """The mode :func:`pad2d` really uses on a map of ``size`` (reflect needs more than ``radius`` pixels)."""
+    return "replicate" if pad_mode == "reflect" and min(size) <= radius else pad_mode
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_pad_plan(
+    n: int, factor: int, radius: int, resize_mode: str, pad_mode: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, torch.Tensor, list[torch.Tensor]]:
+    """One dimension of "resize by ``factor``, pad, take the K taps" as a window on the low-res source.
+
+    Row ``y`` of the output reads taps ``pad(resize(x))[y + i]``, i < K; that is ``sum_a A[y, i, a] *
+    x[s(y) + a]`` with ``s(y) = y // factor + offset`` and ``a < width``. The resize weights are torch's own
+    (the interpolation of an identity), so border clamping and padding are exactly the plain path's.
+
+    Returns:
+        A (n * factor, K, width); offset; per phase p the matrix shared by its rows ``y = factor * m + p``
+        away from the borders (factor, K, width); per phase the indices m of the rows whose A differs.
+    """
+    with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
+        return _build_resize_pad_plan(n, factor, radius, resize_mode, pad_mode, dtype)
+
+
+def _build_resize_pad_plan(
+    n: int, factor: int, radius: int, resize_mode: str, pad_mode: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, torch.Tensor, list[torch.Tensor]]:
+    big, diameter = n * factor, 2 * radius + 1
+    calc = torch.float64 if dtype == torch.float64 else torch.float32
+    eye = torch.eye(n, dtype=calc).view(1, n, n, 1)
+    weights = resize(eye, (big, 1), resize_mode)[0, :, :, 0].t()  # (big, n): row y of resize as weights
+    index = torch.arange(big, dtype=calc).view(1, 1, big)
+    index = F.pad(index, [radius, radius], mode=pad_mode)[0, 0].long() if radius else index[0, 0].long()
+    taps = index.unfold(0, diameter, 1)  # (big, K): the resized row each tap reads
+    per_tap = weights[taps]  # (big, K, n)
+    nonzero = per_tap.ne(0).any(1)  # (big, n)
+    cols = torch.arange(n)
+    lo = torch.where(nonzero, cols, n).min(1).values
+    hi = torch.where(nonzero, cols, -1).max(1).values
+    base = torch.arange(big) // factor
+    offset = int((lo - base).min())
+    width = int((hi - base - offset).max()) + 1
+    window = (base + offset)[:, None] + torch.arange(
+        width
+    )  # (big, width) source rows, may lie outside [0, n)
+    inside = (window >= 0) & (window < n)
+    gathered = per_tap.gather(2, window.clamp(0, n - 1)[:, None, :].expand(-1, diameter, -1))
+    a = torch.where(inside[:, None, :], gathered, 0).to(dtype).view(n, factor, diameter, width)
+    interior = a[n // 2]  # (factor, K, width)
+    special = [torch.nonzero((a[:, p] != interior[p]).flatten(1).any(1)).flatten() for p in range(factor)]
+    return a.view(big, diameter, width), offset, interior, special
+
+
+def _fused_factor(n: int, big: int) -> int | None:
+    return big // n if big in (n, 2 * n) else None
+
+
+def apply_kernel_fused(
+    source: torch.Tensor,
+    kernel: torch.Tensor,
+    radius: int,
+    *,
+    resize_mode: str = "bilinear",
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """:func:`apply_kernel` without materialising the resized, padded source (same result to rounding).
+
+    Resize, padding and the per-pixel kernel are all linear, so each output pixel is a ``W x W`` kernel on
+    the low-res source (W = 7 for a 2x bicubic stage with K = 7): the composite is built per pixel from the
+    K x K kernel and the separable resize weights, and applied with one adaptive convolution per output
+    phase (1, 2 or 4) on the low-res grid. Stages that are neither 1x nor 2x per dimension take the plain
+    path.
+
+    Shape:
+        - source: (B, C, h, w)
+        - kernel: (B, K * K, H, W)
+        - output: (B, C, H, W)
+    """
+    b, kk, big_h, big_w = kernel.shape
+    diameter = 2 * radius + 1
+    h, w = source.shape[-2:]
+    fy, fx = _fused_factor(h, big_h), _fused_factor(w, big_w)
+    if fy is None or fx is None or kk != diameter * diameter:
+        return apply_kernel(source, kernel, radius, resize_mode=resize_mode, pad_mode=pad_mode)
+    mode = _resolved_pad_mode((big_h, big_w), radius, pad_mode)
+    plan_dtype = torch.float64 if kernel.dtype == torch.float64 else torch.float32
+    ay, oy, iy, sy = _resize_pad_plan(h, fy, radius, resize_mode, mode, plan_dtype)
+    ax, ox, ix, sx = _resize_pad_plan(w, fx, radius, resize_mode, mode, plan_dtype)
+    width = max(ay.shape[-1], ax.shape[-1])  # the op takes square kernels: widen one window with zeros
+    dev = kernel.device
+    ay, iy = F.pad(ay, [0, width - ay.shape[-1]]).to(dev), F.pad(iy, [0, width - iy.shape[-1]]).to(dev)
+    ax, ix = F.pad(ax, [0, width - ax.shape[-1]]).to(dev), F.pad(ix, [0, width - ix.shape[-1]]).to(dev)
+    # pixel-major kernels (free if they come from JBUStage.kernel), split by output phase (p, q)
+    k = kernel.permute(0, 2, 3, 1).to(plan_dtype).reshape(b, h, fy, w, fx, diameter, diameter)
+    pad = [max(0, -ox), max(0, ox + width - 1), max(0, -oy), max(0, oy + width - 1)]
+    src = F.pad(source, pad) if any(pad) else source
+    src = src[..., max(0, oy) :, max(0, ox) :][..., : h + width - 1, : w + width - 1]
+    out = None if fy == fx == 1 else source.new_empty(b, source.shape[1], h, fy, w, fx)
+    for p in range(fy):
+        for q in range(fx):
+            kpq = k[:, :, p, :, q]  # (B, h, w, K, K)
+            # away from the borders every pixel of the phase has the same composite map: one matrix product
+            shared = torch.einsum("ia,jc->ijac", iy[p], ix[q]).reshape(kk, width * width)
+            filters = torch.matmul(kpq.reshape(b, h, w, kk), shared).view(b, h, w, width, width)
+            rows, cols = sy[p].to(dev), sx[q].to(dev)
+            ay_p, ax_q = ay.view(h, fy, diameter, width)[:, p], ax.view(w, fx, diameter, width)[:, q]
+            if len(rows):
+                filters[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
+            if len(cols):
+                filters[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
+            res = adaptive_conv(src, filters.to(source.dtype))
+            if out is None:
+                return res
+            out[:, :, :, p, :, q] = res
+    assert out is not None
+    return out.view(b, source.shape[1], big_h, big_w)
+
+
 class JBUStage(nn.Module):
     """One learned joint bilateral upsampling stage (eq. 4-6) at the guidance's resolution.
 
@@ -277,6 +451,11 @@ class JBUStage(nn.Module):
         pad_mode: border handling of keys and source ("reflect" falls back to "replicate" on tiny maps).
         init_sigma_spatial: initial width of the spatial Gaussian (window coordinates in [-1, 1]).
         range_kernel: ``"distance"`` or ``"dot"`` (see :data:`RANGE_KERNELS`).
+        safe_start: gate the bilateral kernel with a zero-initialised scalar ``gate``:
+            ``kernel = delta + gate * (bilateral - delta) [+ correction]``, and zero-initialise the
+            correction's output layer, so a fresh stage is exactly its source resize (the centre tap alone)
+            and training can only add to it. Without it (the paper's form) the stage starts as the bilateral
+            kernel itself.
 
     Shape:
         - source: (B, C, h, w)
@@ -297,6 +476,7 @@ class JBUStage(nn.Module):
         init_sigma_spatial: float = 1.0,
         range_kernel: str = "distance",
         constrained_fixup: bool = False,
+        safe_start: bool = False,
     ) -> None:
         super().__init__()
         if range_kernel not in RANGE_KERNELS:
@@ -325,10 +505,85 @@ class JBUStage(nn.Module):
                 nn.Dropout2d(dropout),
                 nn.Conv2d(taps, taps, 1),
             )
+        self.safe_start = bool(safe_start)
+        self.gate: nn.Parameter | None = None
+        if self.safe_start:
+            self.gate = nn.Parameter(torch.tensor(0.0))
+            if self.fixup_proj is not None:
+                nn.init.zeros_(self.fixup_proj[3].weight)
+                nn.init.zeros_(self.fixup_proj[3].bias)
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
         """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 unless the original's
-        unconstrained correction is on."""
+        unconstrained correction is on.
+
+        Equal to :meth:`kernel_plain` up to float rounding, computed pixel-major (taps innermost, the layout
+        the adaptive convolution reads; the result is a view of it): 1x1 convolutions as matrix products,
+        the squared distances as one neighbourhood product, and the correction's mirrored evaluation as the
+        same matrix product with its tap weights permuted.
+        """
+        taps = self.diameter**2
+        b, _, h, w = guidance.shape
+        keys = _pointwise_mlp(self.range_proj, guidance)
+        temp = self.range_temp.exp().clamp(1e-4, 1e4)
+        if self.range_kernel == "distance":
+            logits = _neighborhood_sqdist_pixel_major(keys, self.radius, self.pad_mode) * -temp
+        else:
+            qp = pad2d(keys, self.radius, self.pad_mode)
+            logits = _NeighborhoodDot.apply(keys, qp, self.diameter).reshape(b, h, w, taps) * temp
+        spatial = spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype)
+        kernel = torch.softmax(logits, dim=-1) * spatial
+        norm = kernel.sum(-1, keepdim=True).clamp_min(1e-7)
+        if self.gate is None:
+            kernel = kernel / norm
+            correction = None if self.fixup_proj is None else self._correction_pixel_major(kernel, guidance)
+        else:
+            # delta + gate * (kernel - delta): one pass over the taps, the rest on the centre tap
+            fix = self.fixup_proj
+            correction = None if fix is None else self._correction_pixel_major(kernel / norm, guidance)
+            gate = self.gate.to(kernel.dtype)
+            kernel = kernel * (gate / norm)
+            centre = torch.zeros(taps, device=kernel.device, dtype=kernel.dtype)
+            centre[taps // 2] = 1.0
+            if correction is None:
+                kernel = kernel + centre * (1 - gate)
+            else:
+                correction = correction + centre * (1 - gate)
+        if correction is not None:
+            kernel = kernel + correction
+        return kernel.permute(0, 3, 1, 2)
+
+    def _correction_pixel_major(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """``0.1 * kernel_correction`` on pixel-major kernels (B, H, W, K*K): the mirrored evaluation
+        ``fixup([kernel[:, m], g])[:, m]`` is the same MLP with its tap weights permuted by ``m``."""
+        taps = self.diameter**2
+        first, act, drop, second = self.fixup_proj
+        dtype = first.weight.dtype
+        w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
+        kernel = kernel.to(dtype)
+        inputs = torch.cat([kernel, guidance.to(dtype).permute(0, 2, 3, 1)], -1)  # as the plain path's cat
+
+        def dropout(x: torch.Tensor) -> torch.Tensor:
+            # Dropout2d draws one (B, C, 1, 1) mask per call, as the plain path's module calls do
+            if not (drop.training and drop.p > 0):
+                return x
+            mask = drop(x.new_ones(x.shape[0], x.shape[-1], 1, 1)).view(x.shape[0], 1, 1, x.shape[-1])
+            return x * mask
+
+        if not self.constrained_fixup:
+            hidden = dropout(act(F.linear(inputs, w1, first.bias)))
+            return (0.1 * F.linear(hidden, w2, second.bias)).to(guidance.dtype)
+        mirror = _mirrored_taps(self.diameter, kernel.device)
+        # both evaluations in one product: the mirrored one reads the taps through the permutation
+        both = torch.cat([w1, torch.cat([w1[:, :taps][:, mirror], w1[:, taps:]], 1)], 0)  # (2 taps, taps + G)
+        hidden = act(F.linear(inputs, both, first.bias.repeat(2)).unflatten(-1, (2, taps)))
+        out = F.linear(dropout(hidden[..., 0, :]), w2, second.bias).tanh()
+        mirrored = F.linear(dropout(hidden[..., 1, :]), w2[mirror], second.bias[mirror]).tanh()
+        correction = (out + mirrored) * 0.05
+        return correction - correction.mean(-1, keepdim=True)
+
+    def kernel_plain(self, guidance: torch.Tensor) -> torch.Tensor:
+        """:meth:`kernel` computed step by step as the equations read (the test oracle of the fused path)."""
         keys = self.range_proj(guidance)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         if self.range_kernel == "distance":
@@ -338,8 +593,17 @@ class JBUStage(nn.Module):
         range_kernel = torch.softmax(logits, dim=1)
         kernel = range_kernel * spatial_gaussian(self.radius, self.sigma_spatial).view(1, -1, 1, 1)
         kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
+        correction = None
         if self.fixup_proj is not None:
-            kernel = kernel + 0.1 * self.kernel_correction(kernel, guidance)
+            correction = 0.1 * self.kernel_correction(kernel, guidance)
+        if self.gate is not None:
+            # delta + gate * (kernel - delta): exactly the centre tap while the gate is 0
+            delta = torch.zeros(self.diameter**2, device=kernel.device, dtype=kernel.dtype)
+            delta[self.diameter**2 // 2] = 1.0
+            delta = delta.view(1, -1, 1, 1)
+            kernel = delta + self.gate.to(kernel.dtype) * (kernel - delta)
+        if correction is not None:
+            kernel = kernel + correction
         return kernel
 
     def kernel_correction(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -357,19 +621,26 @@ class JBUStage(nn.Module):
         correction = 0.5 * (torch.tanh(correction) + torch.tanh(mirrored))
         return correction - correction.mean(1, keepdim=True)
 
-    def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        return apply_kernel(
-            source, self.kernel(guidance), self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
-        )
+    def forward(self, source: torch.Tensor, guidance: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
+        """Apply this stage; ``fused=False`` runs the plain path (:meth:`kernel_plain`, :func:`apply_kernel`).
+
+        The kernels are computed in the parameters' precision even under autocast (the squared distances
+        cancel, and their rounding error is multiplied by the range temperature); only the adaptive
+        convolution over the features follows autocast.
+        """
+        with _without_autocast(guidance.device):
+            guidance = _to_param_precision(guidance, self.range_temp)
+            kernel = self.kernel(guidance) if fused else self.kernel_plain(guidance)
+        apply = apply_kernel_fused if fused else apply_kernel
+        return apply(source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode)
 
     def extra_repr(self) -> str:
         return (
             f"radius={self.radius}, key_dim={self.key_dim}, resize_mode={self.resize_mode!r}, "
-            f"range_kernel={self.range_kernel!r}"
+            f"range_kernel={self.range_kernel!r}, safe_start={self.safe_start}"
         )
 
 
-@register_upsampler("jbu")
 class JBUStack(Upsampler, CheckpointMixin):
     """FeatUp's JBU upsampler: learned JBU stages, 2x each, the last one landing on the exact output size.
 
@@ -405,6 +676,11 @@ class JBUStack(Upsampler, CheckpointMixin):
             Synthetic benchmark, extractor A, JBU trained on ground truth directly for 100 steps (cos / MSE /
             mIoU / boundary F): paper form 0.937 / 0.123 / 36.1 / 42.9 (= bicubic, every sigma -> 0.03);
             distance kernel 0.940 / 0.118 / 36.7 / 47.0; distance + encoder 0.942 / 0.115 / 37.4 / 52.3.
+        safe_start: start as a sound fixed upsampler (default): every stage's bilateral kernel is gated by a
+            zero-initialised scalar and its correction's output layer is zero-initialised, so a fresh stack is
+            exactly the chain of 2x ``resize_mode`` resizes (bicubic by default) its stages resample with, and
+            training can only add to it (see :class:`JBUStage`). False starts from the bilateral kernels
+            themselves (the paper's form, and stacks saved before this option).
         original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
             the unconstrained kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized
             guidance, sigma init 1, the inner-product range kernel on 1x1 keys of the pooled image (no
@@ -433,6 +709,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         init_sigma_spatial: float = 1.0,
         range_kernel: str = "distance",
         guidance_encoder: bool = True,
+        safe_start: bool = True,
         original: bool = False,
     ) -> None:
         super().__init__()
@@ -466,6 +743,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 0.1,
             )
             init_sigma_spatial, range_kernel, guidance_encoder, constrained_fixup = 1.0, "dot", False, False
+            safe_start = False
         self.feat_dim = feat_dim
         self.radius = radius
         self.key_dim = key_dim
@@ -478,6 +756,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         self.normalize_guidance = normalize_guidance
         self.init_sigma_spatial = float(init_sigma_spatial)
         self.range_kernel = range_kernel
+        self.safe_start = bool(safe_start)
         self.original = original
         self.encoder: GuidanceEncoder | None = GuidanceEncoder(3, key_dim) if guidance_encoder else None
         for k in range(1, n_stages + 1):
@@ -492,6 +771,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 resize_mode=resize_mode,
                 pad_mode=pad_mode,
                 init_sigma_spatial=init_sigma_spatial,
+                safe_start=self.safe_start,
             )
             self.add_module(f"up{k}", stage)
         self.proj_scale = 0.1 if original else 1.0
@@ -504,6 +784,9 @@ class JBUStack(Upsampler, CheckpointMixin):
                 # start as the identity so a fresh stack is a pure JBU; training learns the correction
                 nn.init.zeros_(self.fixup_proj[1].weight)
                 nn.init.zeros_(self.fixup_proj[1].bias)
+        #: run the fused stages (default); False runs the plain path, the reference the fused one is tested
+        #: against (not a hyperparameter: not saved in the config)
+        self.fused = True
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -527,6 +810,7 @@ class JBUStack(Upsampler, CheckpointMixin):
             "init_sigma_spatial": self.init_sigma_spatial,
             "range_kernel": self.range_kernel,
             "guidance_encoder": self.encoder is not None,
+            "safe_start": self.safe_start,
             "original": self.original,
         }
 
@@ -535,6 +819,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         "range_kernel": "dot",
         "guidance_encoder": False,
         "constrained_fixup": False,
+        "safe_start": False,
     }
 
     @classmethod
@@ -553,7 +838,9 @@ class JBUStack(Upsampler, CheckpointMixin):
         image = image.to(self.up1.range_temp.dtype)
         if self.normalize_guidance:
             image = (image - self._mean.to(image.dtype)) / self._std.to(image.dtype)
-        return image if self.encoder is None else self.encoder(image)
+        if self.encoder is None:
+            return image
+        return _pointwise_mlp(self.encoder, image) if self.fused else self.encoder(image)
 
     def upsample(
         self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
@@ -563,11 +850,12 @@ class JBUStack(Upsampler, CheckpointMixin):
                 f"expected lr_feats with {self.feat_dim} channels (feat_dim), got {tuple(lr_feats.shape)}"
             )
         assert image is not None  # guided: the base class rejects image=None
-        guidance = self.guidance(image)
+        with _without_autocast(image.device):  # the key path in the parameters' precision (see JBUStage)
+            guidance = self.guidance(image)
         x = lr_feats
         stages = self.stages
         for k, stage_size in enumerate(stage_sizes(lr_feats.shape[-2:], size)):
-            x = stages[min(k, len(stages) - 1)](x, pool_guidance(guidance, stage_size))
+            x = stages[min(k, len(stages) - 1)](x, pool_guidance(guidance, stage_size), fused=self.fused)
         if self.fixup_proj is not None:
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
@@ -598,3 +886,28 @@ class JBUStack(Upsampler, CheckpointMixin):
         except RuntimeError as exc:  # pragma: no cover - read_original_jbu validates keys and shapes first
             raise CheckpointError(f"original JBU weights do not match the original layout: {exc}") from None
         return module.to(map_location).eval()
+
+
+# Named variants, as timm names model configurations; the flags that remain are real hyperparameters.
+register_upsampler("jbu")(JBUStack)
+
+
+@register_upsampler("jbu_paper")
+def jbu_paper(**kwargs: Any) -> JBUStack:
+    """The paper's equations (eq. 4-6): inner-product range kernel on a 1x1 MLP of the pooled image, no
+    guidance encoder, no kernel correction, starting from the bilateral kernels (no safe start)."""
+    return JBUStack(
+        **{
+            "range_kernel": "dot",
+            "guidance_encoder": False,
+            "kernel_fixup": False,
+            "safe_start": False,
+            **kwargs,
+        }
+    )
+
+
+@register_upsampler("jbu_original")
+def jbu_original(feat_dim: int | None = None, **kwargs: Any) -> JBUStack:
+    """The original FeatUp code's layout (``JBUStack(feat_dim, original=True)``; needs ``feat_dim``)."""
+    return JBUStack(feat_dim, original=True, **kwargs)
