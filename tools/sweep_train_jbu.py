@@ -7,7 +7,8 @@ scenes, ``--eval`` held-out ones), the benchmark's jitters (no flips, zoom <= 1.
 trains ``--steps`` steps with the given overrides and reports the held-out MSE and cosine similarity of the
 upsampled features to the extractor's stride-1 features, with bicubic on the same scenes for scale. The lowest
 log-scale eq. 1 saw is recorded (log(1e-4) = -9.21 is where the floor binds). One JSON line per (run, seed) is appended to ``--out``. Set ``"min_scale": null`` to train without eq. 1's
-scale floor (patched into the loss for that run).
+scale floor (patched into the loss for that run), ``"salience_dropout": p`` to set the attention
+downsampler's dropout.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def measure(overrides: dict, seed: int, args: argparse.Namespace) -> dict:
 
     overrides = dict(overrides)
     min_scale = overrides.pop("min_scale", "default")
+    salience_dropout = overrides.pop("salience_dropout", None)
+    real_create = training.create_downsampler
+
+    def create(kind, dim, kernel_size, **kw):
+        down = real_create(kind, dim, kernel_size, **kw)
+        if salience_dropout is not None and hasattr(down, "salience_net"):
+            down.dropout = down.salience_net[0].p = float(salience_dropout)
+        return down
+
+    training.create_downsampler = create
     real_loss = training.reconstruction_loss
     loss_fn = functools.partial(real_loss, min_scale=min_scale) if min_scale != "default" else real_loss
     lowest = [float("inf")]
@@ -58,6 +69,7 @@ def measure(overrides: dict, seed: int, args: argparse.Namespace) -> dict:
         )
     finally:
         training.reconstruction_loss = real_loss
+        training.create_downsampler = real_create
     seconds = time.perf_counter() - start
     with torch.no_grad():
         lr_feats, truth = backbone(held), backbone.dense(held)
@@ -69,8 +81,11 @@ def measure(overrides: dict, seed: int, args: argparse.Namespace) -> dict:
 
     mse, cos = scores(pred)
     bmse, bcos = scores(bicubic)
+    extra = {"min_scale": min_scale} if min_scale != "default" else {}
+    if salience_dropout is not None:
+        extra["salience_dropout"] = salience_dropout
     return {
-        "overrides": {**overrides, **({"min_scale": min_scale} if min_scale != "default" else {})},
+        "overrides": {**overrides, **extra},
         "seed": seed,
         "steps": args.steps,
         "mse": mse,
