@@ -358,7 +358,9 @@ class _JBUObjective(nn.Module):
     ) -> torch.Tensor:
         if isinstance(targets, torch.Tensor):  # the views of all jitters, jitter-major (n * B, C, h, w)
             targets = list(targets.chunk(len(jitters)))
-        if self.project_first:
+        # projecting first pays only when it shrinks the channels the upsampler carries
+        narrower = proj is not None and proj.shape[1] + 1 < lr_feats.shape[1]
+        if self.project_first and narrower:
             return self._projected_first(image, lr_feats, jitters, targets, proj, dropout_generator)
         hr = self.upsampler(lr_feats, image)
         total = hr.new_zeros(())
