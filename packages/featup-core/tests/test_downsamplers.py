@@ -180,3 +180,33 @@ def test_bad_input_errors():
         SimpleDownsampler(3)(torch.randn(1, 3, 8, 8), (0, 2))
     with pytest.raises(ValueError, match="unknown downsampler"):
         create_downsampler("bilinear", 3, 3)
+
+
+def test_gaussian_blur_keeps_constants_and_commutes_with_channel_mixing():
+    from featup.core.downsamplers import gaussian_blur
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 11, generator=gen, dtype=torch.float64)
+    mix = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        gaussian_blur(torch.einsum("bchw,cd->bdhw", x, mix)),
+        torch.einsum("bchw,cd->bdhw", gaussian_blur(x), mix),
+    )
+    const = torch.full((1, 2, 7, 6), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(const), const)
+    assert not torch.allclose(gaussian_blur(x), x)
+
+
+def test_attention_blur_windows_the_blurred_map():
+    from featup.core.downsamplers import gaussian_blur
+
+    torch.manual_seed(0)
+    plain = AttentionDownsampler(3, 4).eval()
+    blurred = AttentionDownsampler(3, 4, blur=True).eval()
+    blurred.load_state_dict(plain.state_dict())
+    hr = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(blurred(hr, 4), plain(gaussian_blur(hr), 4))
+    assert not torch.allclose(blurred(hr, 4), plain(hr, 4))
+    torch.testing.assert_close(plain.salience_kernels(plain.salience(hr), 4), plain.kernels(hr, 4))
+    with pytest.raises(TypeError, match="blur"):
+        AttentionDownsampler(3, 4, blur="yes")

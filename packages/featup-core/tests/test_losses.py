@@ -134,3 +134,27 @@ def test_bad_input_errors():
         project(torch.zeros(1, 3, 2, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="channels"):
         UncertaintyHead(4)(torch.zeros(1, 3, 2, 2))
+
+
+def test_reconstruction_scale_floor_bounds_the_likelihood():
+    """eq. 1 with an unfloored scale runs to minus infinity as s -> 0 on a perfect fit; the floor (the
+    original's clamp_min(1e-4)) stops it there and gives the scale no gradient below it."""
+    import math
+
+    from featup.core.losses import MIN_SCALE
+
+    pred = torch.zeros(1, 2, 3, 3)
+    target = pred.clone()
+    log_s = torch.full((1, 1, 3, 3), -20.0, requires_grad=True)
+    floored = reconstruction_loss(pred, target, log_s)
+    assert float(floored.detach()) == pytest.approx(math.log(MIN_SCALE))
+    floored.backward()
+    assert torch.all(log_s.grad == 0)
+    assert float(reconstruction_loss(pred, target, log_s.detach(), min_scale=None)) < -19
+    # above the floor nothing changes
+    mid = torch.full((1, 1, 3, 3), -1.0)
+    assert torch.equal(
+        reconstruction_loss(pred, target, mid), reconstruction_loss(pred, target, mid, min_scale=None)
+    )
+    with pytest.raises(ValueError, match="min_scale"):
+        reconstruction_loss(pred, target, mid, min_scale=0.0)

@@ -83,7 +83,7 @@ def _curve(backbone, images, **kwargs):
 
 @pytest.mark.parametrize(
     "downsampler, blur, proj_dim",
-    [("attention", False, 5), ("attention", True, 5), ("simple", False, 5), ("attention", False, None)],
+    [("attention", False, 5), ("attention", True, 5), ("simple", False, 5)],
 )
 def test_project_first_matches_the_plain_path(monkeypatch, downsampler, blur, proj_dim):
     _no_salience_dropout(monkeypatch)
@@ -147,6 +147,11 @@ def test_project_first_upsamples_projected_channels_only(monkeypatch):
     assert seen == [6, 6]  # 5 projected channels + the salience channel, once per step
     seen.clear()
     train_jbu(backbone, regions(4, 24, seed=1), steps=2, proj_dim=5, project_first=False, **JBU_FAST)
+    assert seen == [12, 12]
+    seen.clear()
+    # no projection, or one as wide as the features: nothing to gain, the plain path runs
+    train_jbu(backbone, regions(4, 24, seed=1), steps=1, proj_dim=None, **JBU_FAST)
+    train_jbu(backbone, regions(4, 24, seed=1), steps=1, proj_dim=11, **JBU_FAST)
     assert seen == [12, 12]
     seen.clear()
     # a per-feature stack is not channel-linear: it must see the backbone's channels
@@ -225,12 +230,14 @@ def test_non_finite_loss_raises_before_the_update_and_the_checkpoint(tmp_path, m
     monkeypatch.setattr(training, "reconstruction_loss", exploding)
     backbone = PooledPointwise()
     images = regions(4, 24, seed=2)
-    with pytest.raises(FloatingPointError, match="step 2"):
-        train_jbu(backbone, images, steps=5, checkpoint_dir=tmp_path, checkpoint_every=1, **JBU_FAST)
+    with pytest.raises(FloatingPointError, match="step 2"):  # one jitter: one loss call per step
+        train_jbu(
+            backbone, images, steps=5, n_jitters=1, checkpoint_dir=tmp_path, checkpoint_every=1, **JBU_FAST
+        )
     tensors, config = load_checkpoint(tmp_path / JBU_STATE_FILE)
     assert config["step"] == 1
     monkeypatch.setattr(training, "reconstruction_loss", real)
-    one = params_of(train_jbu(backbone, images, steps=1, **JBU_FAST))
+    one = params_of(train_jbu(backbone, images, steps=1, n_jitters=1, **JBU_FAST))
     for k, v in one.items():
         assert torch.equal(tensors[f"upsampler.{k}"], v), k
 
@@ -269,8 +276,8 @@ def test_training_context_forks_every_initialised_cuda_device(monkeypatch):
 def test_blur_is_a_run_hyperparameter(tmp_path):
     backbone = PooledPointwise()
     images = regions(4, 24, seed=2)
-    train_jbu(backbone, images, steps=1, blur=True, checkpoint_dir=tmp_path, **JBU_FAST)
-    assert load_checkpoint(tmp_path / JBU_STATE_FILE)[1]["hparams"]["blur"] is True
+    train_jbu(backbone, images, steps=1, blur=False, checkpoint_dir=tmp_path, **JBU_FAST)
+    assert load_checkpoint(tmp_path / JBU_STATE_FILE)[1]["hparams"]["blur"] is False
     with pytest.raises(Exception, match="blur"):
         train_jbu(backbone, images, steps=2, checkpoint_dir=tmp_path, **JBU_FAST)
     with pytest.raises(TypeError, match="blur"):

@@ -64,8 +64,9 @@ from featup.core.precision import (
     mixed_precision,
     to_float32,
 )
+from featup.core.training_config import JBUTrainConfig
 
-__all__ = ["fit_implicit", "train_jbu"]
+__all__ = ["JBUTrainConfig", "channel_linear", "fit_implicit", "train_jbu"]
 
 #: callback(step, logs) after every completed step; ``step`` counts completed steps (1-based) and ``logs``
 #: holds floats ("loss", "rec_loss", "tv_loss"). Returning True stops training after that step.
@@ -111,7 +112,16 @@ def _check_bool(name: str, value: object) -> bool:
 def _with_hparam_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """States saved before ``p_zoom`` / ``p_flip`` / ``uncertainty`` existed were trained with the Table 7
     values (0.5, 0.5) and with the uncertainty head."""
-    return {"p_zoom": 0.5, "p_flip": 0.5, "uncertainty": True, "blur": False, **saved}
+    return {
+        "p_zoom": 0.5,
+        "p_flip": 0.5,
+        "uncertainty": True,
+        "blur": False,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "schedule_steps": None,
+        **saved,
+    }
 
 
 def _uncertainty_head(enabled: bool, dim: int) -> UncertaintyHead | None:
@@ -348,7 +358,9 @@ class _JBUObjective(nn.Module):
     ) -> torch.Tensor:
         if isinstance(targets, torch.Tensor):  # the views of all jitters, jitter-major (n * B, C, h, w)
             targets = list(targets.chunk(len(jitters)))
-        if self.project_first:
+        # projecting first pays only when it shrinks the channels the upsampler carries
+        narrower = proj is not None and proj.shape[1] + 1 < lr_feats.shape[1]
+        if self.project_first and narrower:
             return self._projected_first(image, lr_feats, jitters, targets, proj, dropout_generator)
         hr = self.upsampler(lr_feats, image)
         total = hr.new_zeros(())
@@ -417,37 +429,36 @@ def _saved_kwargs(upsampler: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any
 def train_jbu(
     backbone: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor | Iterable[torch.Tensor],
-    steps: int = 2000,
+    steps: int | None = None,
     *,
+    preset: str = "default",
+    config: JBUTrainConfig | None = None,
     upsampler: Upsampler | None = None,
-    batch_size: int = 4,
-    n_jitters: int = 2,
-    lr: float = 1e-3,
-    proj_dim: int | None = 30,
-    downsampler: str = "attention",
-    kernel_size: int = 16,
-    max_pad: int = 30,
-    max_zoom: float = 2.0,
-    p_zoom: float = 0.5,
-    p_flip: float = 0.5,
-    uncertainty: bool = True,
-    blur: bool = False,
-    project_first: bool = True,
-    seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,
-    precision: str = "float32",
     callback: Callback | None = None,
+    **overrides: Any,
 ) -> Upsampler:
-    """Train a JBU upsampler for a frozen backbone with FeatUp's multi-view loss (Table 7 defaults).
+    """Train a JBU upsampler for a frozen backbone with FeatUp's multi-view loss.
 
     Each step takes a batch of images ``x``, computes ``F_hr = up(f(x), x)`` and, for ``n_jitters`` jitters
     per image (pad up to ``max_pad`` px at 224 px, zoom up to ``max_zoom``, crop, flip; drawn independently
     per image), minimises eq. 1 between ``f(t(x))`` and ``down(t(F_hr))`` after a fresh random projection
     to ``proj_dim`` dimensions; the uncertainty head reads the full-dimensional ``f(t(x))``. NAdam, no TV.
+
+    The run's settings are one :class:`~featup.core.training_config.JBUTrainConfig`: the named ``preset``
+    ("default", or "paper" for Table 7, which needs 2000 steps on a GPU) with ``steps`` and any field given
+    as a keyword (``lr=``, ``batch_size=``, ``n_jitters=``, ``proj_dim=``, ``downsampler=``, ``kernel_size=``,
+    ``max_pad=``, ``max_zoom=``, ``p_zoom=``, ``p_flip=``, ``uncertainty=``, ``blur=``, ``project_first=``,
+    ``schedule=``, ``warmup_steps=``, ``seed=``, ``checkpoint_every=``, ``resume=``, ``precision=``), or a
+    whole ``config``. Its run-defining settings are stored in the checkpoint; resuming with others raises
+    :class:`CheckpointError`.
+
+    With ``project_first`` (default) and a channel-linear upsampler (the default ``JBUStack()``, see
+    :func:`channel_linear`), the low-res features are projected before upsampling, so each step upsamples
+    ``proj_dim + 1`` channels instead of all ``C``: the same loss up to float rounding, except that the
+    attention downsampler's salience dropout then masks the low-res features.
 
     Under ``torchrun`` (``WORLD_SIZE``/``RANK`` set) the process group is initialised if needed (NCCL on
     CUDA, gloo on CPU), the trainable modules are wrapped in ``DistributedDataParallel``, each rank reads a
@@ -459,75 +470,51 @@ def train_jbu(
         images: RGB in [0, 1]: a tensor ``(N,3,H,W)`` (read in a seeded, per-epoch shuffled order), a
             map-style ``Dataset`` of ``(3,H,W)`` tensors (or ``(image, label)`` pairs), or any re-iterable of
             ``(B,3,H,W)`` batches such as a list or ``DataLoader`` (cycled; its batches set the batch size).
-        steps: total optimiser steps (a resumed run continues up to this count).
+        steps: total optimiser steps (a resumed run continues up to this count); None: the preset's.
+        preset: "default" or "paper" (see :data:`~featup.core.training_config.JBU_PRESETS`).
+        config: a complete config instead of a preset (keywords still override its fields).
         upsampler: the module to train in place and return; default a fresh encoder-agnostic
             ``JBUStack()`` (or the one stored in the checkpoint being resumed).
-        batch_size: images per step and rank for tensor / Dataset inputs.
-        n_jitters: jittered views per image per step.
-        lr: NAdam learning rate.
-        proj_dim: random projection width; None compares full features.
-        downsampler: "attention" (eq. 2) or "simple" (learned blur).
-        kernel_size: downsampler kernel size.
-        max_pad: jitter padding in pixels at 224 px (scaled with the image size).
-        max_zoom: largest jitter zoom.
-        p_zoom: probability that a jitter zooms (else zoom 1).
-        p_flip: probability that a jitter flips horizontally. 0 for a backbone whose features are not
-            flip-equivariant (e.g. oriented filters: a flip swaps their orientation channels, so no
-            high-res map explains both views).
-        uncertainty: learn eq. 1's per-pixel scale (the paper); False compares the views with a plain mean
-            squared error, which does not let hard pixels (object boundaries) be explained away as noise.
-            With the scale, keep ``lr`` moderate: on the synthetic benchmark the default stack trained
-            normally at 5e-3 and 1e-2 and degraded at 2e-2 (see ``featup.eval.benchmark.BenchConfig``).
-        blur: the attention downsampler blurs the high-res features (5x5 Gaussian, sigma 1) before
-            windowing, as the original code's ``blur_attn``.
-        project_first: with a channel-linear upsampler (the default ``JBUStack()``, see
-            :func:`channel_linear`), project the low-res features before upsampling, so each step upsamples
-            ``proj_dim + 1`` channels instead of all ``C`` (several times faster). The loss is the same up to
-            float rounding, except that the downsampler's salience dropout then masks the low-res features.
-            Ignored (the plain path) for other upsamplers.
-        seed: seed of every random draw.
         checkpoint_dir: folder for ``train_state.safetensors`` (full resumable state: all modules, optimizer,
             step) and, at the end, ``jbu_stack.safetensors`` (``JBUStack.load``-able); None disables both.
-        checkpoint_every: steps between checkpoints (one is also written after the last step).
-        resume: continue from ``checkpoint_dir``'s state if present; its run hyperparameters must match.
         progress: show a tqdm bar (rank 0 only).
         device: training device; default the backbone's parameter device (or torchrun's local CUDA device,
             or CPU). The backbone must already live there.
-        precision: "float32", "bfloat16" or "float16": the autocast dtype of each step's forward passes
-            (backbone, upsampler, downsampler, head) on ``device``. Parameters and optimizer state stay
-            float32, the loss is computed in float32, and float16 uses a ``GradScaler``. Stored in the
-            checkpoint: resuming with another precision raises :class:`CheckpointError`.
         callback: ``callback(step, logs)`` after each step; returning True stops training early.
+        **overrides: fields of :class:`~featup.core.training_config.JBUTrainConfig`.
 
     Returns:
         The trained upsampler in eval mode, on ``device``.
+
+    Raises:
+        TypeError, ValueError: bad settings or inputs, naming them. FloatingPointError: a non-finite loss
+        (raised before that step updates or writes anything).
 
     Shape:
         - images: (N, 3, H, W) or batches (B, 3, H, W), RGB in [0, 1]
         - backbone output: (B, C, h, w)
     """
+    if steps is not None:
+        overrides["steps"] = steps
+    if config is not None:
+        if not isinstance(config, JBUTrainConfig):
+            raise TypeError(f"expected config as a JBUTrainConfig or None, got {type(config).__name__}")
+        cfg = JBUTrainConfig.preset("paper", **{**config.to_dict(), **overrides})
+    else:
+        cfg = JBUTrainConfig.preset(preset, **overrides)
     _check_common(
         backbone,
-        steps,
-        n_jitters,
-        lr,
-        kernel_size,
-        max_pad,
-        max_zoom,
-        downsampler,
-        seed,
-        checkpoint_every,
+        cfg.steps,
+        cfg.n_jitters,
+        cfg.lr,
+        cfg.kernel_size,
+        cfg.max_pad,
+        cfg.max_zoom,
+        cfg.downsampler,
+        cfg.seed,
+        cfg.checkpoint_every,
         callback,
     )
-    _check_int("batch_size", batch_size, 1)
-    check_training_precision(precision)
-    _check_probability("p_zoom", p_zoom)
-    _check_probability("p_flip", p_flip)
-    _check_bool("uncertainty", uncertainty)
-    _check_bool("blur", blur)
-    _check_bool("project_first", project_first)
-    if proj_dim is not None:
-        _check_int("proj_dim", proj_dim, 1)
     if upsampler is not None and not isinstance(upsampler, nn.Module):
         raise TypeError(
             f"expected upsampler as an nn.Module (e.g. JBUStack) or None, got {type(upsampler).__name__}"
@@ -539,28 +526,11 @@ def train_jbu(
             return _train_jbu(
                 backbone,
                 images,
-                steps,
+                cfg,
                 upsampler=upsampler,
-                batch_size=batch_size,
-                n_jitters=n_jitters,
-                lr=lr,
-                proj_dim=proj_dim,
-                downsampler=downsampler,
-                kernel_size=kernel_size,
-                max_pad=max_pad,
-                max_zoom=max_zoom,
-                p_zoom=float(p_zoom),
-                p_flip=float(p_flip),
-                uncertainty=uncertainty,
-                blur=blur,
-                project_first=project_first,
-                seed=seed,
                 checkpoint_dir=checkpoint_dir,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
                 progress=progress,
                 device=device,
-                precision=precision,
                 callback=callback,
                 ctx=ctx,
             )
@@ -571,48 +541,27 @@ def train_jbu(
 def _train_jbu(
     backbone: Callable,
     images: object,
-    steps: int,
+    cfg: JBUTrainConfig,
     *,
     upsampler: nn.Module | None,
-    batch_size: int,
-    n_jitters: int,
-    lr: float,
-    proj_dim: int | None,
-    downsampler: str,
-    kernel_size: int,
-    max_pad: int,
-    max_zoom: float,
-    p_zoom: float,
-    p_flip: float,
-    uncertainty: bool,
-    blur: bool,
-    project_first: bool,
-    seed: int,
     checkpoint_dir: str | os.PathLike | None,
-    checkpoint_every: int,
-    resume: bool,
     progress: bool,
     device: torch.device,
-    precision: str,
     callback: Callback | None,
     ctx: dist_utils.DistContext,
 ) -> nn.Module:
+    steps, batch_size, n_jitters, lr, proj_dim = (
+        cfg.steps,
+        cfg.batch_size,
+        cfg.n_jitters,
+        cfg.lr,
+        cfg.proj_dim,
+    )
+    downsampler, kernel_size, max_pad, max_zoom = cfg.downsampler, cfg.kernel_size, cfg.max_pad, cfg.max_zoom
+    p_zoom, p_flip, uncertainty, blur, seed = cfg.p_zoom, cfg.p_flip, cfg.uncertainty, cfg.blur, cfg.seed
+    checkpoint_every, resume, precision = cfg.checkpoint_every, cfg.resume, cfg.precision
     source = make_source(images, batch_size, seed, ctx)
-    hparams = {
-        "batch_size": batch_size,
-        "n_jitters": n_jitters,
-        "lr": lr,
-        "proj_dim": proj_dim,
-        "downsampler": downsampler,
-        "kernel_size": kernel_size,
-        "max_pad": max_pad,
-        "max_zoom": max_zoom,
-        "p_zoom": p_zoom,
-        "p_flip": p_flip,
-        "uncertainty": uncertainty,
-        "blur": blur,
-        "seed": seed,
-    }
+    hparams = cfg.hparams()
     state_path = Path(checkpoint_dir) / JBU_STATE_FILE if checkpoint_dir is not None else None
     saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     if state_path is not None and resume and state_path.is_file():
@@ -653,7 +602,7 @@ def _train_jbu(
         )
     down = create_downsampler(downsampler, feat_dim, kernel_size, blur=blur)
     head = _uncertainty_head(uncertainty, feat_dim)
-    objective = _JBUObjective(upsampler, down, head, project_first=project_first).to(device)
+    objective = _JBUObjective(upsampler, down, head, project_first=cfg.project_first).to(device)
     if not any(p.requires_grad for p in upsampler.parameters()):
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
     optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
@@ -682,6 +631,7 @@ def _train_jbu(
                 optimizer=optimizer,
                 config={
                     "hparams": hparams,
+                    "config": cfg.to_dict(),
                     "feat_dim": feat_dim,
                     "world_size": ctx.world_size,
                     "upsampler": {"class": type(upsampler).__name__, "kwargs": _config_of(upsampler)},
@@ -724,6 +674,8 @@ def _train_jbu(
             with mixed_precision(precision, device):
                 loss = model(x, lr_feats, jitters, targets, proj, drop_gen)
             _check_finite_loss(loss, step, ctx, device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # scale/step/update are plain backward/step unless float16
             scaler.step(optimizer)
