@@ -24,13 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from featup.core.checkpoint import CheckpointMixin, load_checkpoint, save_checkpoint
+from featup.core.checkpoint import CheckpointError, CheckpointMixin, load_checkpoint, save_checkpoint
 from featup.eval._confusion import confusion_matrix, segmentation_scores
 from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
 from featup.eval._runner import evaluate_methods
@@ -77,6 +78,22 @@ class LinearProbe(nn.Module, CheckpointMixin):
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "n_out": self.n_out}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LinearProbe:
+        """Rebuild a probe (in eval mode) from a checkpoint of :meth:`save` or :func:`train_probe` (whose
+        optimizer state, stored beside the weights for resuming, is skipped)."""
+        tensors, cfg = load_checkpoint(path, map_location)
+        if cfg.get("class") != cls.__name__:
+            raise CheckpointError(
+                f"expected a {cls.__name__} checkpoint, got one saved from {cfg.get('class')!r} ({path})"
+            )
+        probe = cls(**cfg.get("kwargs", {}))
+        try:
+            probe.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not match {cls.__name__}: {exc}") from None
+        return probe.to(map_location).eval()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.dim() != 4 or feats.shape[1] != self.dim:
@@ -295,6 +312,38 @@ def iter_exported(
 # probe training
 
 
+def _cuda_devices() -> list[int]:
+    """Every CUDA device (``torch.manual_seed`` seeds them all, so a fork must restore them all)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch: a function of (seed, epoch) alone, so a resumed run shuffles
+    exactly as the uninterrupted one (replaying draws from one shared generator cannot: each epoch makes a
+    data-dependent number of them)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _optimizer_tensors(optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat ``optim.<param>.<key>`` tensors (for safetensors)."""
+    out = {}
+    for idx, state in optim.state_dict()["state"].items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            out[f"optim.{idx}.{key}"] = value
+    return out
+
+
+def _load_optimizer_tensors(optim: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    optim.load_state_dict({"state": state, "param_groups": optim.state_dict()["param_groups"]})
+
+
 def train_probe(
     export_dir: str | os.PathLike,
     task: str,
@@ -307,6 +356,7 @@ def train_probe(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LinearProbe:
     """Train a linear probe on exported low-res features (Adam).
 
@@ -315,25 +365,30 @@ def train_probe(
         task: ``"seg"`` (cross-entropy over ``n_classes``, cells marked 255 ignored) or ``"depth"``
             (:func:`ssi_loss` over cells with valid depth).
         epochs: passes over the export.
-        checkpoint_path: where the probe is saved after each epoch (with the epoch count); a finished probe
-            is returned as is, an unfinished one resumes.
+        seed: seeds the initial weights and, with the epoch, each epoch's shuffling.
+        checkpoint_path: where the probe and the optimizer state are saved after each epoch (with the
+            epoch count); a finished probe is returned as is, an unfinished one resumes and continues
+            exactly as the uninterrupted run would (bitwise on the same machine and device).
+        device: where the probe trains (the shards are moved there one at a time).
 
     Returns:
-        The probe in eval mode.
+        The probe in eval mode, on ``device``.
     """
     if task not in ("seg", "depth"):
         raise ValueError(f"expected task 'seg' or 'depth', got {task!r}")
+    device = torch.device(device)
     manifest = read_json(Path(export_dir) / "manifest.json")
     if "feat_shape" not in manifest:
         raise ValueError(f"the export in {export_dir} is incomplete; rerun the export to finish it")
     dim = int(manifest["feat_shape"][0])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=_cuda_devices()):  # the caller's generators are left as they were
         torch.manual_seed(seed)
         probe = LinearProbe(dim, n_classes if task == "seg" else 1)
+    probe.to(device)
     optim = torch.optim.Adam(probe.parameters(), lr=lr)
     start = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).with_suffix(".safetensors").is_file():
+        # on the CPU: load_state_dict moves weights and moments to the parameters' device, keeps Adam's step
         tensors, cfg = load_checkpoint(Path(checkpoint_path).with_suffix(".safetensors"))
         if cfg.get("kwargs") != probe.config() or cfg.get("extra", {}).get("task") != task:
             raise ValueError(
@@ -341,19 +396,21 @@ def train_probe(
             )
         probe.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
         start = int(cfg["extra"]["epoch"])
-        for _ in range(start):  # keep the shuffling order of an uninterrupted run
-            torch.randperm(manifest["n_shards"], generator=gen)
+        optim_state = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        if optim_state:  # checkpoints from before the optimizer was saved resume with a fresh Adam
+            _load_optimizer_tensors(optim, optim_state)
     bar = tqdm(total=epochs, initial=min(start, epochs), disable=not progress, desc=f"train {task} probe")
     probe.train()
     for epoch in range(start, epochs):
+        gen = _epoch_generator(seed, epoch)
         total, count = 0.0, 0
         for shard in iter_exported(export_dir, shuffle=True, generator=gen):
             if task not in shard:
                 raise ValueError(
                     f"the export in {export_dir} has no {task!r} targets (dataset without them?)"
                 )
-            feats, target = shard["feats"], shard[task]
-            perm = torch.randperm(feats.shape[0], generator=gen)
+            feats, target = shard["feats"].to(device), shard[task].to(device)
+            perm = torch.randperm(feats.shape[0], generator=gen).to(device)
             for s in range(0, feats.shape[0], batch_size):
                 idx = perm[s : s + batch_size]
                 out = probe(feats[idx])
@@ -372,9 +429,17 @@ def train_probe(
         bar.update(1)
         bar.set_postfix(loss=f"{total / max(count, 1):.4g}")
         if checkpoint_path is not None:
-            probe.save(checkpoint_path, extra={"epoch": epoch + 1, "task": task, "epochs": epochs})
+            _save_probe(probe, optim, checkpoint_path, {"epoch": epoch + 1, "task": task, "epochs": epochs})
     bar.close()
     return probe.eval()
+
+
+def _save_probe(
+    probe: LinearProbe, optim: torch.optim.Optimizer, path: str | os.PathLike, extra: dict[str, Any]
+) -> Path:
+    """Weights and optimizer state in one file, written atomically (``LinearProbe.load`` skips the latter)."""
+    cfg = {"class": type(probe).__name__, "kwargs": probe.config(), "extra": extra}
+    return save_checkpoint(path, {**probe.state_dict(), **_optimizer_tensors(optim)}, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
