@@ -447,6 +447,7 @@ def fit_dip(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> DIPUpsampler:
     """Fit a Deep Image Prior to one image's features with FeatUp's multi-view loss (eq. 1).
 
@@ -457,14 +458,17 @@ def fit_dip(
     std ``noise_std`` at each step. No TV prior: DIP's convolutional structure is its prior.
 
     Args:
-        backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``.
+        backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``, on ``device``.
         image: the image, RGB in [0, 1].
         steps: optimiser steps.
         width, depth: channels and levels of :class:`DIPNet`.
         callback: called as ``callback(step, loss)`` after every step.
+        device: where everything is fitted (PCA, network, noise, downsampler, head); default the image's
+            device. The image is moved there.
 
     Returns:
-        A :class:`DIPUpsampler` holding the rendered, un-compressed high-res features (eval mode).
+        A :class:`DIPUpsampler` holding the rendered, un-compressed high-res features (eval mode), on
+        ``device``.
 
     Shape:
         - image: (1, 3, H, W)
@@ -478,19 +482,22 @@ def fit_dip(
         raise ValueError(f"expected one image (1,3,H,W), got shape {tuple(image.shape)}")
     if steps < 1:
         raise ValueError(f"expected steps >= 1, got {steps}")
-    gen = torch.Generator().manual_seed(seed)
+    device = image.device if device is None else torch.device(device)
+    image = image.to(device)
+    gen = torch.Generator().manual_seed(seed)  # jitter parameters (Python numbers) and the fixed code
     with torch.no_grad():
         lr_feats = backbone(image)
     out_size = tuple(lr_feats.shape[-2:])
-    pca = PCA(int(lr_feats.shape[1]), pca_dim).fit(lr_feats)
+    pca = PCA(int(lr_feats.shape[1]), pca_dim).to(device).fit(lr_feats)
     k = int(pca.components.shape[0])
-    # every draw (init, dropout of the downsampler, noise) is seeded without touching the caller's RNG
-    with torch.random.fork_rng():
+    # every draw (init, dropout of the downsampler, noise) is seeded without touching the caller's RNG;
+    # the per-step noise comes from the device's own generator, seeded here (no host round trip per step)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        net = DIPNet(k, width=width, depth=depth)
-        down = create_downsampler("attention", k, kernel_size)
-        head = UncertaintyHead(k)
-        noise = torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1
+        net = DIPNet(k, width=width, depth=depth).to(device)
+        down = create_downsampler("attention", k, kernel_size).to(device)
+        head = UncertaintyHead(k).to(device)
+        noise = (torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1).to(device)
         params = [p for m in (net, down, head) for p in m.parameters()]
         optim = torch.optim.NAdam(params, lr=lr)
         for m in (net, down, head):
@@ -500,7 +507,7 @@ def fit_dip(
             views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
             with torch.no_grad():
                 targets = pca.transform(backbone(views))
-            hr = net(noise + noise_std * torch.randn(noise.shape, generator=gen))
+            hr = net(noise + noise_std * torch.randn(noise.shape, device=device))
             pred = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
             loss = reconstruction_loss(pred, targets, head(targets))
             optim.zero_grad(set_to_none=True)

@@ -118,7 +118,8 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     k = 2 * radius + 1
     # a disk rather than a square, so the tolerance is a Euclidean distance as in the BSDS/DAVIS measure
-    yy, xx = torch.meshgrid(torch.arange(k) - radius, torch.arange(k) - radius, indexing="ij")
+    r = torch.arange(k, device=mask.device) - radius  # built where the mask lives (CUDA maps too)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
     disk = ((yy**2 + xx**2) <= radius**2).float()[None, None]
     out = F.conv2d(mask.float()[:, None], disk, padding=radius)
     return out[:, 0] > 0
