@@ -209,6 +209,7 @@ def _trained_upsampler(
     cfg: MethodConfig,
     work_dir: Path,
     progress: bool,
+    device: torch.device,
 ) -> Upsampler:
     from featup.core.training import train_jbu
 
@@ -217,8 +218,8 @@ def _trained_upsampler(
 
         path = Path(cfg.jbu_checkpoint)
         if path.suffix == ".ckpt":  # a checkpoint of the original project
-            return JBUStack.from_original(path).eval()
-        return JBUStack.load(path).eval()
+            return JBUStack.from_original(path).to(device).eval()
+        return JBUStack.load(path).to(device).eval()
     factory_kwargs = {} if name == "jbu" else {"feat_dim": feat_dim}
     up = create_upsampler(name, **factory_kwargs)
     final = work_dir / "upsamplers" / f"{name}.safetensors"
@@ -228,7 +229,7 @@ def _trained_upsampler(
 
         if load_checkpoint(final)[1].get("extra") == settings:
             try:
-                return type(up).load(final).eval()
+                return type(up).load(final).to(device).eval()
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot reuse {final} (delete it to retrain): {exc}") from None
     if train_data is None:
@@ -244,9 +245,10 @@ def _trained_upsampler(
         checkpoint_every=max(1, min(100, cfg.train_steps)),
         resume=True,
         progress=progress,
+        device=device,
     )
     up.save(final, extra=settings)
-    return up.eval()
+    return up.to(device).eval()
 
 
 def build_method(
@@ -260,6 +262,7 @@ def build_method(
     backbone_stride: int | None = None,
     work_dir: str | os.PathLike = ".",
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> FeatureMethod:
     """Build (training if needed) one Table 1 method for ``backbone``.
 
@@ -273,8 +276,13 @@ def build_method(
         backbone_stride: the backbone's stride (strided).
         work_dir: where trained upsamplers are stored and resumed.
         progress: show progress bars.
+        device: where the method's models live, train and run (default: the backbone's device); the
+            method is then called with images on that device.
     """
+    from featup.eval.devices import module_device
+
     cfg = cfg or MethodConfig()
+    device = module_device(backbone) if device is None else torch.device(device)
     work_dir = Path(work_dir)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
@@ -302,9 +310,11 @@ def build_method(
                 f"got {cfg.strided_factor}"
             )
         strided = backbone_factory(stride=backbone_stride // cfg.strided_factor)
+        if isinstance(strided, nn.Module):
+            strided = strided.to(device)
         return FeatureMethod(name, lambda x: _resize(strided(x), x.shape[-2:]))
     if name in _TRAINED:
-        up = _trained_upsampler(name, backbone, feat_dim, train_data, cfg, work_dir, progress)
+        up = _trained_upsampler(name, backbone, feat_dim, train_data, cfg, work_dir, progress, device)
         return FeatureMethod(name, lambda x: up(backbone(x), x))
     if name == "implicit":
         from featup.core.training import fit_implicit
@@ -320,8 +330,9 @@ def build_method(
                         n_jitters=cfg.n_jitters,
                         seed=cfg.seed,
                         progress=False,
+                        device=device,
                     )
-                outs.append(imp.render(tuple(x.shape[-2:])))
+                outs.append(imp.render(tuple(x.shape[-2:])).to(x.device))
             return torch.cat(outs)
 
         return FeatureMethod(name, implicit)
@@ -338,6 +349,7 @@ def build_method(
                     n_jitters=cfg.n_jitters,
                     seed=cfg.seed,
                     progress=False,
+                    device=device,
                 )
             outs.append(up(backbone(x[i : i + 1]), x[i : i + 1]))
         return torch.cat(outs)

@@ -12,7 +12,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_device", "loader_options", "resolve_device", "to_device"]
+__all__ = [
+    "DEVICE_HELP",
+    "add_device_argument",
+    "command_device",
+    "default_device",
+    "loader_options",
+    "module_device",
+    "resolve_device",
+    "to_device",
+]
+
+#: the help of every command's ``--device``
+DEVICE_HELP = "torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)"
 
 
 def default_device() -> torch.device:
@@ -57,3 +69,29 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
+
+
+def module_device(module: object, fallback: str | torch.device = "cpu") -> torch.device:
+    """The device of a module's first parameter or buffer; ``fallback`` for anything without tensors."""
+    if isinstance(module, torch.nn.Module):
+        for t in (*module.parameters(), *module.buffers()):
+            return t.device
+    return torch.device(fallback)
+
+
+def add_device_argument(group: Any) -> None:
+    """``--device`` (default :func:`default_device`, resolved by :func:`command_device`)."""
+    group.add_argument("--device", default=None, metavar="DEVICE", help=DEVICE_HELP)
+
+
+def command_device(args: Any) -> torch.device:
+    """The device of a command: ``args.device`` checked (and stored back as a torch.device), else the default.
+
+    Raises:
+        ValueError: not a torch device, or a CUDA device on a machine without CUDA.
+    """
+    device = resolve_device(getattr(args, "device", None))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"expected a device this machine has: CUDA is not available, got --device {device}")
+    args.device = device
+    return device

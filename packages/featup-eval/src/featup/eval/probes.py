@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from featup.core.checkpoint import CheckpointError, CheckpointMixin, load_checkpoint, save_checkpoint
@@ -43,6 +43,7 @@ from featup.eval.baselines import (
     parse_methods,
 )
 from featup.eval.datasets import IGNORE_INDEX, open_probe_dataset
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "LinearProbe",
@@ -227,13 +228,15 @@ def export_features(
     resume: bool = True,
     progress: bool = True,
     num_workers: int = 0,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Write the backbone's low-res features of ``dataset`` with grid-pooled labels to ``out_dir``.
 
     One ``shard_NNNNN.safetensors`` per batch (``feats`` float16 (b,C,h,w); ``seg`` uint8 (b,h,w) and/or
     ``depth`` float32 (b,h,w) when the dataset has them) and ``manifest.json`` with ``meta`` (backbone,
     split, image size...). With ``resume``, shards already on disk are kept; a manifest written with other
-    ``meta`` raises ValueError instead of mixing two exports.
+    ``meta`` raises ValueError instead of mixing two exports. Images are decoded by ``num_workers``
+    ``DataLoader`` workers (pinned for CUDA) and featurized on ``device`` (default: the backbone's).
 
     Returns:
         ``out_dir``.
@@ -261,8 +264,18 @@ def export_features(
     if todo:
         write_json(mpath, {**manifest, "complete": False})
     bar = tqdm(total=n_shards, initial=n_shards - len(todo), disable=not progress, desc="export features")
-    for i in todo:
-        batch = _collate([dataset[j] for j in range(i * batch_size, min(n, (i + 1) * batch_size))])
+    device = module_device(backbone) if device is None else torch.device(device)
+    # the shards still to write, in order: only the very last shard can be short, so batches = shards
+    indices = [j for i in todo for j in range(i * batch_size, min(n, (i + 1) * batch_size))]
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        **loader_options(device, num_workers),
+    )
+    for i, batch in zip(todo, loader):
+        batch = to_device(batch, device)
         with torch.no_grad():
             feats = backbone(batch["image"])
         if feats.dim() != 4:
@@ -449,13 +462,13 @@ def _save_probe(
 class ProbeScores:
     """Running sums for the probe metrics; ``state``/``from_state`` make a partial evaluation resumable."""
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, device: str | torch.device = "cpu") -> None:
         self.n_classes = n_classes
-        self.conf = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+        self.conf = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
         self.sq_err, self.depth_count, self.delta_ok, self.n_images = 0.0, 0, 0, 0
 
     def add_seg(self, logits: torch.Tensor, seg: torch.Tensor) -> None:
-        self.conf += confusion_matrix(logits.argmax(1), seg, self.n_classes)
+        self.conf += confusion_matrix(logits.argmax(1), seg, self.n_classes).to(self.conf.device)
 
     def add_depth(self, pred: torch.Tensor, depth: torch.Tensor) -> None:
         e = depth_errors(pred, depth)
@@ -483,9 +496,11 @@ class ProbeScores:
         }
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ProbeScores:
-        self = cls(int(tensors["conf"].shape[0]))
-        self.conf = tensors["conf"].long()
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], device: str | torch.device = "cpu"
+    ) -> ProbeScores:
+        self = cls(int(tensors["conf"].shape[0]), device)
+        self.conf = tensors["conf"].long().to(device)
         self.sq_err, self.depth_count = float(cfg["sq_err"]), int(cfg["depth_count"])
         self.delta_ok, self.n_images = int(cfg["delta_ok"]), int(cfg["n_images"])
         return self
@@ -503,28 +518,41 @@ def evaluate_probes(
     save_every: int = 10,
     progress: bool = True,
     desc: str = "evaluate",
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Apply frozen probes to ``method(image)`` (features at image resolution) over ``dataset``.
 
     Returns ``{"accuracy", "miou"}`` (percent) when ``seg_probe`` is given and the data has ``seg``, and
     ``{"rmse", "delta125"}`` (delta as a fraction, like the paper's table) for depth, plus ``n_images``.
     With ``state_path``, the running sums are saved every ``save_every`` batches and a rerun continues.
+    Batches are moved to ``device`` (default: the probes' device), where ``method`` must run.
 
     Shape:
         - method: (B, 3, H, W) -> (B, C, H, W)
     """
     if seg_probe is None and depth_probe is None:
         raise ValueError("expected at least one of seg_probe and depth_probe, got neither")
-    scores = ProbeScores(n_classes)
+    if device is None:
+        device = module_device(seg_probe if seg_probe is not None else depth_probe)
+    device = torch.device(device)
+    scores = ProbeScores(n_classes, device)
     state = Path(state_path).with_suffix(".safetensors") if state_path is not None else None
     if state is not None and state.is_file():
-        scores = ProbeScores.from_state(*load_checkpoint(state))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+        scores = ProbeScores.from_state(*load_checkpoint(state), device=device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        **loader_options(device, num_workers),
+    )
     done_batches = scores.n_images // batch_size
     bar = tqdm(total=len(loader), initial=done_batches, disable=not progress, desc=desc)
     for b, batch in enumerate(loader):
         if b < done_batches:
             continue
+        batch = to_device(batch, device)
         image = batch["image"]
         with torch.no_grad():
             feats = method(image)
@@ -585,8 +613,13 @@ def run_probes(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Everything behind ``featup probe``: export, train both probes, evaluate every method; JSON per method.
+
+    Everything runs on ``device`` (default :func:`~featup.eval.devices.default_device`: CUDA when available);
+    ``num_workers`` ``DataLoader`` processes decode the images.
 
     Writes ``out_dir/features/`` (the export), ``out_dir/probes/{seg,depth}_probe.safetensors``,
     ``out_dir/upsamplers/`` (trained upsamplers) and ``out_dir/probe_results.json``. Returns the results in
@@ -595,7 +628,8 @@ def run_probes(
     names = parse_methods(methods)
     cfg = method_cfg or MethodConfig()
     out_dir = Path(out_dir)
-    bb = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    device = resolve_device(device)
+    bb = load_backbone(backbone, weights=weights, pretrained=pretrained).to(device)
     train = open_probe_dataset(
         data, train_split, image_size, depth_dir=depth_dir, max_images=max_train_images
     )
@@ -624,6 +658,8 @@ def run_probes(
         batch_size=batch_size,
         resume=resume,
         progress=progress,
+        num_workers=num_workers,
+        device=device,
         meta={
             k: run_config[k] for k in ("backbone", "weights", "data", "image_size", "train_split", "n_train")
         },
@@ -639,6 +675,7 @@ def run_probes(
             progress=progress,
             checkpoint_path=out_dir / "probes" / f"{t}_probe",
             resume=resume,
+            device=device,
         )
         for t in tasks
     }
@@ -654,6 +691,8 @@ def run_probes(
             state_path=out_dir / "partial" / f"{name}-{tag}",
             progress=progress,
             desc=f"probe {name}",
+            device=device,
+            num_workers=num_workers,
         )
 
     return evaluate_methods(
@@ -668,4 +707,5 @@ def run_probes(
         work_dir=out_dir,
         progress=progress,
         log=log,
+        device=device,
     )
