@@ -198,15 +198,36 @@ def device_check(device: str | torch.device = "meta") -> Iterator[DeviceCheck]:
 
         return build
 
+    # autocast and GradScaler know no meta device: on the stand-in they act as on the CPU, where the values are
+    autocast_init = torch.amp.autocast_mode.autocast.__init__
+    scaler_init = torch.amp.GradScaler.__init__
+
+    def cpu_autocast(self, device_type, *args, **kwargs):
+        autocast_init(self, "cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    def cpu_scaler(self, device="cuda", *args, **kwargs):
+        scaler_init(self, "cpu" if str(device) == "meta" else device, *args, **kwargs)
+
+    tolist = torch.Tensor.tolist
+
+    def real_tolist(self):  # tolist bypasses dispatch; on CUDA it copies to the host, so it is allowed
+        return tolist(self.inner if isinstance(self, OnDevice) else self)
+
     if device.type == "meta":
         for (owner, name), make in patched.items():
             setattr(owner, name, via_cpu(make))
+        torch.Tensor.tolist = real_tolist
+        torch.amp.autocast_mode.autocast.__init__ = cpu_autocast
+        torch.amp.GradScaler.__init__ = cpu_scaler
     try:
         with mode:
             yield mode
     finally:
         for (owner, name), make in patched.items():
             setattr(owner, name, make)
+        torch.amp.autocast_mode.autocast.__init__ = autocast_init
+        torch.Tensor.tolist = tolist
+        torch.amp.GradScaler.__init__ = scaler_init
 
 
 def _available(device: torch.device) -> bool:
