@@ -217,7 +217,7 @@ def test_commands_default_to_cuda_when_available(monkeypatch):
         ["segment", "d"],
         ["upsample", "i.png"],
         ["similarity", "i.png", "--point", "1,1"],
-        ["fit-implicit", "i.png", "--backbone", "x"],
+        ["fit-implicit", "i.png", "--backbone", "x", "--out", "o"],
         ["train-jbu", "--images", "d", "--backbone", "x"],
     ):
         args = parser.parse_args(argv)
