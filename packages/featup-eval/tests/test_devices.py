@@ -128,9 +128,9 @@ def test_run_probes_on_device(device, data, tmp_path):
     assert chk.mixed == [], chk.report()
     assert set(res) == set(METHODS.split(",")) and all(r["n_images"] == 2 for r in res.values())
     if device == "meta":  # the stand-in computes on the CPU: the same results as a CPU run
-        cpu = run_probes(SPEC, data["coco"], tmp_path / "cpu", device="cpu", **kw)
-        # (the JBU row is left out: core's train_jbu on the stand-in differs from its CPU run; not ours)
-        assert {k: v for k, v in cpu.items() if k != "jbu"} == {k: v for k, v in res.items() if k != "jbu"}
+        # (the learned upsamplers start from seeded weights, not from the global generator's state)
+        torch.rand(5)  # whatever the global generator did before must not matter
+        assert run_probes(SPEC, data["coco"], tmp_path / "cpu", device="cpu", **kw) == res
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -221,7 +221,11 @@ def _trained_upsampler(
             return JBUStack.from_original(path).to(device).eval()
         return JBUStack.load(path).to(device).eval()
     factory_kwargs = {} if name == "jbu" else {"feat_dim": feat_dim}
-    up = create_upsampler(name, **factory_kwargs)
+    # initial weights from the run's seed, not from whatever the global generator did before (a rerun, or
+    # the same run on another device, must start from the same weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        up = create_upsampler(name, **factory_kwargs)
     final = work_dir / "upsamplers" / f"{name}.safetensors"
     settings = {"steps": cfg.train_steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
     if final.is_file():

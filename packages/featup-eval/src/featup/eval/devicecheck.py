@@ -84,6 +84,14 @@ class OnDevice(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         return f"OnDevice({self.inner!r})"
 
+    # Indexing with a Python list builds its index tensor on the indexed tensor's device without dispatch
+    # (a valueless meta tensor here); on CUDA that is a plain device index. Build it on the stand-in instead.
+    def __getitem__(self, index):
+        return super().__getitem__(_index_on_stand_in(index))
+
+    def __setitem__(self, index, value):
+        return super().__setitem__(_index_on_stand_in(index), value)
+
     def __tensor_flatten__(self):
         return ["inner"], None
 
@@ -94,6 +102,14 @@ class OnDevice(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _run(func, args, kwargs or {}, None)
+
+
+def _index_on_stand_in(index: Any) -> Any:
+    if isinstance(index, list):
+        return torch.as_tensor(index).to(_META)
+    if isinstance(index, tuple):
+        return tuple(_index_on_stand_in(i) for i in index)
+    return index
 
 
 def real(t: Any) -> Any:
