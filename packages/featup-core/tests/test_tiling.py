@@ -176,6 +176,24 @@ def test_implicit_rendered_in_chunks():
     torch.testing.assert_close(buf, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_implicit_rejects_a_batch_and_other_channels_like_its_upsample():
+    """Issue 13 item 7: a batch of 2 came back as one image's (1, C, H, W) rendering without an error."""
+    from featup.core.implicit import ImplicitUpsampler
+    from featup.core.pca import PCA
+
+    torch.manual_seed(0)
+    imp = ImplicitUpsampler(6, (20, 24), pca_dim=4, hidden_dim=16, n_freqs=4).eval()
+    imp.set_image(torch.rand(1, 3, 20, 24))
+    imp.set_pca(PCA(6, 4).fit(torch.randn(1, 6, 8, 8)))
+    with pytest.raises(ValueError, match=r"fitted to one image: expected lr_feats \(1,C,h,w\), got \(2, 6"):
+        tiled_upsample(imp, torch.randn(2, 6, 5, 6), None, (40, 36), tile=7)
+    with pytest.raises(ValueError, match=r"expected lr_feats with 6 channels"):
+        tiled_upsample(imp, torch.randn(1, 5, 5, 6), None, (40, 36), tile=7)
+    # the same errors as calling the upsampler itself
+    with pytest.raises(ValueError, match="fitted to one image"):
+        imp(torch.randn(2, 6, 5, 6), None, output_size=(40, 36))
+
+
 def test_out_buffer_and_alignment():
     assert alignment_unit(256, 4096) == 1
     assert alignment_unit(292, 4096) == 73

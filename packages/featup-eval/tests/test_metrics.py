@@ -109,3 +109,35 @@ def test_linear_probe_learns_separable_classes_and_is_frozen():
     with pytest.raises(ValueError, match="expected features"):
         probe(torch.zeros(1, 4, 2, 2))
     assert math.isfinite(feature_cosine(up, up))
+
+
+@pytest.mark.parametrize("ignore", [255, -1, 3])
+def test_linear_probe_ignores_labels_outside_the_classes(ignore):
+    """Issue 13 item 3: ignore labels were clamped into class K-1 and trained as a real class.
+
+    Every 2x2 cell is half class 1, half ``ignore``; the valid pixels all say class 1, so the probe must put
+    (nearly) all its mass on class 1. Clamping made the target half class 1 / half class 2 (p ~ 0.5) or, for
+    -1, half class 0.
+    """
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 5, 3, 3, generator=g)
+    labels = torch.full((4, 6, 6), 1, dtype=torch.long)
+    labels[:, :, 1::2] = ignore
+    probe = LinearProbe(5, 3).fit(feats, labels, steps=200)
+    p1 = probe(feats).softmax(1)[:, 1]
+    assert float(p1.min()) > 0.9
+
+
+def test_linear_probe_fully_ignored_images_change_nothing():
+    """Images whose pixels are all ignored contribute no loss: the fit equals the fit without them."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(5, 4, 4, 4, generator=g)
+    labels = torch.randint(0, 3, (5, 8, 8), generator=g)
+    labels[3:] = 255
+    labels[4, :2] = -1
+    a = LinearProbe(4, 3).fit(feats, labels, steps=50)
+    b = LinearProbe(4, 3).fit(feats[:3], labels[:3], steps=50)
+    torch.testing.assert_close(a.linear.weight, b.linear.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.linear.bias, b.linear.bias, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one pixel"):
+        LinearProbe(4, 3).fit(feats, torch.full((5, 8, 8), 255), steps=1)

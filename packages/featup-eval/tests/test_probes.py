@@ -275,3 +275,43 @@ def test_probe_command_bad_input(tmp_path, capsys):
     assert err.startswith("featup probe: error:") and len(err.strip().splitlines()) == 1
     assert main(["probe", str(tmp_path), "--backbone", SPEC, "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_train_probe_resume_equals_uninterrupted_bitwise(tmp_path, coco, monkeypatch, task):
+    """Issue 13 item 2: an interrupted and resumed probe training ends with exactly the uninterrupted
+    weights. Before: the resume replayed one randperm per epoch from a shared generator (each epoch draws
+    one per shard too) and restarted Adam from zero moments."""
+    import featup.eval.probes as probes
+
+    export_features(
+        TinyBackbone(), CocoStuff(coco, "train2017", 32), tmp_path / "f", batch_size=3, progress=False
+    )
+    kw = dict(epochs=4, lr=1e-2, batch_size=2, seed=3, progress=False)
+    full = train_probe(tmp_path / "f", task, checkpoint_path=tmp_path / "full", **kw)
+
+    real = probes.iter_exported
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):  # dies at the start of the third epoch
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "iter_exported", interrupted)
+    with pytest.raises(_Interrupt):
+        train_probe(tmp_path / "f", task, checkpoint_path=tmp_path / "cut", **kw)
+    monkeypatch.setattr(probes, "iter_exported", real)
+    saved = json.loads((tmp_path / "cut.json").read_text())
+    assert saved["extra"]["epoch"] == 2
+    resumed = train_probe(tmp_path / "f", task, checkpoint_path=tmp_path / "cut", **kw)
+    assert torch.equal(resumed.linear.weight, full.linear.weight)
+    assert torch.equal(resumed.linear.bias, full.linear.bias)
+    # the checkpoint with the optimizer state still loads as a plain probe
+    loaded = LinearProbe.load(tmp_path / "cut.safetensors")
+    assert torch.equal(loaded.linear.weight, full.linear.weight) and not loaded.training

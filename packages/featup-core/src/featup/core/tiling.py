@@ -201,6 +201,10 @@ def tiled_upsample(
     An :class:`~featup.core.implicit.ImplicitUpsampler` is not cropped (its field depends on absolute
     coordinates): it is rendered with ``render(size, chunk_pixels=tile * tile)``, already bounded in memory.
 
+    Raises:
+        ValueError: bad shapes or ``tile``; a guided upsampler without image; an implicit upsampler with a
+            batch of more than one or features of another width than it was fitted to.
+
     Returns:
         The (B, C, H, W) output (``out`` itself if given).
 
@@ -219,6 +223,18 @@ def tiled_upsample(
     from featup.core.implicit import ImplicitUpsampler
 
     if isinstance(up, ImplicitUpsampler):
+        # the same checks as ImplicitUpsampler.upsample: it is fitted to one image, so a batch would
+        # silently come back as that one image's (1, C, H, W) features
+        if lr_feats.shape[0] != 1:
+            raise ValueError(
+                "ImplicitUpsampler is fitted to one image: expected lr_feats (1,C,h,w), "
+                f"got {tuple(lr_feats.shape)}"
+            )
+        if lr_feats.shape[1] != up.feat_dim:
+            raise ValueError(
+                f"expected lr_feats with {up.feat_dim} channels (1,{up.feat_dim},h,w), "
+                f"got {tuple(lr_feats.shape)}"
+            )
         # an implicit field is a function of the pixel coordinates and the stored image, not of a crop:
         # its render is already evaluated in chunks, here of tile x tile pixels
         size = resolve_size(output_size, image) if (output_size is not None or image is not None) else None

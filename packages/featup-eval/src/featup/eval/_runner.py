@@ -37,6 +37,7 @@ def evaluate_methods(
     work_dir: str | os.PathLike,
     progress: bool,
     log: Callable[[str], None],
+    device: str | torch.device | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build (training if needed) and score every method in ``names`` not already in ``store``.
 
@@ -52,6 +53,7 @@ def evaluate_methods(
         work_dir: where trained upsamplers are stored and resumed.
         progress: show progress bars.
         log: receives one line per method skipped as done.
+        device: where the methods are built, trained and run (default: the backbone's device).
 
     Returns:
         ``{name: result}`` for every name, stored or new.
@@ -71,6 +73,7 @@ def evaluate_methods(
             backbone_stride=getattr(backbone, "stride", None),
             work_dir=work_dir,
             progress=progress,
+            device=device,
         )
         store.put(name, evaluate(name, method, settings_tag(settings)), settings)
     return {n: store.get(n, method_settings(n, cfg)) for n in names}  # type: ignore[misc]

@@ -209,6 +209,7 @@ def _trained_upsampler(
     cfg: MethodConfig,
     work_dir: Path,
     progress: bool,
+    device: torch.device,
 ) -> Upsampler:
     from featup.core.training import train_jbu
 
@@ -217,10 +218,14 @@ def _trained_upsampler(
 
         path = Path(cfg.jbu_checkpoint)
         if path.suffix == ".ckpt":  # a checkpoint of the original project
-            return JBUStack.from_original(path).eval()
-        return JBUStack.load(path).eval()
+            return JBUStack.from_original(path).to(device).eval()
+        return JBUStack.load(path).to(device).eval()
     factory_kwargs = {} if name == "jbu" else {"feat_dim": feat_dim}
-    up = create_upsampler(name, **factory_kwargs)
+    # initial weights from the run's seed, not from whatever the global generator did before (a rerun, or
+    # the same run on another device, must start from the same weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        up = create_upsampler(name, **factory_kwargs)
     final = work_dir / "upsamplers" / f"{name}.safetensors"
     settings = {"steps": cfg.train_steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
     if final.is_file():
@@ -228,7 +233,7 @@ def _trained_upsampler(
 
         if load_checkpoint(final)[1].get("extra") == settings:
             try:
-                return type(up).load(final).eval()
+                return type(up).load(final).to(device).eval()
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot reuse {final} (delete it to retrain): {exc}") from None
     if train_data is None:
@@ -244,9 +249,10 @@ def _trained_upsampler(
         checkpoint_every=max(1, min(100, cfg.train_steps)),
         resume=True,
         progress=progress,
+        device=device,
     )
     up.save(final, extra=settings)
-    return up.eval()
+    return up.to(device).eval()
 
 
 def build_method(
@@ -260,6 +266,7 @@ def build_method(
     backbone_stride: int | None = None,
     work_dir: str | os.PathLike = ".",
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> FeatureMethod:
     """Build (training if needed) one Table 1 method for ``backbone``.
 
@@ -273,8 +280,13 @@ def build_method(
         backbone_stride: the backbone's stride (strided).
         work_dir: where trained upsamplers are stored and resumed.
         progress: show progress bars.
+        device: where the method's models live, train and run (default: the backbone's device); the
+            method is then called with images on that device.
     """
+    from featup.eval.devices import module_device
+
     cfg = cfg or MethodConfig()
+    device = module_device(backbone) if device is None else torch.device(device)
     work_dir = Path(work_dir)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
@@ -302,9 +314,11 @@ def build_method(
                 f"got {cfg.strided_factor}"
             )
         strided = backbone_factory(stride=backbone_stride // cfg.strided_factor)
+        if isinstance(strided, nn.Module):
+            strided = strided.to(device)
         return FeatureMethod(name, lambda x: _resize(strided(x), x.shape[-2:]))
     if name in _TRAINED:
-        up = _trained_upsampler(name, backbone, feat_dim, train_data, cfg, work_dir, progress)
+        up = _trained_upsampler(name, backbone, feat_dim, train_data, cfg, work_dir, progress, device)
         return FeatureMethod(name, lambda x: up(backbone(x), x))
     if name == "implicit":
         from featup.core.training import fit_implicit
@@ -320,8 +334,9 @@ def build_method(
                         n_jitters=cfg.n_jitters,
                         seed=cfg.seed,
                         progress=False,
+                        device=device,
                     )
-                outs.append(imp.render(tuple(x.shape[-2:])))
+                outs.append(imp.render(tuple(x.shape[-2:])).to(x.device))
             return torch.cat(outs)
 
         return FeatureMethod(name, implicit)
@@ -338,6 +353,7 @@ def build_method(
                     n_jitters=cfg.n_jitters,
                     seed=cfg.seed,
                     progress=False,
+                    device=device,
                 )
             outs.append(up(backbone(x[i : i + 1]), x[i : i + 1]))
         return torch.cat(outs)
@@ -447,6 +463,7 @@ def fit_dip(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> DIPUpsampler:
     """Fit a Deep Image Prior to one image's features with FeatUp's multi-view loss (eq. 1).
 
@@ -457,14 +474,17 @@ def fit_dip(
     std ``noise_std`` at each step. No TV prior: DIP's convolutional structure is its prior.
 
     Args:
-        backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``.
+        backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``, on ``device``.
         image: the image, RGB in [0, 1].
         steps: optimiser steps.
         width, depth: channels and levels of :class:`DIPNet`.
         callback: called as ``callback(step, loss)`` after every step.
+        device: where everything is fitted (PCA, network, noise, downsampler, head); default the image's
+            device. The image is moved there.
 
     Returns:
-        A :class:`DIPUpsampler` holding the rendered, un-compressed high-res features (eval mode).
+        A :class:`DIPUpsampler` holding the rendered, un-compressed high-res features (eval mode), on
+        ``device``.
 
     Shape:
         - image: (1, 3, H, W)
@@ -478,19 +498,22 @@ def fit_dip(
         raise ValueError(f"expected one image (1,3,H,W), got shape {tuple(image.shape)}")
     if steps < 1:
         raise ValueError(f"expected steps >= 1, got {steps}")
-    gen = torch.Generator().manual_seed(seed)
+    device = image.device if device is None else torch.device(device)
+    image = image.to(device)
+    gen = torch.Generator().manual_seed(seed)  # jitter parameters (Python numbers) and the fixed code
     with torch.no_grad():
         lr_feats = backbone(image)
     out_size = tuple(lr_feats.shape[-2:])
-    pca = PCA(int(lr_feats.shape[1]), pca_dim).fit(lr_feats)
+    pca = PCA(int(lr_feats.shape[1]), pca_dim).to(device).fit(lr_feats)
     k = int(pca.components.shape[0])
-    # every draw (init, dropout of the downsampler, noise) is seeded without touching the caller's RNG
-    with torch.random.fork_rng():
+    # every draw (init, dropout of the downsampler, noise) is seeded without touching the caller's RNG;
+    # the per-step noise comes from the device's own generator, seeded here (no host round trip per step)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        net = DIPNet(k, width=width, depth=depth)
-        down = create_downsampler("attention", k, kernel_size)
-        head = UncertaintyHead(k)
-        noise = torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1
+        net = DIPNet(k, width=width, depth=depth).to(device)
+        down = create_downsampler("attention", k, kernel_size).to(device)
+        head = UncertaintyHead(k).to(device)
+        noise = (torch.rand((1, 32, *image.shape[-2:]), generator=gen) * 0.1).to(device)
         params = [p for m in (net, down, head) for p in m.parameters()]
         optim = torch.optim.NAdam(params, lr=lr)
         for m in (net, down, head):
@@ -500,7 +523,7 @@ def fit_dip(
             views = apply_jitter(image.expand(n_jitters, -1, -1, -1), jitters)
             with torch.no_grad():
                 targets = pca.transform(backbone(views))
-            hr = net(noise + noise_std * torch.randn(noise.shape, generator=gen))
+            hr = net(noise + noise_std * torch.randn(noise.shape, device=device))
             pred = down(apply_jitter(hr.expand(n_jitters, -1, -1, -1), jitters), out_size)
             loss = reconstruction_loss(pred, targets, head(targets))
             optim.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ from featup.eval.baselines import (
     parse_methods,
 )
 from featup.eval.datasets import ImageFolder
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "MaxPoolClassifier",
@@ -222,22 +223,33 @@ def train_classifier(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> MaxPoolClassifier:
     """Train the max-pool linear classifier (Adam, cross-entropy) on frozen backbone features.
 
     Max-pooled features are computed once (and cached to ``cache_path`` as safetensors when given), so
     epochs cost only the linear layer. A finished ``checkpoint_path`` is loaded instead of retraining.
+    Everything runs on ``device`` (default: the backbone's); the classifier is returned there.
     """
+    device = module_device(backbone) if device is None else torch.device(device)
     if checkpoint_path is not None and resume and Path(checkpoint_path).with_suffix(".safetensors").is_file():
-        return MaxPoolClassifier.load(Path(checkpoint_path).with_suffix(".safetensors"))
+        return MaxPoolClassifier.load(Path(checkpoint_path).with_suffix(".safetensors"), map_location=device)
     cache = Path(cache_path).with_suffix(".safetensors") if cache_path is not None else None
     if cache is not None and resume and cache.is_file():
-        tensors, _ = load_checkpoint(cache)
+        tensors, _ = load_checkpoint(cache, map_location=device)
         pooled, labels = tensors["pooled"], tensors["labels"]
     else:
         parts, labs = [], []
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=_collate,
+            **loader_options(device, num_workers),
+        )
         for batch in tqdm(loader, disable=not progress, desc="pool features"):
+            batch = to_device(batch, device)
             with torch.no_grad():
                 parts.append(backbone(batch["image"]).amax(dim=(2, 3)).float())
             labs.append(batch["label"])
@@ -250,9 +262,10 @@ def train_classifier(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         clf = MaxPoolClassifier(pooled.shape[1], n_classes)
+    clf.to(device)
     optim = torch.optim.Adam(clf.parameters(), lr=lr)
     for _ in tqdm(range(epochs), disable=not progress, desc="train classifier"):
-        perm = torch.randperm(labels.numel(), generator=gen)
+        perm = torch.randperm(labels.numel(), generator=gen).to(device)
         for s in range(0, labels.numel(), batch_size):
             idx = perm[s : s + batch_size]
             loss = F.cross_entropy(clf.linear(pooled[idx]), labels[idx])
@@ -275,11 +288,15 @@ def select_correct(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Randomly ordered (seeded) validation indices whose label the classifier predicts, with their Y.
 
+    Images are classified on ``device`` (default: the classifier's).
+
     Returns ``{"indices": [...], "confidence": [...]}``, at most ``max_images`` long.
     """
+    device = module_device(classifier) if device is None else torch.device(device)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
     indices: list[int] = []
     conf: list[float] = []
@@ -287,7 +304,7 @@ def select_correct(
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         batch = _collate([dataset[i] for i in chunk])
-        prob = classifier(backbone(batch["image"])).softmax(-1)
+        prob = classifier(backbone(batch["image"].to(device))).softmax(-1).cpu()  # one copy per batch
         for i, p, label in zip(chunk, prob, batch["label"].tolist()):
             if int(p.argmax()) == label and (max_images is None or len(indices) < max_images):
                 indices.append(i)
@@ -314,11 +331,13 @@ def evaluate_cam(
     save_every: int = 10,
     progress: bool = True,
     desc: str = "cam",
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Average Drop / Average Increase of CAMs from ``method``'s features on the selected images.
 
     ``selection`` comes from :func:`select_correct` (Y is reused from it). With ``state_path`` the masked
     confidences found so far are saved every ``save_every`` batches and a rerun continues from them.
+    Images are moved to ``device`` (default: the classifier's), where ``method`` and ``backbone`` run.
 
     Returns:
         ``{"average_drop", "average_increase", "n_images"}`` (percent).
@@ -329,13 +348,14 @@ def evaluate_cam(
             "no validation image is classified correctly, so A.D./A.I. are undefined; "
             "train the classifier longer or use more images"
         )
+    device = module_device(classifier) if device is None else torch.device(device)
     state = Path(state_path).with_suffix(".json") if state_path is not None else None
     o_all: list[float] = list(read_json(state)["o"]) if state is not None and state.is_file() else []
     bar = tqdm(total=len(indices), initial=len(o_all), disable=not progress, desc=desc)
     n_batches = 0
     for s in range(len(o_all), len(indices), batch_size):
         batch = _collate([dataset[i] for i in indices[s : s + batch_size]])
-        image, labels = batch["image"], batch["label"]
+        image, labels = batch["image"].to(device), batch["label"].to(device)
         cam = class_activation_map(method(image), classifier, labels)
         masked = cam_masked_image(image, cam, keep=keep, sigma=sigma)
         o = classifier(backbone(masked)).softmax(-1).gather(1, labels[:, None])[:, 0]
@@ -386,15 +406,20 @@ def run_cam(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Everything behind ``featup cam``: classifier, image selection, A.D./A.I. per method; JSON per method.
+
+    Everything runs on ``device`` (default :func:`~featup.eval.devices.default_device`: CUDA when available).
 
     Writes ``out_dir/classifier.safetensors``, ``out_dir/upsamplers/`` and ``out_dir/cam_results.json``.
     """
     names = parse_methods(methods)
     cfg = method_cfg or MethodConfig()
     out_dir = Path(out_dir)
-    bb = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    device = resolve_device(device)
+    bb = load_backbone(backbone, weights=weights, pretrained=pretrained).to(device)
     train = ImageFolder(data, train_split, image_size, max_images=max_train_images)
     val = ImageFolder(data, val_split, image_size, classes=train.classes)
     run_config = {
@@ -424,16 +449,20 @@ def run_cam(
         progress=progress,
         checkpoint_path=out_dir / "classifier",
         resume=resume,
+        device=device,
+        num_workers=num_workers,
     )
     sel_path = out_dir / "selection.json"
     if resume and sel_path.is_file():
         selection = read_json(sel_path)
     else:
-        selection = select_correct(bb, clf, val, max_images=max_images, seed=cfg.seed, progress=progress)
+        selection = select_correct(
+            bb, clf, val, max_images=max_images, seed=cfg.seed, progress=progress, device=device
+        )
         write_json(sel_path, selection)
     log(f"{len(selection['indices'])} of {len(val)} validation images are classified correctly and scored")
     with torch.no_grad():
-        feat_dim = int(bb(val[0]["image"][None]).shape[1])
+        feat_dim = int(bb(val[0]["image"][None].to(device)).shape[1])
 
     def evaluate(name: str, method: FeatureMethod, tag: str) -> dict[str, Any]:
         return evaluate_cam(
@@ -448,6 +477,7 @@ def run_cam(
             state_path=out_dir / "partial" / f"cam_{name}-{tag}",
             progress=progress,
             desc=f"cam {name}",
+            device=device,
         )
 
     return evaluate_methods(
@@ -462,4 +492,5 @@ def run_cam(
         work_dir=out_dir,
         progress=progress,
         log=log,
+        device=device,
     )

@@ -118,7 +118,8 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     k = 2 * radius + 1
     # a disk rather than a square, so the tolerance is a Euclidean distance as in the BSDS/DAVIS measure
-    yy, xx = torch.meshgrid(torch.arange(k) - radius, torch.arange(k) - radius, indexing="ij")
+    r = torch.arange(k, device=mask.device) - radius  # built where the mask lives (CUDA maps too)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
     disk = ((yy**2 + xx**2) <= radius**2).float()[None, None]
     out = F.conv2d(mask.float()[:, None], disk, padding=radius)
     return out[:, 0] > 0
@@ -209,28 +210,47 @@ class LinearProbe(nn.Module):
     ) -> LinearProbe:
         """Train on low-res features against area-pooled labels; returns ``self`` frozen, in eval mode.
 
+        Labels outside ``[0, K)`` (255, -1, ...) are ignored, as :func:`confusion_matrix` ignores them: a
+        cell's target is the class mix of its *valid* pixels, and each cell's loss is weighted by its
+        fraction of valid pixels (cells without any count nothing). Training runs on the probe's device.
+
         Shape:
-            - lr_feats: (N, C, h, w); labels: (N, H, W) int64 with H >= h, W >= w
+            - lr_feats: (N, C, h, w); labels: (N, H, W) integer with H >= h, W >= w
+
+        Raises:
+            ValueError: shapes that do not match, or labels without a single valid pixel.
         """
         if lr_feats.dim() != 4 or labels.dim() != 3 or lr_feats.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"expected lr_feats (N,C,h,w) and labels (N,H,W) with one N, got {tuple(lr_feats.shape)} "
                 f"and {tuple(labels.shape)}"
             )
+        device = self.linear.weight.device
         h, w = lr_feats.shape[-2:]
-        onehot = F.one_hot(labels.long().clamp(0, self.n_classes - 1), self.n_classes).movedim(-1, 1).float()
-        target = F.interpolate(onehot, size=(h, w), mode="area")
-        x = lr_feats.detach().float()
-        g = torch.Generator().manual_seed(seed)
+        labels = labels.to(device).long()
+        valid = (labels >= 0) & (labels < self.n_classes)
+        if not bool(valid.any()):
+            raise ValueError(f"expected labels with at least one pixel in [0, {self.n_classes}), got none")
+        onehot = F.one_hot(labels.where(valid, 0), self.n_classes).movedim(-1, 1).float()
+        onehot = onehot * valid[:, None]
+        # pooled[k] = fraction of the cell's pixels that are valid and of class k; weight = valid fraction
+        pooled = F.interpolate(onehot, size=(h, w), mode="area")
+        weight = pooled.sum(1)
+        target = pooled / weight.clamp_min(1e-12)[:, None]
+        x = lr_feats.detach().to(device).float()
+        g = torch.Generator().manual_seed(seed)  # a CPU generator: the same initial weights on any device
         with torch.no_grad():
-            self.linear.weight.normal_(0, 0.01, generator=g)
+            w0 = torch.empty(self.linear.weight.shape).normal_(0, 0.01, generator=g)
+            self.linear.weight.copy_(w0)
             self.linear.bias.zero_()
         self.requires_grad_(True)
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+        total = weight.sum()
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad()
-                loss = -(target * F.log_softmax(self(x), 1)).sum(1).mean()
+                per_cell = -(target * F.log_softmax(self(x), 1)).sum(1)
+                loss = (per_cell * weight).sum() / total
                 loss.backward()
                 opt.step()
         self.requires_grad_(False)

@@ -24,13 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from featup.core.checkpoint import CheckpointMixin, load_checkpoint, save_checkpoint
+from featup.core.checkpoint import CheckpointError, CheckpointMixin, load_checkpoint, save_checkpoint
 from featup.eval._confusion import confusion_matrix, segmentation_scores
 from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
 from featup.eval._runner import evaluate_methods
@@ -42,6 +43,7 @@ from featup.eval.baselines import (
     parse_methods,
 )
 from featup.eval.datasets import IGNORE_INDEX, open_probe_dataset
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "LinearProbe",
@@ -77,6 +79,22 @@ class LinearProbe(nn.Module, CheckpointMixin):
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "n_out": self.n_out}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LinearProbe:
+        """Rebuild a probe (in eval mode) from a checkpoint of :meth:`save` or :func:`train_probe` (whose
+        optimizer state, stored beside the weights for resuming, is skipped)."""
+        tensors, cfg = load_checkpoint(path, map_location)
+        if cfg.get("class") != cls.__name__:
+            raise CheckpointError(
+                f"expected a {cls.__name__} checkpoint, got one saved from {cfg.get('class')!r} ({path})"
+            )
+        probe = cls(**cfg.get("kwargs", {}))
+        try:
+            probe.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not match {cls.__name__}: {exc}") from None
+        return probe.to(map_location).eval()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.dim() != 4 or feats.shape[1] != self.dim:
@@ -210,13 +228,15 @@ def export_features(
     resume: bool = True,
     progress: bool = True,
     num_workers: int = 0,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Write the backbone's low-res features of ``dataset`` with grid-pooled labels to ``out_dir``.
 
     One ``shard_NNNNN.safetensors`` per batch (``feats`` float16 (b,C,h,w); ``seg`` uint8 (b,h,w) and/or
     ``depth`` float32 (b,h,w) when the dataset has them) and ``manifest.json`` with ``meta`` (backbone,
     split, image size...). With ``resume``, shards already on disk are kept; a manifest written with other
-    ``meta`` raises ValueError instead of mixing two exports.
+    ``meta`` raises ValueError instead of mixing two exports. Images are decoded by ``num_workers``
+    ``DataLoader`` workers (pinned for CUDA) and featurized on ``device`` (default: the backbone's).
 
     Returns:
         ``out_dir``.
@@ -244,8 +264,18 @@ def export_features(
     if todo:
         write_json(mpath, {**manifest, "complete": False})
     bar = tqdm(total=n_shards, initial=n_shards - len(todo), disable=not progress, desc="export features")
-    for i in todo:
-        batch = _collate([dataset[j] for j in range(i * batch_size, min(n, (i + 1) * batch_size))])
+    device = module_device(backbone) if device is None else torch.device(device)
+    # the shards still to write, in order: only the very last shard can be short, so batches = shards
+    indices = [j for i in todo for j in range(i * batch_size, min(n, (i + 1) * batch_size))]
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        **loader_options(device, num_workers),
+    )
+    for i, batch in zip(todo, loader):
+        batch = to_device(batch, device)
         with torch.no_grad():
             feats = backbone(batch["image"])
         if feats.dim() != 4:
@@ -295,6 +325,38 @@ def iter_exported(
 # probe training
 
 
+def _cuda_devices() -> list[int]:
+    """Every CUDA device (``torch.manual_seed`` seeds them all, so a fork must restore them all)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch: a function of (seed, epoch) alone, so a resumed run shuffles
+    exactly as the uninterrupted one (replaying draws from one shared generator cannot: each epoch makes a
+    data-dependent number of them)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _optimizer_tensors(optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat ``optim.<param>.<key>`` tensors (for safetensors)."""
+    out = {}
+    for idx, state in optim.state_dict()["state"].items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            out[f"optim.{idx}.{key}"] = value
+    return out
+
+
+def _load_optimizer_tensors(optim: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    optim.load_state_dict({"state": state, "param_groups": optim.state_dict()["param_groups"]})
+
+
 def train_probe(
     export_dir: str | os.PathLike,
     task: str,
@@ -307,6 +369,7 @@ def train_probe(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LinearProbe:
     """Train a linear probe on exported low-res features (Adam).
 
@@ -315,25 +378,30 @@ def train_probe(
         task: ``"seg"`` (cross-entropy over ``n_classes``, cells marked 255 ignored) or ``"depth"``
             (:func:`ssi_loss` over cells with valid depth).
         epochs: passes over the export.
-        checkpoint_path: where the probe is saved after each epoch (with the epoch count); a finished probe
-            is returned as is, an unfinished one resumes.
+        seed: seeds the initial weights and, with the epoch, each epoch's shuffling.
+        checkpoint_path: where the probe and the optimizer state are saved after each epoch (with the
+            epoch count); a finished probe is returned as is, an unfinished one resumes and continues
+            exactly as the uninterrupted run would (bitwise on the same machine and device).
+        device: where the probe trains (the shards are moved there one at a time).
 
     Returns:
-        The probe in eval mode.
+        The probe in eval mode, on ``device``.
     """
     if task not in ("seg", "depth"):
         raise ValueError(f"expected task 'seg' or 'depth', got {task!r}")
+    device = torch.device(device)
     manifest = read_json(Path(export_dir) / "manifest.json")
     if "feat_shape" not in manifest:
         raise ValueError(f"the export in {export_dir} is incomplete; rerun the export to finish it")
     dim = int(manifest["feat_shape"][0])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=_cuda_devices()):  # the caller's generators are left as they were
         torch.manual_seed(seed)
         probe = LinearProbe(dim, n_classes if task == "seg" else 1)
+    probe.to(device)
     optim = torch.optim.Adam(probe.parameters(), lr=lr)
     start = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).with_suffix(".safetensors").is_file():
+        # on the CPU: load_state_dict moves weights and moments to the parameters' device, keeps Adam's step
         tensors, cfg = load_checkpoint(Path(checkpoint_path).with_suffix(".safetensors"))
         if cfg.get("kwargs") != probe.config() or cfg.get("extra", {}).get("task") != task:
             raise ValueError(
@@ -341,19 +409,21 @@ def train_probe(
             )
         probe.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
         start = int(cfg["extra"]["epoch"])
-        for _ in range(start):  # keep the shuffling order of an uninterrupted run
-            torch.randperm(manifest["n_shards"], generator=gen)
+        optim_state = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        if optim_state:  # checkpoints from before the optimizer was saved resume with a fresh Adam
+            _load_optimizer_tensors(optim, optim_state)
     bar = tqdm(total=epochs, initial=min(start, epochs), disable=not progress, desc=f"train {task} probe")
     probe.train()
     for epoch in range(start, epochs):
+        gen = _epoch_generator(seed, epoch)
         total, count = 0.0, 0
         for shard in iter_exported(export_dir, shuffle=True, generator=gen):
             if task not in shard:
                 raise ValueError(
                     f"the export in {export_dir} has no {task!r} targets (dataset without them?)"
                 )
-            feats, target = shard["feats"], shard[task]
-            perm = torch.randperm(feats.shape[0], generator=gen)
+            feats, target = shard["feats"].to(device), shard[task].to(device)
+            perm = torch.randperm(feats.shape[0], generator=gen).to(device)
             for s in range(0, feats.shape[0], batch_size):
                 idx = perm[s : s + batch_size]
                 out = probe(feats[idx])
@@ -372,9 +442,17 @@ def train_probe(
         bar.update(1)
         bar.set_postfix(loss=f"{total / max(count, 1):.4g}")
         if checkpoint_path is not None:
-            probe.save(checkpoint_path, extra={"epoch": epoch + 1, "task": task, "epochs": epochs})
+            _save_probe(probe, optim, checkpoint_path, {"epoch": epoch + 1, "task": task, "epochs": epochs})
     bar.close()
     return probe.eval()
+
+
+def _save_probe(
+    probe: LinearProbe, optim: torch.optim.Optimizer, path: str | os.PathLike, extra: dict[str, Any]
+) -> Path:
+    """Weights and optimizer state in one file, written atomically (``LinearProbe.load`` skips the latter)."""
+    cfg = {"class": type(probe).__name__, "kwargs": probe.config(), "extra": extra}
+    return save_checkpoint(path, {**probe.state_dict(), **_optimizer_tensors(optim)}, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,13 +462,13 @@ def train_probe(
 class ProbeScores:
     """Running sums for the probe metrics; ``state``/``from_state`` make a partial evaluation resumable."""
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, device: str | torch.device = "cpu") -> None:
         self.n_classes = n_classes
-        self.conf = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+        self.conf = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
         self.sq_err, self.depth_count, self.delta_ok, self.n_images = 0.0, 0, 0, 0
 
     def add_seg(self, logits: torch.Tensor, seg: torch.Tensor) -> None:
-        self.conf += confusion_matrix(logits.argmax(1), seg, self.n_classes)
+        self.conf += confusion_matrix(logits.argmax(1), seg, self.n_classes).to(self.conf.device)
 
     def add_depth(self, pred: torch.Tensor, depth: torch.Tensor) -> None:
         e = depth_errors(pred, depth)
@@ -418,9 +496,11 @@ class ProbeScores:
         }
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> ProbeScores:
-        self = cls(int(tensors["conf"].shape[0]))
-        self.conf = tensors["conf"].long()
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], device: str | torch.device = "cpu"
+    ) -> ProbeScores:
+        self = cls(int(tensors["conf"].shape[0]), device)
+        self.conf = tensors["conf"].long().to(device)
         self.sq_err, self.depth_count = float(cfg["sq_err"]), int(cfg["depth_count"])
         self.delta_ok, self.n_images = int(cfg["delta_ok"]), int(cfg["n_images"])
         return self
@@ -438,28 +518,41 @@ def evaluate_probes(
     save_every: int = 10,
     progress: bool = True,
     desc: str = "evaluate",
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Apply frozen probes to ``method(image)`` (features at image resolution) over ``dataset``.
 
     Returns ``{"accuracy", "miou"}`` (percent) when ``seg_probe`` is given and the data has ``seg``, and
     ``{"rmse", "delta125"}`` (delta as a fraction, like the paper's table) for depth, plus ``n_images``.
     With ``state_path``, the running sums are saved every ``save_every`` batches and a rerun continues.
+    Batches are moved to ``device`` (default: the probes' device), where ``method`` must run.
 
     Shape:
         - method: (B, 3, H, W) -> (B, C, H, W)
     """
     if seg_probe is None and depth_probe is None:
         raise ValueError("expected at least one of seg_probe and depth_probe, got neither")
-    scores = ProbeScores(n_classes)
+    if device is None:
+        device = module_device(seg_probe if seg_probe is not None else depth_probe)
+    device = torch.device(device)
+    scores = ProbeScores(n_classes, device)
     state = Path(state_path).with_suffix(".safetensors") if state_path is not None else None
     if state is not None and state.is_file():
-        scores = ProbeScores.from_state(*load_checkpoint(state))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+        scores = ProbeScores.from_state(*load_checkpoint(state), device=device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        **loader_options(device, num_workers),
+    )
     done_batches = scores.n_images // batch_size
     bar = tqdm(total=len(loader), initial=done_batches, disable=not progress, desc=desc)
     for b, batch in enumerate(loader):
         if b < done_batches:
             continue
+        batch = to_device(batch, device)
         image = batch["image"]
         with torch.no_grad():
             feats = method(image)
@@ -520,8 +613,13 @@ def run_probes(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Everything behind ``featup probe``: export, train both probes, evaluate every method; JSON per method.
+
+    Everything runs on ``device`` (default :func:`~featup.eval.devices.default_device`: CUDA when available);
+    ``num_workers`` ``DataLoader`` processes decode the images.
 
     Writes ``out_dir/features/`` (the export), ``out_dir/probes/{seg,depth}_probe.safetensors``,
     ``out_dir/upsamplers/`` (trained upsamplers) and ``out_dir/probe_results.json``. Returns the results in
@@ -530,7 +628,8 @@ def run_probes(
     names = parse_methods(methods)
     cfg = method_cfg or MethodConfig()
     out_dir = Path(out_dir)
-    bb = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    device = resolve_device(device)
+    bb = load_backbone(backbone, weights=weights, pretrained=pretrained).to(device)
     train = open_probe_dataset(
         data, train_split, image_size, depth_dir=depth_dir, max_images=max_train_images
     )
@@ -559,6 +658,8 @@ def run_probes(
         batch_size=batch_size,
         resume=resume,
         progress=progress,
+        num_workers=num_workers,
+        device=device,
         meta={
             k: run_config[k] for k in ("backbone", "weights", "data", "image_size", "train_split", "n_train")
         },
@@ -574,6 +675,7 @@ def run_probes(
             progress=progress,
             checkpoint_path=out_dir / "probes" / f"{t}_probe",
             resume=resume,
+            device=device,
         )
         for t in tasks
     }
@@ -589,6 +691,8 @@ def run_probes(
             state_path=out_dir / "partial" / f"{name}-{tag}",
             progress=progress,
             desc=f"probe {name}",
+            device=device,
+            num_workers=num_workers,
         )
 
     return evaluate_methods(
@@ -603,4 +707,5 @@ def run_probes(
         work_dir=out_dir,
         progress=progress,
         log=log,
+        device=device,
     )

@@ -32,6 +32,7 @@ from featup.core.checkpoint import load_checkpoint, save_checkpoint
 from featup.eval._confusion import confusion_matrix, segmentation_scores
 from featup.eval._io import ResultStore, format_number, markdown_table
 from featup.eval.datasets import ADE20K, IGNORE_INDEX
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "DECODER_UPSAMPLERS",
@@ -329,7 +330,9 @@ def _load_optimizer_state(
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
-            optim.state[params[int(i)]][k] = v
+            p = params[int(i)]
+            # moments beside their parameter; Adam's step count stays on the CPU (no sync per step)
+            optim.state[p][k] = v.cpu() if k == "step" else v.to(p.device)
 
 
 def train_segmenter(
@@ -347,15 +350,19 @@ def train_segmenter(
     resume: bool = True,
     progress: bool = True,
     desc: str = "train",
+    device: str | torch.device | None = None,
 ) -> SegFormer:
     """SegFormer's schedule: AdamW (decoder at ``head_lr_mult`` x lr), poly decay (power 1), random flips.
 
     Batches are drawn with a seeded generator from ``dataset`` (dict samples with ``image`` and ``seg`` of one
     size, e.g. :class:`~featup.eval.datasets.ADE20K` with ``crop=True``). Cross-entropy ignores 255.
     ``checkpoint_path`` holds weights, optimizer moments and the step; an interrupted run resumes from it.
+    The model is moved to ``device`` (default: where its parameters are) and trained there.
     """
     if steps < 0:
         raise ValueError(f"expected steps >= 0, got {steps}")
+    device = module_device(model) if device is None else torch.device(device)
+    model.to(device)
     head = [p for n, p in model.named_parameters() if n.startswith("decode_head.")]
     enc = [p for n, p in model.named_parameters() if not n.startswith("decode_head.")]
     params = enc + head
@@ -368,7 +375,7 @@ def train_segmenter(
     start = 0
     ckpt = Path(checkpoint_path).with_suffix(".safetensors") if checkpoint_path is not None else None
     if ckpt is not None and resume and ckpt.is_file():
-        tensors, cfg = load_checkpoint(ckpt)
+        tensors, cfg = load_checkpoint(ckpt, map_location=device)
         if cfg.get("model") != model.config():
             raise ValueError(
                 f"{ckpt} holds another model ({cfg.get('model')}); use another --out or --no-resume"
@@ -390,13 +397,14 @@ def train_segmenter(
     for step in range(start, steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # per-step draws: resume = same batches
         idx = torch.randint(0, n, (batch_size,), generator=gen).tolist()
-        batch = _collate([dataset[i] for i in idx])
-        flip = torch.rand(batch_size, generator=gen) < 0.5
+        batch = to_device(_collate([dataset[i] for i in idx]), device)
+        flip = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
         image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
         seg = torch.where(flip[:, None, None], batch["seg"].flip(-1), batch["seg"])
         for g, base in zip(optim.param_groups, base_lrs):
             g["lr"] = base * (1 - step / max(steps, 1))
-        with torch.random.fork_rng():  # dropout draws seeded per step, so a resumed run repeats them
+        # dropout draws seeded per step (on the device's generator too), so a resumed run repeats them
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1_000_003 + step)
             loss = F.cross_entropy(model(image), seg, ignore_index=IGNORE_INDEX)
             optim.zero_grad(set_to_none=True)
@@ -412,15 +420,27 @@ def train_segmenter(
 
 @torch.no_grad()
 def evaluate_segmenter(
-    model: SegFormer, dataset: Dataset, *, progress: bool = True, desc: str = "evaluate"
+    model: SegFormer,
+    dataset: Dataset,
+    *,
+    progress: bool = True,
+    desc: str = "evaluate",
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Whole-image inference, one image at a time (any size): mIoU, mAcc, aAcc in percent."""
-    model.eval()
+    """Whole-image inference, one image at a time (any size): mIoU, mAcc, aAcc in percent.
+
+    Runs on ``device`` (default: where the model's parameters are; the model is moved there).
+    """
+    device = module_device(model) if device is None else torch.device(device)
+    model.to(device).eval()
     conf = torch.zeros(model.n_classes, model.n_classes, dtype=torch.int64)
-    for batch in tqdm(
-        DataLoader(dataset, batch_size=1, collate_fn=_collate), disable=not progress, desc=desc
-    ):
-        conf += confusion_matrix(model(batch["image"]).argmax(1), batch["seg"], model.n_classes)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=_collate, **loader_options(device, num_workers))
+    for batch in tqdm(loader, disable=not progress, desc=desc):
+        batch = to_device(batch, device)
+        conf += confusion_matrix(model(batch["image"]).argmax(1), batch["seg"], model.n_classes).to(
+            conf.device
+        )
     s = segmentation_scores(conf)
     return {"miou": s["miou"], "macc": s["macc"], "aacc": s["aacc"], "n_images": len(dataset)}  # type: ignore[arg-type]
 
@@ -472,10 +492,15 @@ def run_segmentation(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Everything behind ``featup segment``: per upsampler, train SegFormer on ADE20K training, evaluate on
     validation, count parameters and GFLOPs; results in ``out_dir/segment_results.json``.
+
+    Everything runs on ``device`` (default :func:`~featup.eval.devices.default_device`: CUDA when available).
     """
+    device = resolve_device(device)
     if upsamplers is None or upsamplers == "all":
         names = list(DECODER_UPSAMPLERS)
     else:
@@ -525,6 +550,7 @@ def run_segmentation(
             from safetensors.torch import load_file
 
             model.encoder.load_state_dict(load_file(str(encoder_weights)), strict=True)
+        model.to(device)
         params_m = count_params(model) / 1e6
         gflops = count_gflops(model, (flops_size, flops_size))
         train_segmenter(
@@ -539,7 +565,10 @@ def run_segmentation(
             resume=resume,
             progress=progress,
             desc=f"train {name}",
+            device=device,
         )
-        scores = evaluate_segmenter(model, val, progress=progress, desc=f"evaluate {name}")
+        scores = evaluate_segmenter(
+            model, val, progress=progress, desc=f"evaluate {name}", device=device, num_workers=num_workers
+        )
         store.put(name, {**scores, "params_m": params_m, "gflops": gflops})
     return {n: store.get(n) for n in names}  # type: ignore[misc]

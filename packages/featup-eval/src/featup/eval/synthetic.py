@@ -39,6 +39,7 @@ from torch import nn
 
 __all__ = [
     "CLASS_NAMES",
+    "EXTRACTOR_STRIDES",
     "SceneConfig",
     "SyntheticExtractor",
     "SyntheticSplit",
@@ -384,6 +385,10 @@ _VARIANTS = {
         seed=98765,
     ),
 }
+
+
+#: the stride of each extractor variant (a scene must be a multiple of it for the cells to tile the scene)
+EXTRACTOR_STRIDES: dict[str, int] = {name: v.stride for name, v in _VARIANTS.items()}
 
 
 class SyntheticExtractor(nn.Module):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featup.eval.devices import add_device_argument, command_device
 from featup.eval.errors import UsageError
 
 __all__ = ["SYNTHETIC_BACKBONES", "Featurizer", "add_model_options", "build_featurizer", "resolve_backbone"]
@@ -57,7 +58,7 @@ def add_model_options(p: argparse.ArgumentParser, *, default_upsampler: str | No
     )
     g.add_argument("--steps", type=int, default=300, help="fit_implicit steps per image (default 300)")
     g.add_argument("--size", metavar="HxW", help="resize images to HxW before featurizing (default: keep)")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(g)
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -158,6 +159,7 @@ def build_featurizer(args: argparse.Namespace) -> Featurizer:
     from featup.core import create_upsampler, list_upsamplers
 
     progress = not getattr(args, "no_progress", False)
+    command_device(args)
     if args.steps < 1:
         raise UsageError(f"expected --steps >= 1, got {args.steps}")
     if args.pretrained:

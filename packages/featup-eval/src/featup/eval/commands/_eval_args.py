@@ -9,6 +9,7 @@ from typing import Any
 
 from featup.eval._io import write_json
 from featup.eval.baselines import METHODS, MethodConfig
+from featup.eval.devices import add_device_argument, command_device
 from featup.eval.errors import UsageError
 
 __all__ = [
@@ -68,6 +69,14 @@ def add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-resume", action="store_true", help="ignore what an earlier run left in --out")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device_argument(g)
+    add_workers_argument(g)
+
+
+def add_workers_argument(group: Any) -> None:
+    group.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="DataLoader processes decoding images (default 0)"
+    )
 
 
 def method_config(args: argparse.Namespace) -> MethodConfig:
@@ -112,7 +121,15 @@ def table1_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "method_cfg": method_config(args),
         "resume": not args.no_resume,
         "progress": not args.no_progress,
+        **device_kwargs(args),
     }
+
+
+def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``device`` and ``num_workers`` of the evaluation commands, checked."""
+    if args.workers < 0:
+        raise UsageError(f"expected --workers >= 0, got {args.workers}")
+    return {"device": command_device(args), "num_workers": args.workers}
 
 
 def check_data(path: str, what: str) -> None:

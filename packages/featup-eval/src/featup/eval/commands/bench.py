@@ -25,7 +25,11 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--implicit-steps", type=int, metavar="N", help="fit_implicit steps per evaluation image")
     g.add_argument("--n-train", type=int, metavar="N", help="training scenes")
     g.add_argument("--n-eval", type=int, metavar="N", help="evaluation scenes (bench 12, demo 3)")
-    g.add_argument("--scene-size", metavar="HxW", help="scene size (default 84x84)")
+    g.add_argument(
+        "--scene-size",
+        metavar="HxW",
+        help="scene size, a multiple of 112 (14 without transfer; default 112x112)",
+    )
     g.add_argument("--no-transfer", action="store_true", help="skip extractor B (encoder-agnostic transfer)")
     g.add_argument("--seed", type=int, help="seed of the scenes and every run")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -78,11 +82,9 @@ def config_from_args(args: argparse.Namespace):
         "n_eval": args.n_eval,
         "seed": args.seed,
         "size": parse_size(args.scene_size) if args.scene_size else None,
+        "transfer": False if args.no_transfer else None,  # in the same replace: the size check needs it
     }
-    cfg = replace(cfg, **{k: v for k, v in updates.items() if v is not None})
-    if args.no_transfer:
-        cfg = replace(cfg, transfer=False)
-    return cfg.validate()
+    return replace(cfg, **{k: v for k, v in updates.items() if v is not None})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featup.eval.commands._eval_args import check_data, finish
+from featup.eval.commands._eval_args import add_workers_argument, check_data, device_kwargs, finish
+from featup.eval.devices import add_device_argument
 from featup.eval.errors import UsageError
 
 __all__ = ["register", "run"]
@@ -48,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    add_device_argument(p)
+    add_workers_argument(p)
     p.set_defaults(func=run)
 
 
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=not args.no_resume,
         progress=not args.no_progress,
+        **device_kwargs(args),
     )
     return finish(
         "End-to-end segmentation (Table 2)",

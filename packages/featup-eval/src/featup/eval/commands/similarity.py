@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save as st_save
 
     from featup.core.checkpoint import atomic_write_bytes
+    from featup.eval.devices import command_device
     from featup.eval.images import ensure_writable_dir, load_image, parse_point, parse_size, save_png
     from featup.eval.panels import heatmap_rgb, mark_point, tile_row
 
+    command_device(args)
     size = parse_size(args.size) if args.size else None
     px, py = parse_point(args.point)
     query_img = load_image(args.image, size).to(args.device)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from featup.eval.devices import add_device_argument
 from featup.eval.errors import UsageError
 
 __all__ = [
@@ -146,14 +147,10 @@ def resolve_backbone(name: str, weights: str | None, pretrained: bool, device: t
 
 
 def _device(spec: str | None) -> torch.device:
-    if spec is not None:
-        try:
-            return torch.device(spec)
-        except RuntimeError as exc:
-            raise UsageError(f"expected a torch device such as cpu or cuda:0, got {spec!r} ({exc})") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """``--device`` resolved by the shared helper (default: torchrun's local GPU, else GPU 0, else cpu)."""
+    from featup.eval.devices import command_device
+
+    return command_device(argparse.Namespace(device=spec))
 
 
 def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
@@ -165,7 +162,7 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=224, help="image load size, shorter side in px (default 224)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: torchrun's local GPU, else cpu)")
+    add_device_argument(p)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument(
         "--precision",

@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from featup.core.checkpoint import atomic_write_bytes
+    from featup.eval.devices import command_device
     from featup.eval.images import ensure_writable_dir, load_image, parse_size, save_png
     from featup.eval.panels import feature_panel
 
+    command_device(args)
     size = parse_size(args.size) if args.size else None
     images = [load_image(p, size) for p in args.images]  # every input is checked before any work starts
     out = ensure_writable_dir(args.out)
