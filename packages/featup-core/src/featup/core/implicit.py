@@ -68,6 +68,9 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         n_freqs: Fourier frequencies per input channel.
         n_layers: linear layers of the MLP (Table 7: 3).
         dropout: dropout before every linear layer (Table 7: 0.1).
+        dropout_mode: "element" drops single inputs (per pixel and channel); "channel" drops whole input
+            channels for the whole image, as the original code's ``Dropout2d`` (folded into the linear
+            weights, so it costs nothing, where element dropout costs more than the MLP's matmuls on a CPU).
         log_freq_range: frequencies are ``exp(linspace(*log_freq_range, n_freqs))``.
         residual: predict a residual over ``bicubic(base)`` (zero-initialised last layer); False: eq. 7 as
             in the paper.
@@ -94,6 +97,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         n_freqs: int = 30,
         n_layers: int = 3,
         dropout: float = 0.1,
+        dropout_mode: str = "element",
         log_freq_range: Sequence[float] = (-2.0, 10.0),
         residual: bool = False,
         lr_size: Sequence[int] | None = None,
@@ -110,6 +114,9 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected dropout in [0, 1), got {dropout}")
         lo, hi = (float(v) for v in log_freq_range)
+        if dropout_mode not in ("element", "channel"):
+            raise ValueError(f"expected dropout_mode 'element' or 'channel', got {dropout_mode!r}")
+        self.dropout_mode = dropout_mode
         if not isinstance(residual, bool):
             raise TypeError(f"expected residual as True or False, got {residual!r}")
         if residual:
@@ -164,6 +171,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             "dropout": self.dropout,
             "log_freq_range": list(self.log_freq_range),
         }
+        if self.dropout_mode != "element":
+            cfg["dropout_mode"] = self.dropout_mode
         if self.residual:  # configs of the paper's parameterisation stay exactly as they were saved
             cfg.update(residual=True, lr_size=list(self.lr_size))
         return cfg
@@ -237,8 +246,21 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         self.base[:, : lr_compressed.shape[1]].copy_(lr_compressed)
 
     def base_at(self, size: tuple[int, int]) -> torch.Tensor:
-        """The bicubic upsampling of ``base`` at ``size``. Shape: (1, pca_dim, H, W)."""
-        return F.interpolate(self.base.to(self.phases.dtype), size=size, mode="bicubic", align_corners=False)
+        """The bicubic upsampling of ``base`` at ``size`` (equal to ``F.interpolate(..., "bicubic")``).
+
+        Cached while ``base`` is unchanged, as fitting renders the same size every step.
+
+        Shape:
+            - output: (1, pca_dim, H, W)
+        """
+        key = (tuple(size), self.base._version, self.base.data_ptr(), self.phases.dtype, self.base.device)
+        cached = getattr(self, "_base_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                full = self._base_rows(tuple(size), 0, size[0]).view(size[0], size[1], self.pca_dim)
+                cached = (key, full.permute(2, 0, 1)[None].contiguous())
+            self._base_cache = cached
+        return cached[1]
 
     def _base_rows(self, size: tuple[int, int], row0: int, row1: int) -> torch.Tensor:
         """Rows ``row0 .. row1-1`` of :meth:`base_at` (bicubic resizing is separable), flattened to (n, k)."""
@@ -267,7 +289,21 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
 
     def field(self, coords: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         """PCA-space features at the given points. Shape: (N, 2), (N, 3) -> (N, pca_dim)."""
-        return self.mlp(self.encode(coords, colors))
+        x = self.encode(coords, colors)
+        if self.dropout_mode == "element" or not self.training:
+            return self.mlp(x)
+        # channel dropout: one mask per input channel of each linear layer, folded into its weights
+        layers = list(self.mlp)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Dropout):
+                continue
+            if isinstance(layer, nn.Linear) and isinstance(layers[i - 1], nn.Dropout) and self.dropout > 0:
+                keep = torch.rand(layer.in_features, device=x.device) >= self.dropout
+                scale = keep.to(layer.weight.dtype) / (1.0 - self.dropout)
+                x = F.linear(x, layer.weight * scale, layer.bias)
+            else:
+                x = layer(x)
+        return x
 
     def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
         """Features in PCA space at every pixel of ``image`` (differentiable; used while fitting).

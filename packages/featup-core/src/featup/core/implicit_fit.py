@@ -102,6 +102,7 @@ class ImplicitFitConfig:
     bank_size: int | None = 64
     fused: bool = True
     residual: bool = True
+    dropout_mode: str = "channel"
     schedule: str = "cosine"
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -129,6 +130,8 @@ class ImplicitFitConfig:
             _check_int("bank_size", self.bank_size, 1)
         _check_bool("fused", self.fused)
         _check_bool("residual", self.residual)
+        if self.dropout_mode not in ("element", "channel"):
+            raise ValueError(f"expected dropout_mode 'element' or 'channel', got {self.dropout_mode!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"expected schedule 'constant' or 'cosine', got {self.schedule!r}")
         _check_int("warmup_steps", self.warmup_steps, 0)
@@ -177,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         bank_size=None,
         fused=False,
         residual=False,
+        dropout_mode="element",
         schedule="constant",
         warmup_steps=0,
         mag_weight=0.0,
@@ -193,6 +197,7 @@ _LEGACY_HPARAMS = dict(
     bank_size=None,
     fused=False,
     residual=False,
+    dropout_mode="element",
     schedule="constant",
     warmup_steps=0,
     min_lr_ratio=0.1,
@@ -484,6 +489,7 @@ def fit_implicit(
     (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
     ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
     (start from the bicubic upsampling of the compressed features; False: the paper's parameterisation),
+    ``dropout_mode`` ("channel": the original code's ``Dropout2d``; "element": per input),
     ``schedule`` / ``warmup_steps`` / ``min_lr_ratio``, ``mag_weight``, ``blur_pin``, ``pca_views`` (jittered
     views added to the map when fitting the PCA), ``checkpoint_every``.
 
@@ -706,6 +712,7 @@ def _fit_implicit(
         "feat_dim": feat_dim,
         "image_size": list(image.shape[-2:]),
         "pca_dim": cfg.pca_dim,
+        **({"dropout_mode": cfg.dropout_mode} if cfg.dropout_mode != "element" else {}),
         **({"residual": True, "lr_size": list(out_size)} if cfg.residual else {}),
         **upsampler_kwargs,
     }
