@@ -90,7 +90,7 @@ class ImplicitFitConfig:
     n_jitters: int = 10
     lr: float = 1e-3
     pca_dim: int = 128
-    kernel_size: int = 29
+    kernel_size: int | None = 29
     max_pad: int = 30
     max_zoom: float = 1.8
     p_zoom: float = 0.5
@@ -116,7 +116,8 @@ class ImplicitFitConfig:
         _check_int("n_jitters", self.n_jitters, 1)
         _check_float("lr", self.lr, 0.0, strict=True)
         _check_int("pca_dim", self.pca_dim, 1)
-        _check_int("kernel_size", self.kernel_size, 1)
+        if self.kernel_size is not None:
+            _check_int("kernel_size", self.kernel_size, 1)
         _check_int("max_pad", self.max_pad, 0)
         _check_float("max_zoom", self.max_zoom, 1.0)
         _check_probability("p_zoom", self.p_zoom)
@@ -484,7 +485,7 @@ def fit_implicit(
     (the original code's two extra regularisers). NAdam.
 
     Settings (keyword ``overrides`` of the ``preset``; see :class:`ImplicitFitConfig` and ``PRESETS``):
-    ``n_jitters``, ``lr``, ``pca_dim``, ``kernel_size`` (downsampler window), ``max_pad`` (px at 224),
+    ``n_jitters``, ``lr``, ``pca_dim``, ``kernel_size`` (downsampler window; None: the backbone's stride), ``max_pad`` (px at 224),
     ``max_zoom``, ``p_zoom``, ``p_flip`` (0 for features that are not flip-equivariant), ``uncertainty``
     (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
     ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
@@ -529,7 +530,7 @@ def fit_implicit(
         cfg.steps,
         cfg.n_jitters,
         cfg.lr,
-        cfg.kernel_size,
+        cfg.kernel_size or 1,
         cfg.max_pad,
         cfg.max_zoom,
         cfg.downsampler,
@@ -734,7 +735,9 @@ def _fit_implicit(
         imp.set_base(pca.transform(lr_feats))
     if bank is not None:  # the bank keeps only the compressed targets
         bank = (bank[0], pca.transform(bank[1]))
-    down = create_downsampler(cfg.downsampler, n_comp, cfg.kernel_size).to(device)
+    # kernel_size None: the backbone's stride (the window of one low-resolution pixel)
+    kernel = cfg.kernel_size or max(1, round(image.shape[-2] / out_size[0]))
+    down = create_downsampler(cfg.downsampler, n_comp, kernel).to(device)
     head = _uncertainty_head(cfg.uncertainty, n_comp)
     modules: dict[str, nn.Module] = {"upsampler": imp, "downsampler": down}
     if head is not None:
