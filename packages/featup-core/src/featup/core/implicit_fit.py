@@ -90,14 +90,14 @@ class ImplicitFitConfig:
     n_jitters: int = 10
     lr: float = 1e-3
     pca_dim: int = 128
-    kernel_size: int | None = 29
+    kernel_size: int | None = None
     max_pad: int = 30
     max_zoom: float = 1.8
     p_zoom: float = 0.5
     p_flip: float = 0.5
     uncertainty: bool = True
     tv_weight: float = 0.05
-    downsampler: str = "attention"
+    downsampler: str = "simple"
     seed: int = 0
     bank_size: int | None = 64
     fused: bool = True
