@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=["default", "paper"],  # featup.core.implicit_fit.PRESETS (imported lazily)
         default="default",
-        help="settings: 'default' (wins at 100-300 CPU steps) or 'paper' (Table 7: 2000 steps, for a GPU); "
+        help="settings: 'default' (safe start, fast path) or 'paper' (Table 7: 2000 steps, for a GPU); "
         "the options below override it",
     )
     p.add_argument("--n-jitters", type=int, default=None, help="jittered views per step (preset: 10)")
