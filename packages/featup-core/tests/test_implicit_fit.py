@@ -316,3 +316,25 @@ def test_pca_on_jittered_views_keeps_more_than_the_map_supports():
     with_views = fit_implicit(backbone, image, 1, pca_dim=24, pca_views=10, **SMALL)
     assert int((only_map.pca.explained_variance > 0).sum()) <= 15
     assert int((with_views.pca.explained_variance > 0).sum()) == 24
+
+
+def test_training_state_from_before_the_new_settings_resumes_as_the_paper_preset(tmp_path):
+    """A state saved before bank/fused/residual/... existed carries only the old hyperparameters: it
+    resumes under the settings it was trained with (the paper preset) and is refused under others."""
+    from featup.core._train_state import load_train_state
+    from featup.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    backbone, image = Pointwise(), scene(7, 16)
+    old = dict(preset="paper", **{**SMALL, "n_jitters": 2})
+    path = tmp_path / "state"
+    fit_implicit(backbone, image, 1, checkpoint_path=path, **old)
+    tensors, cfg = load_checkpoint(path.with_suffix(".safetensors"))
+    legacy = {"n_jitters", "lr", "pca_dim", "kernel_size", "max_pad", "max_zoom", "downsampler", "seed"}
+    legacy |= {"tv_weight", "p_zoom", "p_flip", "uncertainty"}
+    cfg["hparams"] = {k: v for k, v in cfg["hparams"].items() if k in legacy}
+    save_checkpoint(path.with_suffix(".safetensors"), tensors, cfg)
+    assert set(load_train_state(path, "implicit")[1]["hparams"]) == legacy
+    resumed = fit_implicit(backbone, image, 2, checkpoint_path=path, **old)
+    assert not resumed.residual
+    with pytest.raises(CheckpointError, match="residual"):
+        fit_implicit(backbone, image, 3, checkpoint_path=path, **{**old, "preset": "default"})
