@@ -44,9 +44,18 @@ VARIANTS = {
     "lr1e-2": {"lr": 1e-2},
     "element_dropout": {"dropout_mode": "element"},
     "constant": {"schedule": "constant", "warmup_steps": 0},
-    "simple_down": {"downsampler": "simple", "kernel_size": 16},
+    "simple_down": {"downsampler": "simple", "kernel_size": 16},  # = the default preset at stride 16
     "no_unc": {"uncertainty": False},
     "bank256": {"bank_size": 256},
+    # the settings of the first default (docs/notes/implicit.md's 96 px table measured these rows)
+    "attention29": {"downsampler": "attention", "kernel_size": 29},
+    "attention29_mag_blur": {
+        "downsampler": "attention",
+        "kernel_size": 29,
+        "mag_weight": 0.001,
+        "blur_pin": 0.1,
+    },
+    "attention29_pca_views": {"downsampler": "attention", "kernel_size": 29, "pca_views": 50},
 }
 
 
