@@ -31,7 +31,8 @@ from featup.core.implicit import ImplicitUpsampler
 from featup.core.jitter import JitterParams, apply_jitter, sample_jitter
 from featup.core.losses import UncertaintyHead, project, random_projection, reconstruction_loss, tv_loss
 from featup.core.pca import PCA
-from featup.core.training import fit_implicit, train_jbu
+from featup.core.implicit_fit import fit_implicit
+from featup.core.training import train_jbu
 
 # --- scale: tiled inference, mixed precision (tiling.py, precision.py)
 from featup.core.precision import PrecisionError, mixed_precision, precision_error, upsample_mixed

@@ -7,6 +7,11 @@ small MLP (LayerNorm, dropout 0.1, linear, ReLU; 3 layers). The MLP predicts the
 space of their top ``pca_dim`` principal components; the PCA (fitted on the low-resolution features) is
 stored in the module and undone on output, so ``render`` returns features in the backbone's space.
 
+With ``residual=True`` (what :func:`~featup.core.fit_implicit` builds by default) the MLP predicts a residual
+over the bicubic upsampling of the PCA-compressed low-resolution features (a buffer), and its last layer
+starts at zero: a fresh model renders exactly the bicubic upsampling of the (PCA-truncated) features, so
+fitting starts from a safe answer instead of noise. ``residual=False`` is the paper's parameterisation.
+
 The model belongs to one image: that image and the PCA are buffers, so a saved checkpoint is self-contained
 and ``ImplicitUpsampler.load(path).render((H, W))`` works on its own. Fit it with
 ``featup.core.fit_implicit``.
@@ -63,10 +68,16 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         n_freqs: Fourier frequencies per input channel.
         n_layers: linear layers of the MLP (Table 7: 3).
         dropout: dropout before every linear layer (Table 7: 0.1).
+        dropout_mode: "element" drops single inputs (per pixel and channel); "channel" drops whole input
+            channels for the whole image, as the original code's ``Dropout2d`` (folded into the linear
+            weights, so it costs nothing, where element dropout costs more than the MLP's matmuls on a CPU).
         log_freq_range: frequencies are ``exp(linspace(*log_freq_range, n_freqs))``.
+        residual: predict a residual over ``bicubic(base)`` (zero-initialised last layer); False: eq. 7 as
+            in the paper.
+        lr_size: ``(h, w)`` of the low-resolution features the base holds (required with ``residual``).
 
     Buffers:
-        image (1, 3, H, W), has_image (), and the PCA's (``pca.mean``, ``pca.components`` ...).
+        image (1, 3, H, W), has_image (), base (1, pca_dim, h, w) with ``residual``, and the PCA's (``pca.mean``, ``pca.components`` ...).
 
     Shape:
         - lr_feats: (1, C, h, w) (checked, otherwise unused: the field is a function of the image only)
@@ -86,7 +97,10 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         n_freqs: int = 30,
         n_layers: int = 3,
         dropout: float = 0.1,
+        dropout_mode: str = "element",
         log_freq_range: Sequence[float] = (-2.0, 10.0),
+        residual: bool = False,
+        lr_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         size = tuple(int(s) for s in image_size)
@@ -100,6 +114,19 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected dropout in [0, 1), got {dropout}")
         lo, hi = (float(v) for v in log_freq_range)
+        if dropout_mode not in ("element", "channel"):
+            raise ValueError(f"expected dropout_mode 'element' or 'channel', got {dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        if not isinstance(residual, bool):
+            raise TypeError(f"expected residual as True or False, got {residual!r}")
+        if residual:
+            lr_hw = tuple(int(s) for s in lr_size) if lr_size is not None else ()
+            if len(lr_hw) != 2 or min(lr_hw) < 1:
+                raise ValueError(f"expected lr_size as positive (h, w) with residual=True, got {lr_size!r}")
+            self.lr_size: tuple[int, int] | None = lr_hw  # type: ignore[assignment]
+        else:
+            self.lr_size = None
+        self.residual = residual
         self.feat_dim = int(feat_dim)
         self.image_size: tuple[int, int] = size  # type: ignore[assignment]
         self.pca_dim = min(int(pca_dim), self.feat_dim)
@@ -126,10 +153,15 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             if not last:
                 layers.append(nn.ReLU())
         self.mlp = nn.Sequential(*layers)
+        if self.residual:
+            # the residual starts at zero: a fresh model renders bicubic(base) exactly
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+            self.register_buffer("base", torch.zeros(1, self.pca_dim, *self.lr_size))
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict:
-        return {
+        cfg = {
             "feat_dim": self.feat_dim,
             "image_size": list(self.image_size),
             "pca_dim": self.pca_dim,
@@ -139,6 +171,11 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             "dropout": self.dropout,
             "log_freq_range": list(self.log_freq_range),
         }
+        if self.dropout_mode != "element":
+            cfg["dropout_mode"] = self.dropout_mode
+        if self.residual:  # configs of the paper's parameterisation stay exactly as they were saved
+            cfg.update(residual=True, lr_size=list(self.lr_size))
+        return cfg
 
     @torch.no_grad()
     def set_image(self, image: torch.Tensor) -> None:
@@ -184,6 +221,58 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         own.total_variance.copy_(pca.total_variance)
         own.n_samples.copy_(pca.n_samples)
 
+    @torch.no_grad()
+    def set_base(self, lr_compressed: torch.Tensor) -> None:
+        """Store the PCA-compressed low-resolution features the residual model starts from.
+
+        Shape:
+            - lr_compressed: (1, k, h, w) with k <= pca_dim (missing components are zero) and (h, w) = lr_size
+        """
+        if not self.residual:
+            raise RuntimeError("set_base needs a residual model (ImplicitUpsampler(..., residual=True))")
+        ok = (
+            isinstance(lr_compressed, torch.Tensor)
+            and lr_compressed.dim() == 4
+            and lr_compressed.shape[0] == 1
+            and lr_compressed.shape[1] <= self.pca_dim
+            and tuple(lr_compressed.shape[-2:]) == self.lr_size
+        )
+        if not ok:
+            got = tuple(lr_compressed.shape) if isinstance(lr_compressed, torch.Tensor) else lr_compressed
+            raise ValueError(
+                f"expected base features (1, <= {self.pca_dim}, {self.lr_size[0]}, {self.lr_size[1]}), got {got}"
+            )
+        self.base.zero_()
+        self.base[:, : lr_compressed.shape[1]].copy_(lr_compressed)
+
+    def base_at(self, size: tuple[int, int]) -> torch.Tensor:
+        """The bicubic upsampling of ``base`` at ``size`` (equal to ``F.interpolate(..., "bicubic")``).
+
+        Cached while ``base`` is unchanged, as fitting renders the same size every step.
+
+        Shape:
+            - output: (1, pca_dim, H, W)
+        """
+        key = (tuple(size), self.base._version, self.base.data_ptr(), self.phases.dtype, self.base.device)
+        cached = getattr(self, "_base_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                full = self._base_rows(tuple(size), 0, size[0]).view(size[0], size[1], self.pca_dim)
+                cached = (key, full.permute(2, 0, 1)[None].contiguous())
+            self._base_cache = cached
+        return cached[1]
+
+    def _base_rows(self, size: tuple[int, int], row0: int, row1: int) -> torch.Tensor:
+        """Rows ``row0 .. row1-1`` of :meth:`base_at` (bicubic resizing is separable), flattened to (n, k)."""
+        work = self.phases.dtype
+        h, w = self.lr_size  # type: ignore[misc]
+        eye_h = torch.eye(h, device=self.base.device, dtype=work)[None, None]
+        eye_w = torch.eye(w, device=self.base.device, dtype=work)[None, None]
+        ry = F.interpolate(eye_h, size=(size[0], h), mode="bicubic", align_corners=False)[0, 0, row0:row1]
+        rx = F.interpolate(eye_w, size=(size[1], w), mode="bicubic", align_corners=False)[0, 0]
+        rows = torch.einsum("yh,khw,xw->yxk", ry, self.base[0].to(work), rx)
+        return rows.reshape(-1, self.pca_dim)
+
     # ------------------------------------------------------------------ field
     def encode(self, coords: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         """Fourier features of ``(y, x, r, g, b)`` plus the raw colours.
@@ -200,7 +289,21 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
 
     def field(self, coords: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         """PCA-space features at the given points. Shape: (N, 2), (N, 3) -> (N, pca_dim)."""
-        return self.mlp(self.encode(coords, colors))
+        x = self.encode(coords, colors)
+        if self.dropout_mode == "element" or not self.training:
+            return self.mlp(x)
+        # channel dropout: one mask per input channel of each linear layer, folded into its weights
+        layers = list(self.mlp)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Dropout):
+                continue
+            if isinstance(layer, nn.Linear) and isinstance(layers[i - 1], nn.Dropout) and self.dropout > 0:
+                keep = torch.rand(layer.in_features, device=x.device) >= self.dropout
+                scale = keep.to(layer.weight.dtype) / (1.0 - self.dropout)
+                x = F.linear(x, layer.weight * scale, layer.bias)
+            else:
+                x = layer(x)
+        return x
 
     def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
         """Features in PCA space at every pixel of ``image`` (differentiable; used while fitting).
@@ -217,7 +320,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         coords = pixel_coordinates((h, w), device=image.device, dtype=dtype).repeat(b, 1)
         colors = image.to(dtype).permute(0, 2, 3, 1).reshape(-1, 3)
         out = self.field(coords, colors)  # (B*H*W, k)
-        return out.view(b, h, w, self.pca_dim).permute(0, 3, 1, 2)
+        out = out.view(b, h, w, self.pca_dim).permute(0, 3, 1, 2)
+        return out + self.base_at((h, w)) if self.residual else out
 
     def _colors_at(self, size: tuple[int, int]) -> torch.Tensor:
         """The stored image at ``size`` (exact pixels at its own size), flattened to (H*W, 3)."""
@@ -290,6 +394,9 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             stop = min(start + chunk, h * w)
             coords = pixel_coordinates(size, start, stop, device=device, dtype=work)
             z = self.field(coords, colors[start:stop])  # (n, k)
+            if self.residual:
+                row0, row1 = start // w, (stop - 1) // w + 1
+                z = z + self._base_rows(size, row0, row1)[start - row0 * w : stop - row0 * w]
             feats = z if compressed else torch.addmm(mean, z, comps)  # (n, C)
             out[:, start:stop] = feats.T
         return out.view(1, channels, h, w)

@@ -1,6 +1,7 @@
 """``featup fit-implicit``: fit one implicit upsampler per image, restartable, sharded over torchrun ranks.
 
     featup fit-implicit photo.jpg --backbone dinov2_vits14 --out implicit/
+    featup fit-implicit photo.jpg --backbone dinov2_vits14 --out implicit/ --preset paper   # Table 7
     torchrun --nproc_per_node 4 -m featup.eval.cli fit-implicit photos/ --backbone dinov2_vits14 \
         --out implicit/
 
@@ -57,6 +58,19 @@ def output_names(root: Path, files: list[Path]) -> list[str]:
     return names
 
 
+def _settings(args: argparse.Namespace, device) -> dict:
+    """The options given on the command line (None: the preset's value)."""
+    given = {
+        **training_kwargs(args, device),
+        "pca_dim": args.pca_dim,
+        "tv_weight": args.tv_weight,
+        "bank_size": args.bank_size,
+        "mag_weight": args.mag_weight,
+        "blur_pin": args.blur_pin,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fit-implicit",
@@ -67,16 +81,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("images", metavar="IMAGE_OR_DIR", help="an image, a folder (recursive) or a glob pattern")
     add_backbone_arguments(p)
     p.add_argument("--out", required=True, help="output folder, one <name>.safetensors per image")
-    p.add_argument("--n-jitters", type=int, default=10, help="jittered views per step (default 10)")
-    p.add_argument("--pca-dim", type=int, default=128, help="PCA components of the targets (default 128)")
-    p.add_argument("--tv-weight", type=float, default=0.05, help="total-variation weight (default 0.05)")
-    p.add_argument("--kernel-size", type=int, default=29, help="downsampler kernel (default 29)")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--preset",
+        choices=["default", "paper"],  # featup.core.implicit_fit.PRESETS (imported lazily)
+        default="default",
+        help="settings: 'default' (safe start, fast path) or 'paper' (Table 7: 2000 steps, for a GPU); "
+        "the options below override it",
+    )
+    p.add_argument("--n-jitters", type=int, default=None, help="jittered views per step (preset: 10)")
+    p.add_argument("--pca-dim", type=int, default=None, help="PCA components of the targets (preset: 128)")
+    p.add_argument("--tv-weight", type=float, default=None, help="total-variation weight (preset: 0.05)")
+    p.add_argument("--kernel-size", type=int, default=None, help="downsampler kernel (preset: 29)")
+    p.add_argument("--bank-size", type=int, default=None, help="jittered views computed once (preset's)")
+    p.add_argument("--mag-weight", type=float, default=None, help="magnitude regulariser weight (preset's)")
+    p.add_argument("--blur-pin", type=float, default=None, help="blur-pin regulariser weight (preset's)")
+    # --steps and --lr come from the preset unless given
+    p.set_defaults(func=run, steps=None, lr=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from featup.core.training import fit_implicit
+    from featup.core.implicit_fit import ImplicitFitConfig, fit_implicit
 
+    preset = ImplicitFitConfig.from_preset(args.preset)
+    args.steps = preset.steps if args.steps is None else args.steps
+    args.lr = preset.lr if args.lr is None else args.lr
     check_common(args)
     rank, world = rank_and_world()
     if not 0 <= rank < world:
@@ -103,12 +131,11 @@ def run(args: argparse.Namespace) -> int:
             backbone,
             image,
             args.steps,
-            pca_dim=args.pca_dim,
-            tv_weight=args.tv_weight,
+            preset=args.preset,
             checkpoint_path=state,
             resume=True,
             progress=not args.quiet,
-            **training_kwargs(args, device),
+            **_settings(args, device),
         )
         model.save(
             out_dir / f"{name}.safetensors",
@@ -117,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 "index": i,
                 "backbone": args.backbone,
                 "steps": args.steps,
+                "preset": args.preset,
                 "precision": args.precision,
                 "uncertainty": not args.no_uncertainty,
             },

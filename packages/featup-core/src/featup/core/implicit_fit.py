@@ -1,0 +1,811 @@
+"""Fitting FeatUp's implicit upsampler to one image (paper Section 3.3, eq. 7-8, Table 7).
+
+:func:`fit_implicit` compresses the image's features to their top PCA components and fits a per-image
+:class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.training`
+(eq. 1) plus a total-variation prior on feature magnitudes (eq. 8). A run's settings are one frozen
+:class:`ImplicitFitConfig`, built from a named preset (``"default"``, or ``"paper"`` for Table 7) and
+keyword overrides. Measured rationale of the defaults: ``docs/notes/implicit.md``.
+
+What makes a step cheap (the backbone is frozen and the views are known in advance):
+
+- a seeded bank of ``bank_size`` jittered views and their PCA-compressed backbone features is computed once
+  (as the original code does with 3000 views); each step draws ``n_jitters`` of them;
+- the jitter and the downsampler's window pooling are fused (:func:`fused_view_pool`): no jittered copy of
+  the high-resolution features is ever built, and the salience is computed once and jittered as one channel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+# sample_jitter, reconstruction_loss and make_grad_scaler are looked up on the training module at call time,
+# so one patch of featup.core.training (as the tests do) reaches both trainers
+from featup.core import training as _training
+from featup.core._train_data import derive_seed, validate_images
+from featup.core._train_state import (
+    check_hparams,
+    check_precision,
+    load_train_state,
+    restore_grad_scaler,
+    restore_modules,
+    restore_optimizer,
+    save_train_state,
+)
+from featup.core.checkpoint import CheckpointError
+from featup.core.downsamplers import (
+    AttentionDownsampler,
+    _masked_softmax,
+    create_downsampler,
+    window_indices,
+    window_pool,
+)
+from featup.core.implicit import ImplicitUpsampler
+from featup.core.jitter import JitterParams, apply_jitter
+from featup.core.losses import tv_loss
+from featup.core.pca import PCA
+from featup.core.precision import check_training_precision, full_precision, mixed_precision, to_float32
+from featup.core.training import (
+    Callback,
+    _check_bool,
+    _check_common,
+    _check_float,
+    _check_int,
+    _check_probability,
+    _features,
+    _frozen,
+    _resolve_device,
+    _step_logs,
+    _training_context,
+    _uncertainty_head,
+)
+
+__all__ = ["PRESETS", "ImplicitFitConfig", "fit_implicit", "fused_view_pool"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class ImplicitFitConfig:
+    """Every setting of one implicit fit, validated once (see :func:`fit_implicit` for their meaning).
+
+    ``bank_size=None`` draws fresh jitters (and runs the backbone) every step; ``fused=False`` jitters the
+    high-resolution map and pools it with the downsampler module (the plain path the fused one is tested
+    against). ``schedule`` is ``"constant"`` or ``"cosine"`` (linear warm-up over ``warmup_steps``, then
+    cosine decay to ``min_lr_ratio * lr`` at ``steps``).
+    """
+
+    steps: int = 300
+    n_jitters: int = 10
+    lr: float = 1e-3
+    pca_dim: int = 128
+    kernel_size: int | None = None
+    max_pad: int = 30
+    max_zoom: float = 1.8
+    p_zoom: float = 0.5
+    p_flip: float = 0.5
+    uncertainty: bool = True
+    tv_weight: float = 0.05
+    downsampler: str = "simple"
+    seed: int = 0
+    bank_size: int | None = 64
+    fused: bool = True
+    residual: bool = True
+    dropout_mode: str = "channel"
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    mag_weight: float = 0.0
+    blur_pin: float = 0.0
+    pca_views: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, 1)
+        _check_int("n_jitters", self.n_jitters, 1)
+        _check_float("lr", self.lr, 0.0, strict=True)
+        _check_int("pca_dim", self.pca_dim, 1)
+        if self.kernel_size is not None:
+            _check_int("kernel_size", self.kernel_size, 1)
+        _check_int("max_pad", self.max_pad, 0)
+        _check_float("max_zoom", self.max_zoom, 1.0)
+        _check_probability("p_zoom", self.p_zoom)
+        _check_probability("p_flip", self.p_flip)
+        _check_bool("uncertainty", self.uncertainty)
+        _check_float("tv_weight", self.tv_weight, 0.0)
+        if self.downsampler not in ("simple", "attention"):
+            raise ValueError(f"expected downsampler 'simple' or 'attention', got {self.downsampler!r}")
+        _check_int("seed", self.seed, 0)
+        if self.bank_size is not None:
+            _check_int("bank_size", self.bank_size, 1)
+        _check_bool("fused", self.fused)
+        _check_bool("residual", self.residual)
+        if self.dropout_mode not in ("element", "channel"):
+            raise ValueError(f"expected dropout_mode 'element' or 'channel', got {self.dropout_mode!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"expected schedule 'constant' or 'cosine', got {self.schedule!r}")
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_probability("min_lr_ratio", self.min_lr_ratio)
+        _check_float("mag_weight", self.mag_weight, 0.0)
+        _check_float("blur_pin", self.blur_pin, 0.0)
+        _check_int("pca_views", self.pca_views, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        for name in ("p_zoom", "p_flip", "lr", "max_zoom", "tv_weight", "min_lr_ratio", "mag_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "blur_pin", float(self.blur_pin))
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> ImplicitFitConfig:
+        """The preset's settings with ``overrides`` applied (unknown names are a clear error)."""
+        if preset not in PRESETS:
+            raise ValueError(f"expected preset one of {sorted(PRESETS)}, got {preset!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown fit_implicit settings {unknown}; expected some of {sorted(known)}")
+        return cls(**{**PRESETS[preset], **overrides})
+
+    def hparams(self) -> dict[str, Any]:
+        """The settings that define the run (stored in the checkpoint, compared on resume)."""
+        out = asdict(self)
+        for name in ("steps", "checkpoint_every"):  # a resumed run may go further or checkpoint elsewhen
+            out.pop(name)
+        return out
+
+
+#: Named settings. "default": safe start, fast path, the settings measured best at 100 CPU steps
+#: (docs/notes/implicit.md). "paper": Table 7 with the paper's parameterisation, fresh views every step and
+#: the plain pooling path, i.e. the code's former behaviour (2000 steps; made for a GPU).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": dict(
+        steps=2000,
+        n_jitters=10,
+        lr=1e-3,
+        pca_dim=128,
+        kernel_size=29,
+        max_pad=30,
+        max_zoom=1.8,
+        tv_weight=0.05,
+        downsampler="attention",
+        bank_size=None,
+        fused=False,
+        residual=False,
+        dropout_mode="element",
+        schedule="constant",
+        warmup_steps=0,
+        mag_weight=0.0,
+        blur_pin=0.0,
+        pca_views=0,
+    ),
+}
+
+#: what checkpoints written before a setting existed were trained with
+_LEGACY_HPARAMS = dict(
+    p_zoom=0.5,
+    p_flip=0.5,
+    uncertainty=True,
+    bank_size=None,
+    fused=False,
+    residual=False,
+    dropout_mode="element",
+    schedule="constant",
+    warmup_steps=0,
+    min_lr_ratio=0.1,
+    mag_weight=0.0,
+    blur_pin=0.0,
+    pca_views=0,
+)
+
+
+def lr_factor(cfg: ImplicitFitConfig, step: int) -> float:
+    """Learning-rate multiplier of the 0-based ``step`` under the config's schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused jitter + window pooling: down(t(F_hr)) for many views without materialising any jittered map
+
+
+def _axis_taps(
+    coeffs: list[tuple[float, float, bool]], size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear taps of a jitter along one axis, as ``grid_sample(reflection, align_corners=False)`` reads.
+
+    A jitter is an axis-aligned affine map (:meth:`JitterParams.affine`), so along each axis output pixel
+    ``p`` reads two input pixels. ``coeffs`` holds per view ``(scale, shift, flip)`` of ``v = scale u +
+    shift`` in normalised coordinates (``flip`` mirrors the output afterwards, as :func:`apply_jitter` does).
+
+    Shape:
+        - output: indices (B, size, 2) long, weights (B, size, 2)
+    """
+    pos = torch.arange(size, dtype=torch.float64)
+    out_idx, out_w = [], []
+    for scale, shift, flip in coeffs:
+        p = pos.flip(0) if flip else pos
+        u = (2 * p + 1) / size - 1
+        x = ((scale * u + shift + 1) * size - 1) / 2  # unnormalise (align_corners=False)
+        # reflect about -0.5 and size - 0.5, then clip (grid_sample's reflection padding)
+        span = float(size)
+        d = (x + 0.5).abs()
+        extra = torch.fmod(d, span)
+        flips = torch.floor(d / span)
+        x = torch.where(flips % 2 == 0, extra - 0.5, span - extra - 0.5).clamp(0, size - 1)
+        x0 = torch.floor(x)
+        w1 = x - x0
+        i0 = x0.long()
+        i1 = (i0 + 1).clamp(max=size - 1)  # past the edge only when w1 == 0
+        out_idx.append(torch.stack([i0, i1], 1))
+        out_w.append(torch.stack([1 - w1, w1], 1))
+    return torch.stack(out_idx).to(device), torch.stack(out_w).to(device)
+
+
+def _jitter_taps(
+    jitters: list[JitterParams], size: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column taps of each jitter: (iy, wy) (B, H, 2) and (ix, wx) (B, W, 2)."""
+    cols, rows = [], []
+    for p in jitters:
+        (sx, _, tx), (_, sy, ty) = replace(p, flip=False).affine()
+        cols.append((sx, tx, p.flip))
+        rows.append((sy, ty, False))
+    iy, wy = _axis_taps(rows, size[0], device)
+    ix, wx = _axis_taps(cols, size[1], device)
+    return iy, wy, ix, wx
+
+
+def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Apply the jitters to a small map with gathers (used for the 1-channel salience). (1,C,H,W) -> (B,C,H,W)."""
+    iy, wy, ix, wx = taps
+    b = iy.shape[0]
+    _, c, h, w = x.shape
+    rows = x[0][:, iy.reshape(-1)].view(c, b, h, 2, w)
+    rows = (rows * wy.to(x.dtype).view(1, b, h, 2, 1)).sum(3)  # (C, B, H, W)
+    gathered = torch.gather(
+        rows.permute(1, 0, 2, 3).reshape(b, c * h, w), 2, ix.reshape(b, 1, -1).expand(-1, c * h, -1)
+    ).view(b, c, h, w, 2)
+    return (gathered * wx.to(x.dtype).view(b, 1, 1, w, 2)).sum(-1)
+
+
+class _SlabPool(torch.autograd.Function):
+    """out[b,:,i,:] = hr[:, lo[b][i] : lo[b][i] + L, :].view(C, L*W) @ mats[b, i].view(L*W, w).
+
+    One GEMM per view and output row over the slab of source rows that row's windows read; backward
+    accumulates into one gradient buffer (no per-slice zero tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, hr, mats, lo):  # type: ignore[override]
+        c, _, in_w = hr.shape
+        b, h, length, _, w = mats.shape
+        out = hr.new_empty(b, c, h, w)
+        for bi in range(b):
+            for i in range(h):
+                start = lo[bi][i]
+                slab = hr[:, start : start + length].reshape(c, length * in_w)
+                torch.mm(slab, mats[bi, i].view(length * in_w, w), out=out[bi, :, i])
+        ctx.lo = lo
+        ctx.save_for_backward(hr, mats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        hr, mats = ctx.saved_tensors
+        c, _, in_w = hr.shape
+        b, h, length, _, w = mats.shape
+        need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hr = torch.zeros_like(hr) if need_hr else None
+        grad_m = torch.empty_like(mats) if need_m else None
+        for bi in range(b):
+            for i in range(h):
+                start = ctx.lo[bi][i]
+                g = grad[bi, :, i]  # (C, w)
+                mat = mats[bi, i].view(length * in_w, w)
+                if need_hr:
+                    grad_hr[:, start : start + length].view(c, length * in_w).addmm_(g, mat.T)
+                if need_m:
+                    slab = hr[:, start : start + length].reshape(c, length * in_w)
+                    torch.mm(slab.T, g, out=grad_m[bi, i].view(length * in_w, w))
+        return grad_hr, grad_m, None
+
+
+def fused_view_pool(
+    hr: torch.Tensor,
+    jitters: list[JitterParams],
+    weights_fn: Callable[[torch.Tensor | None], torch.Tensor],
+    salience: torch.Tensor | None,
+    output_size: tuple[int, int],
+    kernel_size: int,
+) -> torch.Tensor:
+    """``window_pool(apply_jitter(hr, t_b), a_b)`` for every jitter ``t_b``, without any jittered map.
+
+    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: for
+    output row ``i`` of view ``b`` it reads a slab of ``L`` consecutive source rows, and the pooling weights
+    ``a_b`` are scattered through the jitter's bilinear taps into a (L*W, w) matrix. Outputs and gradients
+    equal the plain composition to float32 rounding; the cost is the pooling GEMMs alone.
+
+    Args:
+        hr: high-resolution features of the one image.
+        jitters: one per view.
+        weights_fn: maps the jittered salience (B, H, W) (or None) to pooling weights (B or 1, h, w, k, k).
+        salience: (1, 1, H, W) salience of ``hr`` (jittered here with the features' taps), or None.
+        output_size: (h, w).
+        kernel_size: window side k.
+
+    Shape:
+        - hr: (1, C, H, W)
+        - output: (B, C, h, w)
+    """
+    _, c, in_h, in_w = hr.shape
+    h, w = output_size
+    k = kernel_size
+    b = len(jitters)
+    taps = _jitter_taps(jitters, (in_h, in_w), hr.device)
+    iy, wy, ix, wx = taps
+    sal_views = _jitter_map(salience, taps)[:, 0] if salience is not None else None
+    a = weights_fn(sal_views).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
+    rows, _ = window_indices(in_h, h, k, hr.device)  # (h, k), clamped (their weights are zero)
+    cols, _ = window_indices(in_w, w, k, hr.device)  # (w, k)
+    src_r = iy[:, rows]  # (B, h, k, 2)
+    w_r = wy[:, rows].to(hr.dtype)
+    src_c = ix[:, cols]  # (B, w, k, 2)
+    w_c = wx[:, cols].to(hr.dtype)
+    lo = src_r.flatten(2).amin(2)  # (B, h)
+    length = int((src_r.flatten(2).amax(2) - lo).max()) + 1
+    length = min(length, in_h)
+    lo = lo.clamp(max=in_h - length)
+    off_r = src_r - lo[:, :, None, None]  # (B, h, k, 2) in [0, L)
+    # value and flat index of every (i, j, u, v, ty, tx) tap inside the (L, W, w) matrix of (b, i)
+    vals = (
+        a[:, :, :, :, :, None, None] * w_r[:, :, None, :, None, :, None] * w_c[:, None, :, None, :, None, :]
+    )  # (B, h, w, k, k, 2, 2)
+    j = torch.arange(w, device=hr.device).view(1, 1, w, 1, 1, 1, 1)
+    idx = (
+        off_r[:, :, None, :, None, :, None] * in_w + src_c[:, None, :, None, :, None, :]
+    ) * w + j  # (B, h, w, k, k, 2, 2)
+    mats = hr.new_zeros(b * h, length * in_w * w).scatter_add(
+        1, idx.reshape(b * h, -1), vals.reshape(b * h, -1)
+    )
+    mats = mats.view(b, h, length, in_w, w)
+    return _SlabPool.apply(hr[0], mats, lo.tolist())
+
+
+def _attention_weights(
+    down: AttentionDownsampler, sal: torch.Tensor, in_size: tuple[int, int], output_size: tuple[int, int]
+) -> torch.Tensor:
+    """:meth:`AttentionDownsampler.kernels` from an already computed (jittered) salience map (B, H, W)."""
+    h, w = output_size
+    k = down.kernel_size
+    rows, vr = window_indices(in_size[0], h, k, sal.device)
+    cols, vc = window_indices(in_size[1], w, k, sal.device)
+    b = sal.shape[0]
+    s = sal.index_select(1, rows.reshape(-1)).index_select(2, cols.reshape(-1))
+    s = s.view(b, h, k, w, k).permute(0, 1, 3, 2, 4)
+    logits = s * down.weight.to(s.dtype) + down.bias.to(s.dtype)
+    return _masked_softmax(logits, vr[:, None, :, None] & vc[None, :, None, :])
+
+
+def pool_views(
+    down: nn.Module,
+    hr: torch.Tensor,
+    extra: torch.Tensor | None,
+    jitters: list[JitterParams],
+    output_size: tuple[int, int],
+    *,
+    fused: bool,
+) -> torch.Tensor:
+    """``down(t_b(F_hr))`` for every jitter; ``extra`` channels (e.g. ``|F_hr|``) are pooled with the same
+    weights but do not enter the salience. ``fused`` selects :func:`fused_view_pool` over the plain path.
+
+    Shape:
+        - hr: (1, k, H, W); extra: (1, e, H, W) or None
+        - output: (B, k + e, h, w)
+    """
+    both = torch.cat([hr, extra], 1) if extra is not None else hr
+    n, in_size = len(jitters), (hr.shape[-2], hr.shape[-1])
+    attention = isinstance(down, AttentionDownsampler)
+    if not fused:
+        views = apply_jitter(both.expand(n, -1, -1, -1), jitters)
+        if extra is None:
+            return down(views, output_size)
+        return window_pool(views, down.kernels(views[:, : hr.shape[1]], output_size), output_size)
+    if attention:
+        sal = down.salience(hr)  # dropout + 1x1 conv once; jittered as one channel
+
+        def weights(s: torch.Tensor | None) -> torch.Tensor:
+            return _attention_weights(down, s, in_size, output_size)  # type: ignore[arg-type]
+
+    else:
+        sal = None
+
+        def weights(s: torch.Tensor | None) -> torch.Tensor:
+            return down.kernels(hr, output_size)
+
+    return fused_view_pool(both, jitters, weights, sal, output_size, down.kernel_size)
+
+
+def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:
+    """5x5 Gaussian blur (sigma 1, reflect borders), separable, per channel. (B,C,H,W) -> same."""
+    t = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
+    g = torch.exp(-0.5 * t.square())
+    g = g / g.sum()
+    c = x.shape[1]
+    pad_mode = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
+    y = F.conv2d(F.pad(x, (0, 0, 2, 2), mode=pad_mode), g.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+    return F.conv2d(F.pad(y, (2, 2, 0, 0), mode=pad_mode), g.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+
+
+def _magnitude(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the front
+
+
+def fit_implicit(
+    backbone: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    steps: int | None = None,
+    *,
+    preset: str = "default",
+    upsampler_kwargs: dict[str, Any] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    precision: str = "float32",
+    callback: Callback | None = None,
+    **overrides: Any,
+) -> ImplicitUpsampler:
+    """Fit FeatUp's implicit upsampler to one image.
+
+    The image's features ``f(x)`` are compressed to their top ``pca_dim`` principal components; each step
+    takes ``n_jitters`` jittered views, renders the compressed high-resolution features ``F_hr`` of the
+    implicit network (eq. 7) and minimises eq. 1 between ``PCA(f(t(x)))`` and ``down(t(F_hr))``, plus
+    ``tv_weight`` times the total variation of ``|F_hr|`` (eq. 8), ``mag_weight`` times the squared error
+    of the pooled ``|F_hr|`` against ``|PCA(f(t(x)))|`` and ``blur_pin`` times ``mean (blur(F_hr) - F_hr)^2``
+    (the original code's two extra regularisers). NAdam.
+
+    Settings (keyword ``overrides`` of the ``preset``; see :class:`ImplicitFitConfig` and ``PRESETS``):
+    ``n_jitters``, ``lr``, ``pca_dim``, ``kernel_size`` (downsampler window; None: the backbone's stride), ``max_pad`` (px at 224),
+    ``max_zoom``, ``p_zoom``, ``p_flip`` (0 for features that are not flip-equivariant), ``uncertainty``
+    (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
+    ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
+    (start from the bicubic upsampling of the compressed features; False: the paper's parameterisation),
+    ``dropout_mode`` ("channel": the original code's ``Dropout2d``; "element": per input),
+    ``schedule`` / ``warmup_steps`` / ``min_lr_ratio``, ``mag_weight``, ``blur_pin``, ``pca_views`` (jittered
+    views added to the map when fitting the PCA), ``checkpoint_every``.
+
+    Args:
+        backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``, called under ``torch.no_grad`` with
+            the views batched (an ``nn.Module`` is put in eval mode for the run).
+        image: the image to fit, RGB in [0, 1].
+        steps: total optimiser steps (None: the preset's; a resumed fit continues up to this count).
+        preset: "default" or "paper" (Table 7: 2000 steps, made for a GPU).
+        upsampler_kwargs: extra ``ImplicitUpsampler`` arguments (``hidden_dim``, ``n_freqs``, ...).
+        checkpoint_path: file for the resumable training state (network, downsampler, head, optimizer, step),
+            written every ``checkpoint_every`` steps and at the end; None disables it.
+        resume: continue from ``checkpoint_path`` if present (a fit of the same image and settings).
+        progress: show a tqdm bar.
+        device: training device; default the backbone's parameter device, else CPU.
+        precision: "float32", "bfloat16" or "float16", as in :func:`train_jbu` (the PCA and the targets'
+            projection onto it are computed in float32).
+        callback: ``callback(step, logs)`` after each step; returning True stops early.
+
+    Returns:
+        The fitted :class:`ImplicitUpsampler` in eval mode; ``render(size)`` gives ``(1,C,H',W')`` features
+        in the backbone's space at any size.
+
+    Raises:
+        TypeError, ValueError: a setting or input of the wrong type or range (named in the message).
+        CheckpointError: the state at ``checkpoint_path`` belongs to another image or other settings.
+
+    Shape:
+        - image: (1, 3, H, W)
+        - backbone output: (B, C, h, w)
+    """
+    if steps is not None:
+        overrides["steps"] = steps
+    cfg = ImplicitFitConfig.from_preset(preset, **overrides)
+    _check_common(
+        backbone,
+        cfg.steps,
+        cfg.n_jitters,
+        cfg.lr,
+        cfg.kernel_size or 1,
+        cfg.max_pad,
+        cfg.max_zoom,
+        cfg.downsampler,
+        cfg.seed,
+        cfg.checkpoint_every,
+        callback,
+    )
+    check_training_precision(precision)
+    image = validate_images(image, "image")
+    if image.shape[0] != 1:
+        raise ValueError(f"expected one image (1,3,H,W) to fit, got shape {tuple(image.shape)}")
+    if upsampler_kwargs is not None and not isinstance(upsampler_kwargs, dict):
+        raise TypeError(f"expected upsampler_kwargs as a dict or None, got {type(upsampler_kwargs).__name__}")
+    device = _resolve_device(backbone, device)
+    with _frozen(backbone), _training_context(device):
+        return _fit_implicit(
+            backbone,
+            image.to(device).clone(),  # a normal tensor even if the caller made it under inference_mode
+            cfg,
+            upsampler_kwargs=dict(upsampler_kwargs or {}),
+            checkpoint_path=checkpoint_path,
+            resume=resume,
+            progress=progress,
+            device=device,
+            precision=precision,
+            callback=callback,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fitter, one named step at a time
+
+
+def _view_features(
+    backbone: Callable,
+    image: torch.Tensor,
+    jitters: list[JitterParams],
+    batch: int,
+    precision: str,
+    what: str,
+) -> torch.Tensor:
+    """Backbone features (float32) of the jittered views, ``batch`` views per call. (N, C, h, w)."""
+    out = []
+    for start in range(0, len(jitters), batch):
+        chunk = jitters[start : start + batch]
+        views = apply_jitter(image.expand(len(chunk), -1, -1, -1), chunk)
+        with torch.no_grad(), mixed_precision(precision, image.device):
+            out.append(to_float32(_features(backbone, views, what)))
+    return torch.cat(out)
+
+
+def _draw_jitters(cfg: ImplicitFitConfig, gen: torch.Generator, n: int) -> list[JitterParams]:
+    return [
+        _training.sample_jitter(
+            gen, max_pad=cfg.max_pad, max_zoom=cfg.max_zoom, p_zoom=cfg.p_zoom, p_flip=cfg.p_flip
+        )
+        for _ in range(n)
+    ]
+
+
+def _fit_pca(
+    backbone: Callable,
+    image: torch.Tensor,
+    lr_feats: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    bank: tuple[list[JitterParams], torch.Tensor] | None,
+    precision: str,
+) -> PCA:
+    """PCA on the map's pixels plus those of ``pca_views`` jittered views (the bank's first, else drawn)."""
+    samples = [lr_feats]
+    if cfg.pca_views > 0:
+        if bank is not None and len(bank[0]) >= cfg.pca_views:
+            samples.append(bank[1][: cfg.pca_views])
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pca_views"))
+            jitters = _draw_jitters(cfg, gen, cfg.pca_views)
+            samples.append(_view_features(backbone, image, jitters, cfg.n_jitters, precision, "PCA views"))
+    feat_dim = int(lr_feats.shape[1])
+    return PCA(feat_dim, cfg.pca_dim).to(lr_feats.device).fit(torch.cat(samples))
+
+
+def _make_bank(
+    backbone: Callable, image: torch.Tensor, cfg: ImplicitFitConfig, precision: str
+) -> tuple[list[JitterParams], torch.Tensor] | None:
+    """The seeded bank of jittered views and their backbone features, or None (fresh views per step)."""
+    if cfg.bank_size is None:
+        return None
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "bank"))
+    jitters = _draw_jitters(cfg, gen, cfg.bank_size)
+    return jitters, _view_features(backbone, image, jitters, cfg.n_jitters, precision, "view bank")
+
+
+def _step_views(
+    backbone: Callable,
+    image: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    bank: tuple[list[JitterParams], torch.Tensor] | None,
+    pca: PCA,
+    step: int,
+    precision: str,
+) -> tuple[list[JitterParams], torch.Tensor]:
+    """This step's jitters and their PCA-compressed targets (from the bank, or freshly computed)."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "jitter", 0, step))
+    if bank is None:
+        jitters = _draw_jitters(cfg, gen, cfg.n_jitters)
+        views = apply_jitter(image.expand(cfg.n_jitters, -1, -1, -1), jitters)
+        with torch.no_grad():
+            with mixed_precision(precision, image.device):
+                feats = _features(backbone, views, f"jittered views, step {step}")
+            return jitters, pca.transform(to_float32(feats))
+    n_bank = len(bank[0])
+    if cfg.n_jitters <= n_bank:
+        idx = torch.randperm(n_bank, generator=gen)[: cfg.n_jitters]
+    else:
+        idx = torch.randint(n_bank, (cfg.n_jitters,), generator=gen)
+    return [bank[0][i] for i in idx.tolist()], bank[1][idx.to(bank[1].device)]
+
+
+def _objective(
+    imp: ImplicitUpsampler,
+    down: nn.Module,
+    head: nn.Module | None,
+    image: torch.Tensor,
+    jitters: list[JitterParams],
+    targets: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    precision: str,
+) -> dict[str, torch.Tensor]:
+    """The step's loss and its terms: eq. 1 over the views, TV (eq. 8), magnitude and blur-pin terms."""
+    device = image.device
+    out_size = (int(targets.shape[-2]), int(targets.shape[-1]))
+    k = int(targets.shape[1])
+    with mixed_precision(precision, device):
+        hr = imp.forward_compressed(image)
+        extra = _magnitude(hr) if cfg.mag_weight > 0 else None
+        pooled = pool_views(down, hr, extra, jitters, out_size, fused=cfg.fused)
+        log_scale = head(targets) if head is not None else None
+    # under mixed precision the loss is still computed in float32
+    with full_precision(device):
+        hr, pooled = to_float32(hr), to_float32(pooled)
+        log_scale = to_float32(log_scale) if log_scale is not None else None
+        zero = hr.new_zeros(())
+        rec = _training.reconstruction_loss(pooled[:, :k], targets, log_scale)
+        tv = tv_loss(hr) if cfg.tv_weight > 0 else zero
+        mag = (pooled[:, k:] - _magnitude(targets)).square().mean() if cfg.mag_weight > 0 else zero
+        pin = (_gaussian_blur(hr) - hr).square().mean() if cfg.blur_pin > 0 else zero
+        loss = rec + cfg.tv_weight * tv + cfg.mag_weight * mag + cfg.blur_pin * pin
+    return {"loss": loss, "rec_loss": rec, "tv_loss": tv, "mag_loss": mag, "blur_pin_loss": pin}
+
+
+def _fit_implicit(
+    backbone: Callable,
+    image: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    *,
+    upsampler_kwargs: dict[str, Any],
+    checkpoint_path: str | os.PathLike | None,
+    resume: bool,
+    progress: bool,
+    device: torch.device,
+    precision: str,
+    callback: Callback | None,
+) -> ImplicitUpsampler:
+    hparams = cfg.hparams()
+    saved = None
+    if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
+        saved = load_train_state(checkpoint_path, "implicit", map_location=device)
+        check_hparams({**_LEGACY_HPARAMS, **saved[1]["hparams"]}, hparams, checkpoint_path)
+        check_precision(saved[1], precision, checkpoint_path)
+
+    with mixed_precision(precision, device):
+        lr_feats = to_float32(_features(backbone, image, "image"))
+    feat_dim = int(lr_feats.shape[1])
+    out_size = tuple(lr_feats.shape[-2:])
+
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    bank = _make_bank(backbone, image, cfg, precision)
+    pca = _fit_pca(backbone, image, lr_feats, cfg, bank, precision)
+    kwargs: dict[str, Any] = {
+        "feat_dim": feat_dim,
+        "image_size": list(image.shape[-2:]),
+        "pca_dim": cfg.pca_dim,
+        **({"dropout_mode": cfg.dropout_mode} if cfg.dropout_mode != "element" else {}),
+        **({"residual": True, "lr_size": list(out_size)} if cfg.residual else {}),
+        **upsampler_kwargs,
+    }
+    if saved is not None:
+        stored = saved[1]["upsampler"]["kwargs"]
+        if stored["feat_dim"] != feat_dim or list(stored["image_size"]) != kwargs["image_size"]:
+            raise CheckpointError(
+                f"cannot resume from {checkpoint_path}: fitted to {stored['feat_dim']}-channel features of a "
+                f"{tuple(stored['image_size'])} image, now {feat_dim} channels of {tuple(image.shape[-2:])}"
+            )
+        kwargs = stored
+    imp = ImplicitUpsampler(**kwargs).to(device)
+    imp.set_image(image)
+    imp.set_pca(pca)
+    # the network predicts imp.pca_dim channels; components the data could not support are zero-padded
+    n_comp = int(imp.pca_dim)
+    pca = imp.pca
+    if imp.residual:
+        imp.set_base(pca.transform(lr_feats))
+    if bank is not None:  # the bank keeps only the compressed targets
+        bank = (bank[0], pca.transform(bank[1]))
+    # kernel_size None: the backbone's stride (the window of one low-resolution pixel)
+    kernel = cfg.kernel_size or max(1, round(image.shape[-2] / out_size[0]))
+    down = create_downsampler(cfg.downsampler, n_comp, kernel).to(device)
+    head = _uncertainty_head(cfg.uncertainty, n_comp)
+    modules: dict[str, nn.Module] = {"upsampler": imp, "downsampler": down}
+    if head is not None:
+        modules["head"] = head = head.to(device)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.NAdam(params, lr=cfg.lr)
+    scaler = _training.make_grad_scaler(precision, device)  # enabled for float16 only
+
+    start = 0
+    if saved is not None:
+        restore_modules(saved[0], modules, checkpoint_path)  # type: ignore[arg-type]
+        if not torch.equal(imp.image.to(image.dtype), image):  # the stored guidance image
+            raise CheckpointError(f"cannot resume from {checkpoint_path}: it was fitted to a different image")
+        restore_optimizer(optimizer, saved[0], saved[1], checkpoint_path)  # type: ignore[arg-type]
+        restore_grad_scaler(scaler, saved[1], checkpoint_path)  # type: ignore[arg-type]
+        start = int(saved[1]["step"])
+
+    def save(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        save_train_state(
+            checkpoint_path,
+            kind="implicit",
+            step=step,
+            modules=modules,
+            optimizer=optimizer,
+            config={
+                "hparams": hparams,
+                "feat_dim": feat_dim,
+                "upsampler": {"class": type(imp).__name__, "kwargs": imp.config()},
+                "precision": precision,
+                "grad_scaler": scaler.state_dict(),
+            },
+        )
+
+    steps = cfg.steps
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="fit_implicit")
+    for m in modules.values():
+        m.train()
+    step = start
+    try:
+        while step < steps:
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", 0, step))
+            jitters, targets = _step_views(backbone, image, cfg, bank, pca, step, precision)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, step)
+            terms = _objective(imp, down, head, image, jitters, targets, cfg, precision)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()  # scale/step/update are plain backward/step unless float16
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            logs = _step_logs(**{k: v.detach() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            stop = bool(callback(step, logs)) if callback is not None else False
+            if step % cfg.checkpoint_every == 0 or step == steps or stop:
+                save(step)
+            if stop:
+                break
+    finally:
+        bar.close()
+    for m in modules.values():
+        m.eval()
+    return imp
+
+
+def _st_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_suffix(path.suffix + ".safetensors")
