@@ -222,10 +222,12 @@ def test_unmirrored_kernel_correction_breaks_flip_equivariance():
     "kwargs", [{}, {"feat_dim": 4, "kernel_fixup": True}, {"feat_dim": 4, "original": True}]
 )
 def test_gradients_reach_every_parameter(kwargs):
-    # float64: some of the last stage's true gradients are ~1e-11 here, which float32 may round to exactly 0
+    # float64 and seeded inputs: with these random weights the last stage's gate and temperature get true
+    # gradients of ~1e-14 (in the plain path too), which float32 or an unlucky input may round to exactly 0
+    g = torch.Generator().manual_seed(5)
     up = _randomize(JBUStack(**kwargs), seed=5).double()
-    x = torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True)
-    image = torch.rand(2, 3, 64, 48, dtype=torch.float64, requires_grad=True)  # 16x: all four stages are used
+    x = torch.randn(2, 4, 4, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    image = torch.rand(2, 3, 64, 48, dtype=torch.float64, generator=g).requires_grad_(True)  # 16x: 4 stages
     out = up(x, image)
     (out * torch.randn_like(out)).sum().backward()
     for name, p in up.named_parameters():
