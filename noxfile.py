@@ -165,7 +165,7 @@ def eval(session: nox.Session) -> None:  # the package is called featup-eval
 def gpu_check(session: nox.Session) -> None:
     """tools/gpu_check.py in its quick CPU mode (so the GPU check never rots); checks the JSON it writes.
 
-    On a GPU machine run the full check directly: ``python tools/gpu_check.py`` (see docs/notes/kernels.md).
+    On a GPU machine run the full check directly: ``python tools/gpu_check.py`` (see docs/decisions.md#gpu).
     """
     python = shared_env(session)
     out = ROOT / ".nox" / "gpu-check"

@@ -4,7 +4,7 @@
     python tools/implicit_quality.py --which syn --size 96 --steps 100 --variants default mag_blur --seeds 3
     python tools/implicit_quality.py --which real --size 224 --steps 100 --variants default --seeds 3
 
-Variants are keyword overrides of fit_implicit's default preset (VARIANTS below). Numbers: docs/notes/implicit.md.
+Variants are keyword overrides of fit_implicit's default preset (VARIANTS below). Numbers: docs/decisions.md#implicit.
 """
 
 import argparse
@@ -47,7 +47,7 @@ VARIANTS = {
     "simple_down": {"downsampler": "simple", "kernel_size": 16},  # = the default preset at stride 16
     "no_unc": {"uncertainty": False},
     "bank256": {"bank_size": 256},
-    # the settings of the first default (docs/notes/implicit.md's 96 px table measured these rows)
+    # the settings of the first default (docs/decisions.md#implicit's 96 px table measured these rows)
     "attention29": {"downsampler": "attention", "kernel_size": 29},
     "attention29_mag_blur": {
         "downsampler": "attention",

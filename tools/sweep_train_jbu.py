@@ -1,4 +1,4 @@
-"""Small quality sweeps of ``train_jbu`` settings on the synthetic world (docs/notes/trainjbu.md).
+"""Small quality sweeps of ``train_jbu`` settings on the synthetic world (docs/decisions.md#train-jbu).
 
     python tools/sweep_train_jbu.py --name floor --runs '[{"lr": 0.02, "uncertainty": true}]' --seeds 0 1 2
 

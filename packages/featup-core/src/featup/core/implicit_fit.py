@@ -4,7 +4,7 @@
 :class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.training`
 (eq. 1) plus a total-variation prior on feature magnitudes (eq. 8). A run's settings are one frozen
 :class:`ImplicitFitConfig`, built from a named preset (``"default"``, or ``"paper"`` for Table 7) and
-keyword overrides. Measured rationale of the defaults: ``docs/notes/implicit.md``.
+keyword overrides. Measured rationale of the defaults: ``docs/decisions.md#implicit``.
 
 What makes a step cheap (the backbone is frozen and the views are known in advance):
 
@@ -165,7 +165,7 @@ class ImplicitFitConfig:
 
 
 #: Named settings. "default": safe start, fast path, the settings measured best at 100 CPU steps
-#: (docs/notes/implicit.md). "paper": Table 7 with the paper's parameterisation, fresh views every step and
+#: (docs/decisions.md#implicit). "paper": Table 7 with the paper's parameterisation, fresh views every step and
 #: the plain pooling path, i.e. the code's former behaviour (2000 steps; made for a GPU).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

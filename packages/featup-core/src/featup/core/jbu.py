@@ -34,7 +34,7 @@ A fresh stack starts safe (``safe_start=True``, the default): each stage's kerne
 ``delta + gate * (bilateral - delta) + correction`` with the gate and the correction's output layer
 zero-initialised, so before training the stack is exactly the chain of 2x resizes its stages resample with
 (bicubic by default), and training can only add to it; without it four stages of a wide bilateral kernel
-compound into a blur (measured in ``docs/notes/jbu.md``). The variants have registry names:
+compound into a blur (measured in ``docs/decisions.md#jbu-safe-fused``). The variants have registry names:
 ``create_upsampler("jbu")`` is this default, ``"jbu_paper"`` eq. 4-6 as written (inner-product range kernel
 on the pooled image, no encoder, no correction, no safe start) and ``"jbu_original"`` the original code's layout.
 

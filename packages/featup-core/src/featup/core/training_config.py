@@ -2,7 +2,7 @@
 
 ``train_jbu(backbone, images, steps, **overrides)`` builds it from a named preset plus the overrides, so
 every setting is checked once, in one place, and the run-defining ones (:meth:`JBUTrainConfig.hparams`) are
-stored in the checkpoint and compared on resume. Presets (see docs/notes/trainjbu.md for the measurements):
+stored in the checkpoint and compared on resume. Presets (see docs/decisions.md#train-jbu for the measurements):
 
 - ``"paper"``: Table 7 of the paper (NAdam at a constant 1e-3, 2000 steps, batch 4, 2 jitters, pad 30 px,
   zoom up to 2x, flips, attention downsampler with 16 px windows and the original code's pre-blur, 30-d
@@ -67,7 +67,7 @@ class JBUTrainConfig:
         p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
         blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``; on by
-            default: it won on 3 of 3 seeds, docs/notes/trainjbu.md).
+            default: it won on 3 of 3 seeds, docs/decisions.md#train-jbu).
         project_first: upsample the projected features when the upsampler is channel-linear (faster; see
             ``train_jbu``).
         seed: seed of every random draw.
@@ -189,6 +189,6 @@ def learning_rate_factor(schedule: str, step: int, steps: int, warmup_steps: int
 JBU_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # the measured alternatives (a cosine schedule; lr 1e-2 with plain MSE) did not beat Table 7 beyond seed
-    # noise on the synthetic sweep (docs/notes/trainjbu.md), so the default is Table 7 for now
+    # noise on the synthetic sweep (docs/decisions.md#train-jbu), so the default is Table 7 for now
     "default": {},
 }

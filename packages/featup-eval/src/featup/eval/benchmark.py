@@ -56,7 +56,7 @@ class BenchConfig:
     ``fit_implicit`` keep as their defaults); each change is measured on this benchmark (84 px, seed 0,
     3 evaluation scenes, extractor A; bilinear: cos 0.9285, mIoU 34.7, boundary F 39.4). The scenes are
     now 112 px: at 84 px extractor B's 16 px cells covered only 80 px (see ``size``), so the extractor-B
-    figures below were measured on misaligned features; the re-measured table is in docs/notes/evalfix.md.
+    figures below were measured on misaligned features; the re-measured table is in docs/decisions.md#eval-fixes.
 
     - ``p_flip=0``, ``max_zoom=implicit_max_zoom=1.2``: the extractors use *oriented* filters (Gabor,
       steered derivatives), so a horizontal flip of the image swaps orientation channels instead of flipping
