@@ -9,34 +9,15 @@ features is a single (anti-aliased) stage.
 Because the kernels depend on the image only, the stack is linear in the features and, with
 ``feat_dim=None``, has no per-feature parameter: one trained stack applies to any backbone's features.
 
-Three departures from the paper's equations are the defaults, all measured on the synthetic benchmark
-(``featup bench``) and all switchable back (``guidance_encoder=False, range_kernel="dot",
-kernel_fixup=False``; ``original=True`` gives the original code's form): the range kernel compares keys by
-squared distance, a Gaussian on learned features as in Kopf et al., rather than by inner product; and the keys come from a small convolutional
-:class:`~featup.core.guidance.GuidanceEncoder` run once on the full-resolution image and pooled per stage,
-rather than from the pooled RGB pixel alone. With the paper's form, training (multi-view or even directly
-supervised) shrinks every spatial Gaussian to its centre tap: an inner-product softmax favours large keys
-over similar ones, so at initialisation the kernel blurs across edges and the cheapest fix is to stop
-smoothing. A distance kernel is edge-aware from the first step, and the encoder's texture-aware keys keep it
-from smoothing across boundaries that differ in texture rather than colour.
-
-Third, each stage adds a learned kernel correction (the original code's ``fixup_proj``, which the paper does
-not mention), constrained here: bounded, flip-equivariant and summing to zero over the taps. Eq. 6's kernel
-is a weighted average, so each stage can only blend its (already resampled) neighbours, and under the
-multi-view loss, which sees the output only through stride-sized box averages, a blurred edge costs little;
-the correction may put negative weight on taps, i.e. sharpen. Synthetic benchmark, 12 evaluation scenes,
-training seeds 0 / 1 / 2 (mIoU / boundary F / MSE): without it 56.3 / 55.5 / 55.9, 59.5 / 56.8 / 57.4,
-0.144 / 0.148 / 0.147; with it 60.8 / 58.8 / 61.1, 74.6 / 71.4 / 76.6, 0.118 / 0.129 / 0.115. The original's
-unconstrained correction reached 58.7 / 59.3 / 59.5 but can diverge (an unbounded, non-normalized kernel
-grows each stage's gain: with only the mirror average added, seed 1 ended at an MSE of 1e12).
-
-A fresh stack starts safe (``safe_start=True``, the default): each stage's kernel is
-``delta + gate * (bilateral - delta) + correction`` with the gate and the correction's output layer
-zero-initialised, so before training the stack is exactly the chain of 2x resizes its stages resample with
-(bicubic by default), and training can only add to it; without it four stages of a wide bilateral kernel
-compound into a blur (measured in ``docs/decisions.md#jbu-safe-fused``). The variants have registry names:
-``create_upsampler("jbu")`` is this default, ``"jbu_paper"`` eq. 4-6 as written (inner-product range kernel
-on the pooled image, no encoder, no correction, no safe start) and ``"jbu_original"`` the original code's layout.
+Defaults that depart from the paper, each switchable and each measured in docs/decisions.md (J1-J4 and
+"JBU: safe start, fused forward"): a distance range kernel (``range_kernel="distance"``; eq. 5's inner
+product is ``"dot"``), keys from a mirror-symmetric :class:`~featup.core.guidance.GuidanceEncoder`
+(``guidance_encoder``), a bounded, flip-equivariant, zero-sum kernel correction per stage (``kernel_fixup``,
+``constrained_fixup``; the original code's ``fixup_proj``), and a safe start (``safe_start``): each stage's
+kernel is ``delta + gate * (bilateral - delta) + correction`` with the gate and the correction's output layer
+zero-initialised, so a fresh stack is exactly the chain of its stages' 2x resizes (bicubic by default).
+Registry names: ``"jbu"`` (this default), ``"jbu_paper"`` (eq. 3-6 as written), ``"jbu_original"`` (the
+original code's layout).
 
 The neighborhood similarities are computed by the fused op as well (the inner products of every pixel with
 its K x K neighbours are exactly the filter gradient of an adaptive convolution), so no (C * K * K, H, W)

@@ -49,56 +49,12 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Sizes and budgets of one benchmark run (the defaults took 24-43 min on 2 shared CPU cores at the former
-    84 px, nearly all of it the implicit fit on each evaluation scene; 112 px costs about (112/84)^2 = 1.8x).
+    """Sizes and budgets of one benchmark run.
 
-    The training hyperparameters are those of this domain, not the paper's Table 7 (which ``train_jbu`` /
-    ``fit_implicit`` keep as their defaults); each change is measured on this benchmark (84 px, seed 0,
-    3 evaluation scenes, extractor A; bilinear: cos 0.9285, mIoU 34.7, boundary F 39.4). The scenes are
-    now 112 px: at 84 px extractor B's 16 px cells covered only 80 px (see ``size``), so the extractor-B
-    figures below were measured on misaligned features; the re-measured table is in docs/decisions.md#eval-fixes.
-
-    - ``p_flip=0``, ``max_zoom=implicit_max_zoom=1.2``: the extractors use *oriented* filters (Gabor,
-      steered derivatives), so a horizontal flip of the image swaps orientation channels instead of flipping
-      the features, and a zoom changes the stripe periods they respond to: with Table 7's jitters no
-      high-res map reproduces every view ``f(t(x))``. Pads and crops (sub-stride translations) are the views
-      that carry the super-resolution information and stay consistent. Implicit upsampler, 100 steps:
-      Table 7 jitters cos 0.876 / mIoU 31.1 / bF 61.9 (worse than bilinear) -> no flip, zoom <= 1.2:
-      cos 0.905 / mIoU 52.3 / bF 73.8; zoom 1.0 gives about the same (0.907 / 51.1 / 82.1).
-    - ``implicit_downsampler="simple"`` (box of the stride, see below) and ``implicit_steps=200``: with the
-      simple downsampler, 100 steps: cos 0.928 / MSE 0.152 / mIoU 48.6 / bF 80.6; 100 steps of 4 jitters:
-      0.933 / 0.137 / 50.0 / 82.3; 200 steps of 2 jitters: 0.945 / 0.117 / 53.2 / 87.8 (same cost as 4
-      jitters, better).
-    - ``downsampler="simple"`` with ``kernel_size=None`` (= the extractor's stride): the true downsampler of
-      the synthetic extractors is an average pool over stride x stride cells, which a box-initialised
-      :class:`~featup.core.downsamplers.SimpleDownsampler` of that size is exactly, and it is the cheaper
-      one. (The trained JBU scores the same with the attention downsampler, see below.)
-    - ``jbu_steps=100``: the default :class:`~featup.core.jbu.JBUStack` (distance range kernel, guidance
-      encoder, spatial sigma starting at 1, constrained kernel correction) reaches cos 0.9399 / MSE 0.1184 /
-      mIoU 59.4 / boundary F 69.0 on the 12 evaluation scenes in 100 steps with ``uncertainty=False`` and
-      ``lr=1e-2`` (0.9410 / 0.1157 / 59.6 / 74.4 at 2e-2, where the same training on extractor B degraded to
-      cos 0.77 / mIoU 37.2; at 1e-2 training seeds 0 / 1 on B: mIoU 52.8 / 53.2); the same stack trained
-      directly on the ground truth for 200 steps: 0.9487 / 0.1033 / 60.8 / 74.6. Without
-      the kernel correction (the previous default, whose stages can only average): 0.9262 / 0.1445 / 56.5 /
-      59.3, a tie with jbu_classic that no training setting below changed. The paper's form
-      (``range_kernel="dot", guidance_encoder=False, kernel_fixup=False``) converges within ~40 steps to a
-      chain of bicubic 2x resizes (every spatial sigma -> 0.03-0.13: cos 0.9368, mIoU 36.1 on the first 3
-      scenes) whatever the jitters, downsampler, lr (2e-3 to 2e-2), initial sigma (0.15-0.5) or range
-      temperature (0-3), and it does the same when trained directly on the ground truth; see
-      :mod:`featup.core.jbu`.
-    - ``uncertainty=False`` (JBU and learnable baselines): eq. 1's learned per-pixel scale does not go
-      with a high learning rate (this benchmark's is 10x the paper's, for the CPU budget). Default stack, 12
-      scenes, with the scale at lr 2e-2: training seeds 0 / 1 reach mIoU 43.6 / 53.0, MSE 0.293 / 0.169 (the
-      first below bilinear); at 1e-2 and 5e-3 it trains normally (0.9365 / 0.1235 / 58.3 / boundary F 71.0
-      and 0.9371 / 0.1225 / 59.8 / 72.5), a little below plain MSE at 1e-2 (59.4, see above). A
-      scale below 1 multiplies the gradient by 1/s^2 where the views agree, raising the effective step - our
-      reading, not verified. Before the kernel correction the scale cost quality at lr 2e-2 as well (seeds
-      0 / 1 / 2: mIoU 55.2 / 54.9 / 54.6 with it, 56.3 / 55.5 / 55.9 without). Tried without gain before the
-      correction (plain MSE, seed 0, 12 scenes): 300 steps (mIoU 54.2), batch 4 x 300 steps at lr 5e-3 or
-      1e-2 (56.6 / 56.2, 6x the time), whole-pixel jitters without zoom (54.8), pads of
-      8 or 15 px at 224 (54.0 / 54.6), 4 jitters (54.8), a frozen box downsampler (54.4 with the scale),
-      starting from jbu_classic's kernel (falls from 56.6 to 55.0 while its MSE improves): all measured
-      without the kernel correction, which is what closed the gap.
+    The training hyperparameters are this domain's, not the paper's Table 7 (which ``train_jbu`` /
+    ``fit_implicit`` keep as presets): no flips and zoom <= 1.2 (the extractors' oriented filters are not
+    flip- or scale-equivariant), box downsamplers of the stride, plain MSE, lr 1e-2. Why, with the tables
+    that decided it: docs/decisions.md, sections B1, J1-J3 and "Evaluation correctness".
 
     Attributes:
         size: (H, W) of the scenes; both must be multiples of the stride of every extractor the run uses
@@ -110,7 +66,7 @@ class BenchConfig:
             low-res features).
         n_eval: evaluation scenes (every method is scored on all of them; the implicit upsampler is fitted
             on each). 12: with 3, as before, the segmentation scores swing by more than the differences between
-            methods (jbu_classic: mIoU 34.2 on the first 3 scenes, 56.6 on 12).
+            methods (decisions B1).
         jbu_steps: ``train_jbu`` steps (the paper: 2000 on a GPU; this CPU budget is why ``lr`` is 10x the
             paper's 1e-3).
         baseline_steps: steps for learnable baselines with the same objective; None = ``jbu_steps``,
