@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from featup.eval.baselines import MethodConfig
 from featup.eval.cam import (
     MaxPoolClassifier,
     average_drop,
@@ -24,6 +23,7 @@ from featup.eval.cam import (
 from featup.eval.cli import main
 from featup.eval.datasets import ImageFolder
 from featup.eval.fixtures import TinyBackbone, make_imagenet_folder
+from featup.eval.methods import MethodConfig
 
 SPEC = "featup.eval.fixtures:tiny_backbone"
 

@@ -59,7 +59,7 @@ def test_boundary_fscore_on_device(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fit_dip_on_device(device):
     """PCA buffers, network, noise, downsampler and head were created on the CPU whatever the image's device."""
-    from featup.eval.baselines import fit_dip
+    from featup.eval.methods import fit_dip
 
     image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     kw = dict(n_jitters=2, pca_dim=4, kernel_size=5, width=8, depth=2, progress=False)
@@ -84,7 +84,7 @@ METHODS = "lowres,bilinear,jbu,implicit,dip,strided,large_image"
 
 
 def _tiny_cfg():
-    from featup.eval.baselines import MethodConfig
+    from featup.eval.methods import MethodConfig
 
     return MethodConfig(
         train_steps=1,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from featup.eval._confusion import confusion_matrix, segmentation_scores
-from featup.eval.baselines import MethodConfig
 from featup.eval.cli import main
 from featup.eval.datasets import CocoStuff
 from featup.eval.fixtures import TinyBackbone, make_cocostuff
+from featup.eval.methods import MethodConfig
 from featup.eval.probes import (
     LinearProbe,
     depth_errors,

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from featup.eval._io import ResultStore, settings_tag
-from featup.eval.baselines import METHODS, FeatureMethod, MethodConfig, build_method, method_settings
+from featup.eval.methods import METHODS, FeatureMethod, MethodConfig, build_method, method_settings
 
 __all__ = ["evaluate_methods"]
 
@@ -42,7 +42,7 @@ def evaluate_methods(
     """Build (training if needed) and score every method in ``names`` not already in ``store``.
 
     Args:
-        names: method keys of :data:`~featup.eval.baselines.METHODS`, in the order of the returned dict.
+        names: method keys of :data:`~featup.eval.methods.METHODS`, in the order of the returned dict.
         backbone: the frozen feature extractor the methods upsample.
         evaluate: scores one method; its result is stored under the method's settings.
         store: results per method, persisted as JSON.

@@ -34,15 +34,15 @@ from tqdm.auto import tqdm
 from featup.core.checkpoint import CheckpointMixin, load_checkpoint, save_checkpoint
 from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
 from featup.eval._runner import evaluate_methods
-from featup.eval.baselines import (
+from featup.eval.datasets import ImageFolder
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
+from featup.eval.methods import (
     METHODS,
     FeatureMethod,
     MethodConfig,
     load_backbone,
     parse_methods,
 )
-from featup.eval.datasets import ImageFolder
-from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "MaxPoolClassifier",

@@ -35,15 +35,15 @@ from featup.core.checkpoint import CheckpointError, CheckpointMixin, load_checkp
 from featup.eval._confusion import confusion_matrix, segmentation_scores
 from featup.eval._io import ResultStore, format_number, markdown_table, read_json, write_json
 from featup.eval._runner import evaluate_methods
-from featup.eval.baselines import (
+from featup.eval.datasets import IGNORE_INDEX, open_probe_dataset
+from featup.eval.devices import loader_options, module_device, resolve_device, to_device
+from featup.eval.methods import (
     METHODS,
     FeatureMethod,
     MethodConfig,
     load_backbone,
     parse_methods,
 )
-from featup.eval.datasets import IGNORE_INDEX, open_probe_dataset
-from featup.eval.devices import loader_options, module_device, resolve_device, to_device
 
 __all__ = [
     "LinearProbe",

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from featup.eval._io import write_json
-from featup.eval.baselines import METHODS, MethodConfig
 from featup.eval.devices import add_device_argument, command_device
 from featup.eval.errors import UsageError
+from featup.eval.methods import METHODS, MethodConfig
 
 __all__ = [
     "add_backbone_args",

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from featup.eval import baselines
-from featup.eval.baselines import (
+from featup.eval import methods
+from featup.eval.fixtures import TinyBackbone, make_cocostuff
+from featup.eval.methods import (
     METHODS,
     DIPNet,
     DIPUpsampler,
@@ -19,7 +20,6 @@ from featup.eval.baselines import (
     method_settings,
     parse_methods,
 )
-from featup.eval.fixtures import TinyBackbone, make_cocostuff
 from featup.eval.probes import LinearProbe
 
 SPEC = "featup.eval.fixtures:tiny_backbone"
@@ -173,4 +173,14 @@ def test_trained_upsamplers_are_saved_and_reused(tmp_path, monkeypatch):
             train_data=train,
             work_dir=tmp_path / "w",
         )
-    assert baselines.METHODS["jbu"] == "FeatUp (JBU)"
+    assert methods.METHODS["jbu"] == "FeatUp (JBU)"
+
+
+def test_old_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    sys.modules.pop("featup.eval.baselines", None)
+    with pytest.warns(DeprecationWarning, match="featup.eval.methods"):
+        old = importlib.import_module("featup.eval.baselines")
+    assert old.build_method is methods.build_method and old.fit_dip is methods.fit_dip
