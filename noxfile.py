@@ -78,8 +78,9 @@ def shared_env(session: nox.Session) -> str:
     _install_once(session, python, "base", "v1", *TORCH, *BUILD_TOOLS, *TEST_TOOLS, "ruff")
     _install_kernels(session, python)
     pure = [PACKAGES / name for name in ("featup-core", "featup-backbones", "featup-eval")]
-    _install_once(session, python, "deps", _digest(*(p / "pyproject.toml" for p in pure)),
-                  *(f"{p}" for p in pure))  # fmt: skip
+    _install_once(
+        session, python, "deps", _digest(*(p / "pyproject.toml" for p in pure)), *(f"{p}[test]" for p in pure)
+    )  # fmt: skip  (test extras: e.g. the EfficientNet reference)
     # Reinstall the pure-Python packages non-editable every time: cheap, and tests see what users get.
     session.run(python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--force-reinstall",
                 *(str(p) for p in pure), external=True)  # fmt: skip
