@@ -31,8 +31,9 @@ from featup.core.implicit import ImplicitUpsampler
 from featup.core.jitter import JitterParams, apply_jitter, sample_jitter
 from featup.core.losses import UncertaintyHead, project, random_projection, reconstruction_loss, tv_loss
 from featup.core.pca import PCA
-from featup.core.implicit_fit import fit_implicit
+from featup.core.implicit_fit import ImplicitFitConfig, fit_implicit
 from featup.core.training import train_jbu
+from featup.core.training_config import JBUTrainConfig
 
 # --- scale: tiled inference, mixed precision (tiling.py, precision.py)
 from featup.core.precision import PrecisionError, mixed_precision, precision_error, upsample_mixed
@@ -77,6 +78,8 @@ __all__ = [
     "ImplicitUpsampler",
     "fit_implicit",
     "train_jbu",
+    "ImplicitFitConfig",
+    "JBUTrainConfig",
     "CheckpointError",
     "CheckpointMixin",
     "Upsampler",

@@ -38,8 +38,8 @@ def add_model_options(p: argparse.ArgumentParser, *, default_upsampler: str | No
     g.add_argument(
         "--pretrained",
         metavar="NAME",
-        help="the original project's pretrained models: vit, dino16, clip, dinov2, resnet50, maskclip "
-        "(backbone + published JBU; --checkpoint gives a local copy of the JBU file)",
+        help="a backbone with its pretrained JBU: efficientnet_lite0 (shipped, offline), or the original "
+        "project's vit, dino16, clip, dinov2, resnet50, maskclip (downloaded; --checkpoint gives a local copy)",
     )
     g.add_argument("--no-norm", action="store_true", help="with --pretrained: the models without use_norm")
     g.add_argument(
