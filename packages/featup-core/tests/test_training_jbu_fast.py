@@ -283,3 +283,19 @@ def test_blur_is_a_run_hyperparameter(tmp_path):
     with pytest.raises(TypeError, match="blur"):
         train_jbu(backbone, images, steps=1, blur=1, **JBU_FAST)
     assert isinstance(training.create_downsampler("simple", 3, 4, blur=True), SimpleDownsampler)
+
+
+def test_safe_start_gates_train_at_gate_lr_scale_times_the_rate():
+    # one step from the safe start: NAdam's first step has the same size for every parameter whatever its
+    # gradient, so the gates move gate_lr_scale times as far as with scale 1, and nothing else changes
+    backbone, images = PooledPointwise(), regions(4, 24, seed=3)
+    kw = dict(JBU_FAST, steps=1, schedule="constant")
+    slow = train_jbu(backbone, images, gate_lr_scale=1.0, **kw)
+    fast = train_jbu(backbone, images, gate_lr_scale=10.0, **kw)
+    used = [(s, f) for s, f in zip(slow.stages, fast.stages) if s.gate.abs() > 0]
+    assert len(used) == 2  # 6 -> 12 -> 24 px: two stages train
+    for s, f in used:
+        torch.testing.assert_close(f.gate, 10 * s.gate, rtol=1e-3, atol=0)
+        torch.testing.assert_close(f.sigma_spatial, s.sigma_spatial)
+    with pytest.raises(ValueError, match="gate_lr_scale"):
+        train_jbu(backbone, images, gate_lr_scale=0.0, **kw)

@@ -106,6 +106,23 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _param_groups(objective: nn.Module, gate_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the safe-start gates (``*.gate``) at ``gate_lr_scale`` x the rate.
+
+    A zero-initialised gate holds back every parameter behind it, and under Adam a scalar moves about one
+    learning rate per step, so at the usual rates the stack would stay near its safe start for hundreds of
+    steps (docs/decisions.md#gate-lr).
+    """
+    gates, rest = [], []
+    for name, p in objective.named_parameters():
+        if p.requires_grad:
+            (gates if name.endswith(".gate") else rest).append(p)
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if gates:
+        groups.append({"params": gates, "lr_scale": float(gate_lr_scale)})
+    return groups
+
+
 def _with_hparam_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """States saved before ``p_zoom`` / ``p_flip`` / ``uncertainty`` existed were trained with the Table 7
     values (0.5, 0.5) and with the uncertainty head."""
@@ -114,6 +131,7 @@ def _with_hparam_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         "p_flip": 0.5,
         "uncertainty": True,
         "blur": False,
+        "gate_lr_scale": 1.0,
         "schedule": "constant",
         "warmup_steps": 0,
         "schedule_steps": None,
@@ -602,7 +620,7 @@ def _train_jbu(
     objective = _JBUObjective(upsampler, down, head, project_first=cfg.project_first).to(device)
     if not any(p.requires_grad for p in upsampler.parameters()):
         raise ValueError("expected an upsampler with trainable parameters, got none requiring grad")
-    optimizer = torch.optim.NAdam([p for p in objective.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.NAdam(_param_groups(objective, cfg.gate_lr_scale), lr=lr)
     scaler = make_grad_scaler(precision, device)  # enabled for float16 only
     modules: dict[str, nn.Module] = {"upsampler": upsampler, "downsampler": down}
     if head is not None:
@@ -672,7 +690,7 @@ def _train_jbu(
                 loss = model(x, lr_feats, jitters, targets, proj, drop_gen)
             _check_finite_loss(loss, step, ctx, device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
+                group["lr"] = cfg.lr_at(step) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # scale/step/update are plain backward/step unless float16
             scaler.step(optimizer)

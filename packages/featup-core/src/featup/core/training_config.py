@@ -68,6 +68,8 @@ class JBUTrainConfig:
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
         blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``; on by
             default: it won on 3 of 3 seeds, docs/decisions.md#train-jbu).
+        gate_lr_scale: learning-rate multiplier of the safe-start gates of a :class:`~featup.core.jbu.JBUStack`
+            (docs/decisions.md#gate-lr); 1 for runs saved before it existed.
         project_first: upsample the projected features when the upsampler is channel-linear (faster; see
             ``train_jbu``).
         seed: seed of every random draw.
@@ -94,6 +96,7 @@ class JBUTrainConfig:
     p_flip: float = 0.5
     uncertainty: bool = True
     blur: bool = True
+    gate_lr_scale: float = 1.0
     project_first: bool = True
     seed: int = 0
     checkpoint_every: int = 100
@@ -114,6 +117,7 @@ class JBUTrainConfig:
             raise ValueError(f"expected downsampler 'simple' or 'attention', got {self.downsampler!r}")
         _int("kernel_size", self.kernel_size, 1)
         _int("max_pad", self.max_pad, 0)
+        _float("gate_lr_scale", self.gate_lr_scale, 0.0, strict=True)
         _float("max_zoom", self.max_zoom, 1.0)
         for name in ("p_zoom", "p_flip"):
             value = getattr(self, name)
@@ -126,7 +130,7 @@ class JBUTrainConfig:
         _int("checkpoint_every", self.checkpoint_every, 1)
         check_training_precision(self.precision)
         # normalise numbers given as ints, so the stored hyperparameters compare equal on resume
-        for name in ("lr", "max_zoom", "p_zoom", "p_flip"):
+        for name in ("lr", "max_zoom", "p_zoom", "p_flip", "gate_lr_scale"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod

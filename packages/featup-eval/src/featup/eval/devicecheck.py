@@ -36,6 +36,23 @@ from torch.utils._pytree import tree_flatten, tree_map
 __all__ = ["DeviceCheck", "MixedDeviceOp", "OnDevice", "device_check", "real"]
 
 _META = torch.device("meta")
+_REAL_GENERATOR = torch.Generator
+_REAL_INFERENCE_MODE = torch._C._InferenceMode
+
+
+class _NoGradMode:
+    """Stands in for ``torch._C._InferenceMode`` inside :func:`device_check` on the meta stand-in."""
+
+    def __init__(self, mode: bool = True) -> None:
+        self._guard = torch.no_grad() if mode else torch.enable_grad()
+
+    def __enter__(self) -> None:
+        self._guard.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._guard.__exit__(*exc)
+
+
 _aten = torch.ops.aten
 # the operators whose job is to cross devices
 _CROSSING = {
@@ -104,6 +121,24 @@ class OnDevice(torch.Tensor):
         return _run(func, args, kwargs or {}, None)
 
 
+class _StandInGenerator(torch.Generator):
+    """``torch.Generator(device="meta")`` inside :func:`device_check`: a CPU generator (the values live on the
+    CPU) that the checks treat as living on the stand-in device."""
+
+    def __new__(cls, device: Any = None):
+        target = torch.device("cpu" if device is None else device)
+        gen = super().__new__(cls, device="cpu" if target == _META else target)
+        gen.stand_in = target == _META
+        return gen
+
+    def __init__(self, device: Any = None) -> None:  # the C++ constructor did the work in __new__
+        pass
+
+
+def _generator_device(gen: torch.Generator) -> torch.device:
+    return _META if getattr(gen, "stand_in", False) else gen.device
+
+
 def _index_on_stand_in(index: Any) -> Any:
     if isinstance(index, list):
         return torch.as_tensor(index).to(_META)
@@ -146,8 +181,8 @@ def _run(func, args, kwargs, check: DeviceCheck | None):
         out_device = torch.device(target) if target is not None else None
         if out_device is None and devices:
             out_device = torch.device(sorted(devices)[0]) if len(devices) == 1 else None
-        if gen is not None and out_device is not None and gen.device.type != out_device.type:
-            check._record(func, {f"generator {gen.device}", f"output {out_device}"})
+        if gen is not None and out_device is not None and _generator_device(gen).type != out_device.type:
+            check._record(func, {f"generator {_generator_device(gen)}", f"output {out_device}"})
     to_stand_in = target is not None and torch.device(target) == _META
     if not wrapped and not to_stand_in:
         return func(*args, **kwargs)
@@ -159,7 +194,17 @@ def _run(func, args, kwargs, check: DeviceCheck | None):
         return out
     wrapped_out = tree_map(lambda x: OnDevice(x) if isinstance(x, torch.Tensor) else x, out)
     if wrapped:
-        return return_and_correct_aliasing(func, args, kwargs, wrapped_out)
+        try:
+            return return_and_correct_aliasing(func, args, kwargs, wrapped_out)
+        except RuntimeError as err:
+            # inside inference_mode the version-counter bookkeeping is refused for inference tensors; an
+            # in-place op then returns the argument it wrote (its schema's mutable alias), as it does anyway
+            if "inference tensor" not in str(err):
+                raise
+            for arg, spec in zip(args, func._schema.arguments):
+                if spec.alias_info is not None and spec.alias_info.is_write:
+                    return arg
+            return wrapped_out
     return wrapped_out
 
 
@@ -235,6 +280,10 @@ def device_check(device: str | torch.device = "meta") -> Iterator[DeviceCheck]:
         torch.Tensor.tolist = real_tolist
         torch.amp.autocast_mode.autocast.__init__ = cpu_autocast
         torch.amp.GradScaler.__init__ = cpu_scaler
+        torch.Generator = _StandInGenerator  # the meta device has no generators of its own
+        # inference tensors refuse the version-counter bookkeeping a wrapper subclass needs for views and
+        # in-place ops; on the stand-in, inference_mode acts as no_grad (same values, no graph)
+        torch._C._InferenceMode = _NoGradMode
     try:
         with mode:
             yield mode
@@ -244,6 +293,8 @@ def device_check(device: str | torch.device = "meta") -> Iterator[DeviceCheck]:
         torch.amp.autocast_mode.autocast.__init__ = autocast_init
         torch.Tensor.tolist = tolist
         torch.amp.GradScaler.__init__ = scaler_init
+        torch.Generator = _REAL_GENERATOR
+        torch._C._InferenceMode = _REAL_INFERENCE_MODE
 
 
 def _available(device: torch.device) -> bool:
