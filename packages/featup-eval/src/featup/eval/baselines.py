@@ -5,31 +5,10 @@ from __future__ import annotations
 
 import warnings
 
-from featup.eval.methods import (
-    METHODS,
-    DIPNet,
-    DIPUpsampler,
-    FeatureMethod,
-    MethodConfig,
-    build_method,
-    fit_dip,
-    load_backbone,
-    method_settings,
-    parse_methods,
-)
+from featup.eval import methods as _methods
+from featup.eval.methods import *  # noqa: F403 (the alias re-exports the module's public names)
 
-__all__ = [
-    "METHODS",
-    "DIPNet",
-    "DIPUpsampler",
-    "FeatureMethod",
-    "MethodConfig",
-    "build_method",
-    "fit_dip",
-    "load_backbone",
-    "method_settings",
-    "parse_methods",
-]
+__all__ = list(_methods.__all__)
 
 warnings.warn(
     "featup.eval.baselines is renamed featup.eval.methods; the old name will be removed in a later release",
