@@ -58,10 +58,11 @@ def test_step_zero_is_the_safe_start(quick):
         fixed, curves = result[part]["fixed"], result[part]["curves"]
         for key in keys:
             bicubic, classic = fixed["bicubic"][key], fixed["jbu_classic"][key]
-            scale = abs(bicubic) if key.endswith("mse") else 1.0
-            assert abs(curves["implicit"][0][key] - bicubic) <= 1e-5 * scale, (part, key)
-            assert abs(curves["jbu"][0][key] - bicubic) <= 2e-3 * scale, (part, key)
-            assert abs(classic - bicubic) > 5e-3 * scale, (part, key)
+            # MSE relative to bicubic's; four 2x bicubic rounds differ from one bicubic resize by < 1% MSE
+            tol = 1e-2 * bicubic if key.endswith("mse") else 2e-3
+            assert abs(curves["implicit"][0][key] - bicubic) <= 1e-5, (part, key)
+            assert abs(curves["jbu"][0][key] - bicubic) <= tol, (part, key)
+            assert abs(classic - bicubic) > 2 * tol, (part, key)
 
 
 def test_merge_saved_parts(tool, quick, tmp_path, capsys):
