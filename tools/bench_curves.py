@@ -312,9 +312,13 @@ def format_table(result: dict[str, Any]) -> str:
     for name in FIXED:
         cells = [fmt(k, part["fixed"][name][k]) for k, _, _, part in ms]
         lines.append(f"| {name} | - | " + " | ".join(cells) + " |")
+    steps = sorted({s for _, _, _, part in ms for s in part["curves"]["jbu"]})
     for method in TRAINED:
-        for step in result["grid"]:
-            cells = [fmt(k, part["curves"][method][step][k]) for k, _, _, part in ms]
+        for step in steps:
+            cells = [
+                fmt(k, part["curves"][method][step][k]) if step in part["curves"][method] else ""
+                for k, _, _, part in ms
+            ]
             lines.append(f"| {method} | {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -328,12 +332,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     ms = _measures(result)
     fig, axes = plt.subplots(1, len(ms), figsize=(3.4 * len(ms), 3.0), squeeze=False)
-    grid = result["grid"]
-    # log x cannot show 0: step 0 is drawn at half the first positive step, labelled "0"
-    x0 = (grid[1] if len(grid) > 1 else 1) / 2
-    xs = [x0 if s == 0 else s for s in grid]
     colors = {"bilinear": "tab:gray", "bicubic": "black", "jbu_classic": "tab:green"}
     for ax, (key, label, hi, part) in zip(axes[0], ms):
+        grid = sorted(part["curves"]["jbu"])
+        # log x cannot show 0: step 0 is drawn at half the first positive step, labelled "0"
+        x0 = (grid[1] if len(grid) > 1 else 1) / 2
+        xs = [x0 if s == 0 else s for s in grid]
         for name in FIXED:
             ax.axhline(part["fixed"][name][key], color=colors[name], ls="--", lw=1, label=name)
         for method, c in (("jbu", "tab:blue"), ("implicit", "tab:red")):
@@ -427,15 +431,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One result from saved ones with the same step grid (JSON keys back to ints), parts taken in order.
+    """One result from saved ones (JSON keys back to ints), parts taken in order; each part keeps its grid.
 
     Raises:
-        ValueError: different grids, or a part present twice.
+        ValueError: a part present twice.
     """
-    out: dict[str, Any] = {"grid": results[0]["grid"], "runs": []}
+    out: dict[str, Any] = {"grid": sorted({s for r in results for s in r["grid"]}), "runs": []}
     for r in results:
-        if r["grid"] != out["grid"]:
-            raise ValueError(f"expected the same step grid in every file, got {out['grid']} and {r['grid']}")
         out["runs"].append({k: r.get(k) for k in ("command", "seconds", "seed", "torch_threads")})
         for part in ("synthetic", "real"):
             if part in r:
