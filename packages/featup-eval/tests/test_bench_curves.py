@@ -1,0 +1,79 @@
+"""tools/bench_curves.py: quality-against-steps curves (the quick mode, the step grid, merging saved parts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TOOL = Path(__file__).resolve().parents[3] / "tools" / "bench_curves.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("bench_curves", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_grid(tool):
+    assert tool.step_grid(2000) == [0, 25, 50, 100, 200, 400, 800, 1600, 2000]
+    assert tool.step_grid(200) == [0, 25, 50, 100, 200]
+    assert tool.step_grid(2) == [0, 2]
+    with pytest.raises(ValueError, match="max-steps"):
+        tool.step_grid(0)
+
+
+@pytest.fixture(scope="module")
+def quick(tool, tmp_path_factory):
+    out = tmp_path_factory.mktemp("curves")
+    result = tool.main(["--quick", "--json", str(out / "c.json"), "--plot", str(out / "c.png")])
+    return result, out
+
+
+def test_quick_writes_json_and_plot(quick):
+    result, out = quick
+    saved = json.loads((out / "c.json").read_text())
+    assert saved["grid"] == result["grid"] == [0, 2]
+    for part, keys in (("synthetic", ("syn_cosine", "syn_mse")), ("real", ("real_held_out", "real_pooled"))):
+        assert set(saved[part]["fixed"]) == {"bilinear", "bicubic", "jbu_classic"}
+        for method in ("jbu", "implicit"):
+            assert set(saved[part]["curves"][method]) == {"0", "2"}
+            for scores in saved[part]["curves"][method].values():
+                assert set(scores) == set(keys)
+    png = Image.open(out / "c.png")
+    assert png.size[0] > 4 * png.size[1] / 2  # four panels side by side
+
+
+def test_step_zero_is_the_safe_start(quick):
+    """A fresh JBU stack is a chain of 2x bicubic resizes and a fresh residual implicit model renders the bicubic
+    upsampling of its (full-rank) PCA features: both score as the independently computed bicubic row, and
+    clearly unlike Kopf's JBU (so the tolerance discriminates)."""
+    result, _ = quick
+    for part, keys in (("synthetic", ("syn_cosine", "syn_mse")), ("real", ("real_held_out", "real_pooled"))):
+        fixed, curves = result[part]["fixed"], result[part]["curves"]
+        for key in keys:
+            bicubic, classic = fixed["bicubic"][key], fixed["jbu_classic"][key]
+            # MSE relative to bicubic's; four 2x bicubic rounds differ from one bicubic resize by < 1% MSE
+            tol = 1e-2 * bicubic if key.endswith("mse") else 2e-3
+            assert abs(curves["implicit"][0][key] - bicubic) <= 1e-5, (part, key)
+            assert abs(curves["jbu"][0][key] - bicubic) <= tol, (part, key)
+            assert abs(classic - bicubic) > 2 * tol, (part, key)
+
+
+def test_merge_saved_parts(tool, quick, tmp_path, capsys):
+    _, out = quick
+    saved = json.loads((out / "c.json").read_text())
+    syn = {k: v for k, v in saved.items() if k != "real"}
+    real = {k: v for k, v in saved.items() if k != "synthetic"}
+    (tmp_path / "s.json").write_text(json.dumps(syn))
+    (tmp_path / "r.json").write_text(json.dumps(real))
+    merged = tool.main(["--from-json", str(tmp_path / "s.json"), str(tmp_path / "r.json")])
+    assert merged["real"]["curves"]["jbu"][2] == saved["real"]["curves"]["jbu"]["2"]
+    assert "| jbu | 2 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="twice"):
+        tool.merge([syn, syn])
