@@ -255,6 +255,22 @@ def _trained_upsampler(
     return up.to(device).eval()
 
 
+def _fit_per_image(
+    x: torch.Tensor,
+    fit: Callable[[torch.Tensor], Any],
+    apply: Callable[[Any, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Per-image methods (implicit, DIP): ``fit`` a model to each image of ``x`` (with gradients on, whatever
+    the caller's mode), ``apply`` it to that image, and stack the results (B, C, H, W)."""
+    outs = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        with torch.enable_grad():
+            model = fit(xi)
+        outs.append(apply(model, xi))
+    return torch.cat(outs)
+
+
 def build_method(
     name: str,
     backbone: Callable[[torch.Tensor], torch.Tensor],
@@ -324,39 +340,37 @@ def build_method(
         from featup.core.training import fit_implicit
 
         def implicit(x: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for i in range(x.shape[0]):
-                with torch.enable_grad():
-                    imp = fit_implicit(
-                        backbone,
-                        x[i : i + 1],
-                        cfg.implicit_steps,
-                        n_jitters=cfg.n_jitters,
-                        seed=cfg.seed,
-                        progress=False,
-                        device=device,
-                    )
-                outs.append(imp.render(tuple(x.shape[-2:])).to(x.device))
-            return torch.cat(outs)
+            return _fit_per_image(
+                x,
+                lambda xi: fit_implicit(
+                    backbone,
+                    xi,
+                    cfg.implicit_steps,
+                    n_jitters=cfg.n_jitters,
+                    seed=cfg.seed,
+                    progress=False,
+                    device=device,
+                ),  # fmt: skip
+                lambda imp, xi: imp.render(tuple(xi.shape[-2:])).to(xi.device),
+            )
 
         return FeatureMethod(name, implicit)
 
     # dip
     def dip(x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for i in range(x.shape[0]):
-            with torch.enable_grad():
-                up = fit_dip(
-                    backbone,
-                    x[i : i + 1],
-                    cfg.dip_steps,
-                    n_jitters=cfg.n_jitters,
-                    seed=cfg.seed,
-                    progress=False,
-                    device=device,
-                )
-            outs.append(up(backbone(x[i : i + 1]), x[i : i + 1]))
-        return torch.cat(outs)
+        return _fit_per_image(
+            x,
+            lambda xi: fit_dip(
+                backbone,
+                xi,
+                cfg.dip_steps,
+                n_jitters=cfg.n_jitters,
+                seed=cfg.seed,
+                progress=False,
+                device=device,
+            ),
+            lambda up, xi: up(backbone(xi), xi),
+        )
 
     return FeatureMethod(name, dip)
 
