@@ -28,11 +28,10 @@ from featup.core.checkpoint import CheckpointMixin
 from featup.core.jbu import (
     _taps,
     apply_kernel,
-    neighborhood_sqdist,
+    classic_kernel,
     pad2d,
     pool_guidance,
     resize,
-    spatial_gaussian,
     stage_sizes,
 )
 from featup.core.registry import register_upsampler
@@ -185,10 +184,7 @@ class ClassicJBU(Upsampler):
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
         """Normalized bilateral kernels (B, K*K, H, W) for this guidance."""
-        spatial = spatial_gaussian(self.radius, torch.tensor(self.sigma_spatial, dtype=guidance.dtype))
-        logits = -neighborhood_sqdist(guidance, self.radius) / (2 * self.sigma_range**2)
-        kernel = torch.exp(logits) * spatial.to(guidance.device).view(1, -1, 1, 1)
-        return kernel / kernel.sum(1, keepdim=True)  # the center tap is >= exp(0) * spatial_max > 0
+        return classic_kernel(guidance, self.radius, self.sigma_spatial, self.sigma_range)
 
     def upsample(
         self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]

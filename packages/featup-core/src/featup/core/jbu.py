@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin
+from featup.core.consistency import back_project
 from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
@@ -246,6 +247,40 @@ def _neighborhood_sqdist_pixel_major(g: torch.Tensor, radius: int, pad_mode: str
     neighbours = pad2d(torch.cat([g, norms, ones], 1), radius, pad_mode)
     dist = _NeighborhoodDot.apply(centre, neighbours, diameter).reshape(b, h, w, diameter * diameter)
     return dist.clamp_min(0)
+
+
+#: Kopf et al.'s fixed joint bilateral kernel: spatial sigma (window coordinates), range sigma (RGB in [0, 1])
+CLASSIC_SIGMAS = (0.5, 0.1)
+
+#: what a safe-start stage starts from: ``"classic"`` Kopf's JBU (default), ``"delta"`` its source resize alone
+BASE_KERNELS = ("classic", "delta")
+
+
+def classic_kernel(
+    image: torch.Tensor,
+    radius: int,
+    sigma_spatial: float = CLASSIC_SIGMAS[0],
+    sigma_range: float = CLASSIC_SIGMAS[1],
+    pad_mode: str = "reflect",
+    pixel_major: bool = False,
+) -> torch.Tensor:
+    """Kopf et al.'s joint bilateral kernel on RGB, normalized over the K x K window.
+
+    ``k = exp(-|g_c - g_n|^2 / (2 sigma_range^2)) * exp(-|d|^2 / (2 sigma_spatial^2))``, d in [-1, 1]
+    window coordinates.
+
+    Shape:
+        - image: (B, 3, H, W) at the stage's resolution
+        - output: (B, K*K, H, W), or (B, H, W, K*K) with ``pixel_major``
+    """
+    spatial = spatial_gaussian(radius, torch.tensor(float(sigma_spatial), dtype=image.dtype)).to(image.device)
+    if pixel_major:
+        sqdist = _neighborhood_sqdist_pixel_major(image, radius, pad_mode)
+    else:
+        sqdist = neighborhood_sqdist(image, radius, pad_mode)
+        spatial = spatial.view(1, -1, 1, 1)
+    kernel = torch.exp(sqdist / (-2 * float(sigma_range) ** 2)) * spatial
+    return kernel / kernel.sum(-1 if pixel_major else 1, keepdim=True)  # the centre tap is > 0
 
 
 def _mirrored_taps(diameter: int, device: torch.device) -> torch.Tensor:
@@ -486,10 +521,12 @@ class JBUStage(nn.Module):
         init_sigma_spatial: initial width of the spatial Gaussian (window coordinates in [-1, 1]).
         range_kernel: ``"distance"`` or ``"dot"`` (see :data:`RANGE_KERNELS`).
         safe_start: gate the bilateral kernel with a zero-initialised scalar ``gate``:
-            ``kernel = delta + gate * (bilateral - delta) [+ correction]``, and zero-initialise the
-            correction's output layer, so a fresh stage is exactly its source resize (the centre tap alone)
-            and training can only add to it. Without it (the paper's form) the stage starts as the bilateral
-            kernel itself.
+            ``kernel = base + gate * (bilateral - base) [+ correction]``, and zero-initialise the
+            correction's output layer, so a fresh stage is exactly ``base`` and training can only add to it.
+            Without it (the paper's form) the stage starts as the bilateral kernel itself.
+        base_kernel: ``base`` of the safe start (:data:`BASE_KERNELS`): ``"delta"`` the centre tap alone (the
+            stage is its source resize) or ``"classic"`` Kopf's fixed JBU on the RGB image
+            (:func:`classic_kernel`; the stage then needs ``image``).
 
     Shape:
         - source: (B, C, h, w)
@@ -511,8 +548,12 @@ class JBUStage(nn.Module):
         range_kernel: str = "distance",
         constrained_fixup: bool = False,
         safe_start: bool = False,
+        base_kernel: str = "delta",
     ) -> None:
         super().__init__()
+        if base_kernel not in BASE_KERNELS:
+            raise ValueError(f"expected base_kernel in {BASE_KERNELS}, got {base_kernel!r}")
+        self.base_kernel = base_kernel if safe_start else "delta"
         if range_kernel not in RANGE_KERNELS:
             raise ValueError(f"expected range_kernel in {RANGE_KERNELS}, got {range_kernel!r}")
         self.range_kernel = range_kernel
@@ -547,15 +588,21 @@ class JBUStage(nn.Module):
                 nn.init.zeros_(self.fixup_proj[3].weight)
                 nn.init.zeros_(self.fixup_proj[3].bias)
 
-    def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
-        """The per-pixel kernels for this guidance (B, K*K, H, W); they sum to 1 unless the original's
-        unconstrained correction is on.
+    def _needs_image(self, image: torch.Tensor | None) -> None:
+        if self.gate is not None and self.base_kernel == "classic" and image is None:
+            raise ValueError("a stage with base_kernel='classic' needs the image at its resolution, got None")
+
+    def kernel(self, guidance: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-pixel kernels for this guidance (B, K*K, H, W) (and the RGB ``image`` (B, 3, H, W) at the
+        same size with ``base_kernel="classic"``); they sum to 1 unless the original's unconstrained
+        correction is on.
 
         Equal to :meth:`kernel_plain` up to float rounding, computed pixel-major (taps innermost, the layout
         the adaptive convolution reads; the result is a view of it): 1x1 convolutions as matrix products,
         the squared distances as one neighbourhood product, and the correction's mirrored evaluation as the
         same matrix product with its tap weights permuted.
         """
+        self._needs_image(image)
         taps = self.diameter**2
         b, _, h, w = guidance.shape
         keys = _pointwise_mlp(self.range_proj, guidance)
@@ -572,17 +619,23 @@ class JBUStage(nn.Module):
             kernel = kernel / norm
             correction = None if self.fixup_proj is None else self._correction_pixel_major(kernel, guidance)
         else:
-            # delta + gate * (kernel - delta): one pass over the taps, the rest on the centre tap
+            # base + gate * (kernel - base): one pass over the taps
             fix = self.fixup_proj
             correction = None if fix is None else self._correction_pixel_major(kernel / norm, guidance)
             gate = self.gate.to(kernel.dtype)
             kernel = kernel * (gate / norm)
-            centre = torch.zeros(taps, device=kernel.device, dtype=kernel.dtype)
-            centre[taps // 2] = 1.0
-            if correction is None:
-                kernel = kernel + centre * (1 - gate)
+            if self.base_kernel == "classic":
+                assert image is not None
+                base = classic_kernel(
+                    image.to(kernel.dtype), self.radius, pad_mode=self.pad_mode, pixel_major=True
+                )
             else:
-                correction = correction + centre * (1 - gate)
+                base = torch.zeros(taps, device=kernel.device, dtype=kernel.dtype)
+                base[taps // 2] = 1.0
+            if correction is None:
+                kernel = kernel + base * (1 - gate)
+            else:
+                correction = correction + base * (1 - gate)
         if correction is not None:
             kernel = kernel + correction
         return kernel.permute(0, 3, 1, 2)
@@ -616,8 +669,9 @@ class JBUStage(nn.Module):
         correction = (out + mirrored) * 0.05
         return correction - correction.mean(-1, keepdim=True)
 
-    def kernel_plain(self, guidance: torch.Tensor) -> torch.Tensor:
+    def kernel_plain(self, guidance: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`kernel` computed step by step as the equations read (the test oracle of the fused path)."""
+        self._needs_image(image)
         keys = self.range_proj(guidance)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         if self.range_kernel == "distance":
@@ -631,11 +685,15 @@ class JBUStage(nn.Module):
         if self.fixup_proj is not None:
             correction = 0.1 * self.kernel_correction(kernel, guidance)
         if self.gate is not None:
-            # delta + gate * (kernel - delta): exactly the centre tap while the gate is 0
-            delta = torch.zeros(self.diameter**2, device=kernel.device, dtype=kernel.dtype)
-            delta[self.diameter**2 // 2] = 1.0
-            delta = delta.view(1, -1, 1, 1)
-            kernel = delta + self.gate.to(kernel.dtype) * (kernel - delta)
+            # base + gate * (kernel - base): exactly the base while the gate is 0
+            if self.base_kernel == "classic":
+                assert image is not None
+                base = classic_kernel(image.to(kernel.dtype), self.radius, pad_mode=self.pad_mode)
+            else:
+                base = torch.zeros(self.diameter**2, device=kernel.device, dtype=kernel.dtype)
+                base[self.diameter**2 // 2] = 1.0
+                base = base.view(1, -1, 1, 1)
+            kernel = base + self.gate.to(kernel.dtype) * (kernel - base)
         if correction is not None:
             kernel = kernel + correction
         return kernel
@@ -660,11 +718,13 @@ class JBUStage(nn.Module):
         source: torch.Tensor,
         guidance: torch.Tensor,
         *,
+        image: torch.Tensor | None = None,
         fused: bool = True,
         source_padding: Sequence[int] | None = None,
         out_padding: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Apply this stage; ``fused=False`` runs the plain path (:meth:`kernel_plain`, :func:`apply_kernel`).
+        ``image``: the RGB image at the guidance's size (needed with ``base_kernel="classic"``).
 
         The kernels are computed in the parameters' precision even under autocast (the squared distances
         cancel, and their rounding error is multiplied by the range temperature); only the adaptive
@@ -672,7 +732,9 @@ class JBUStage(nn.Module):
         """
         with _without_autocast(guidance.device):
             guidance = _to_param_precision(guidance, self.range_temp)
-            kernel = self.kernel(guidance) if fused else self.kernel_plain(guidance)
+            if image is not None:
+                image = _to_param_precision(image, self.range_temp)
+            kernel = self.kernel(guidance, image) if fused else self.kernel_plain(guidance, image)
         if not fused:
             return apply_kernel(
                 source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
@@ -690,7 +752,7 @@ class JBUStage(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"radius={self.radius}, key_dim={self.key_dim}, resize_mode={self.resize_mode!r}, "
-            f"range_kernel={self.range_kernel!r}, safe_start={self.safe_start}"
+            f"range_kernel={self.range_kernel!r}, safe_start={self.safe_start}, base_kernel={self.base_kernel!r}"
         )
 
 
@@ -731,9 +793,16 @@ class JBUStack(Upsampler, CheckpointMixin):
             distance kernel 0.940 / 0.118 / 36.7 / 47.0; distance + encoder 0.942 / 0.115 / 37.4 / 52.3.
         safe_start: start as a sound fixed upsampler (default): every stage's bilateral kernel is gated by a
             zero-initialised scalar and its correction's output layer is zero-initialised, so a fresh stack is
-            exactly the chain of 2x ``resize_mode`` resizes (bicubic by default) its stages resample with, and
-            training can only add to it (see :class:`JBUStage`). False starts from the bilateral kernels
-            themselves (the paper's form, and stacks saved before this option).
+            exactly ``base_kernel``'s fixed upsampler and training can only add to it (see :class:`JBUStage`).
+            False starts from the bilateral kernels themselves (the paper's form, and stacks saved before
+            this option).
+        base_kernel: the fixed upsampler of the safe start: ``"classic"`` (default) Kopf's joint bilateral
+            upsampling (``create_upsampler("jbu_classic")``, fixed RGB range and spatial Gaussians), or
+            ``"delta"`` the chain of 2x ``resize_mode`` resizes (stacks saved before this option).
+        consistency: end with :func:`featup.core.consistency.back_project` (default): the output's cell means
+            are replaced by the input features', so it average-pools back to them exactly and stays in the
+            backbone's feature space. False: the paper's form, and stacks saved before this option. Skipped
+            for outputs smaller than the input.
         original: reproduce the original project's layout exactly (see :mod:`featup.core.original`): forces
             the unconstrained kernel_fixup, bicubic source resize, reflect padding, ImageNet-normalized
             guidance, sigma init 1, the inner-product range kernel on 1x1 keys of the pooled image (no
@@ -763,6 +832,8 @@ class JBUStack(Upsampler, CheckpointMixin):
         range_kernel: str = "distance",
         guidance_encoder: bool = True,
         safe_start: bool = True,
+        base_kernel: str = "classic",
+        consistency: bool = True,
         original: bool = False,
     ) -> None:
         super().__init__()
@@ -780,6 +851,10 @@ class JBUStack(Upsampler, CheckpointMixin):
             raise ValueError(f"expected pad_mode 'reflect' or 'replicate', got {pad_mode!r}")
         if range_kernel not in RANGE_KERNELS:
             raise ValueError(f"expected range_kernel in {RANGE_KERNELS}, got {range_kernel!r}")
+        if base_kernel not in BASE_KERNELS:
+            raise ValueError(f"expected base_kernel in {BASE_KERNELS}, got {base_kernel!r}")
+        if not isinstance(consistency, bool):
+            raise TypeError(f"expected consistency as True or False, got {consistency!r}")
         if original:
             if feat_dim is None:
                 raise ValueError("original=True has a final dim x dim conv: expected feat_dim, got None")
@@ -796,7 +871,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 0.1,
             )
             init_sigma_spatial, range_kernel, guidance_encoder, constrained_fixup = 1.0, "dot", False, False
-            safe_start = False
+            safe_start, consistency = False, False
         self.feat_dim = feat_dim
         self.radius = radius
         self.key_dim = key_dim
@@ -810,6 +885,8 @@ class JBUStack(Upsampler, CheckpointMixin):
         self.init_sigma_spatial = float(init_sigma_spatial)
         self.range_kernel = range_kernel
         self.safe_start = bool(safe_start)
+        self.base_kernel = base_kernel if self.safe_start else "delta"
+        self.consistency = consistency
         self.original = original
         self.encoder: GuidanceEncoder | None = GuidanceEncoder(3, key_dim) if guidance_encoder else None
         for k in range(1, n_stages + 1):
@@ -825,6 +902,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 pad_mode=pad_mode,
                 init_sigma_spatial=init_sigma_spatial,
                 safe_start=self.safe_start,
+                base_kernel=self.base_kernel,
             )
             self.add_module(f"up{k}", stage)
         self.proj_scale = 0.1 if original else 1.0
@@ -864,6 +942,8 @@ class JBUStack(Upsampler, CheckpointMixin):
             "range_kernel": self.range_kernel,
             "guidance_encoder": self.encoder is not None,
             "safe_start": self.safe_start,
+            "base_kernel": self.base_kernel,
+            "consistency": self.consistency,
             "original": self.original,
         }
 
@@ -873,6 +953,8 @@ class JBUStack(Upsampler, CheckpointMixin):
         "guidance_encoder": False,
         "constrained_fixup": False,
         "safe_start": False,
+        "base_kernel": "delta",
+        "consistency": False,
     }
 
     @classmethod
@@ -908,11 +990,13 @@ class JBUStack(Upsampler, CheckpointMixin):
         x = lr_feats
         stages = self.stages
         sizes = stage_sizes(lr_feats.shape[-2:], size)
+        rgb = image.to(guidance.dtype) if self.base_kernel == "classic" else None
         padding = None  # zero margins around x, written by the previous fused stage for this one
         for k, stage_size in enumerate(sizes):
             stage = stages[min(k, len(stages) - 1)]
+            stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
             if not self.fused:
-                x = stage(x, pool_guidance(guidance, stage_size), fused=False)
+                x = stage(x, pool_guidance(guidance, stage_size), image=stage_rgb, fused=False)
                 continue
             next_padding = None
             if k + 1 < len(sizes):
@@ -925,6 +1009,7 @@ class JBUStack(Upsampler, CheckpointMixin):
             x = stage(
                 x,
                 pool_guidance(guidance, stage_size),
+                image=stage_rgb,
                 source_padding=padding,
                 out_padding=next_padding,
             )
@@ -932,6 +1017,9 @@ class JBUStack(Upsampler, CheckpointMixin):
         if self.fixup_proj is not None:
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
+        if self.consistency and size[0] >= lr_feats.shape[-2] and size[1] >= lr_feats.shape[-1]:
+            inplace = not (torch.is_grad_enabled() and x.requires_grad)
+            x = back_project(x, lr_feats, inplace=inplace)
         return x
 
     @classmethod
@@ -975,6 +1063,7 @@ def jbu_paper(**kwargs: Any) -> JBUStack:
             "guidance_encoder": False,
             "kernel_fixup": False,
             "safe_start": False,
+            "consistency": False,
             **kwargs,
         }
     )

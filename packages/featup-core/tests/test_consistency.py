@@ -1,0 +1,143 @@
+"""Back-projection (featup.core.consistency) and the JBU stack's consistency step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featup.core import JBUStack, create_upsampler
+from featup.core.consistency import back_project, pool_to
+
+
+def _pooled_error(hr: torch.Tensor, lr: torch.Tensor) -> float:
+    return float((pool_to(hr, tuple(lr.shape[-2:])) - lr).abs().max())
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("lr_size", "size"), [((7, 5), (112, 80)), ((6, 9), (37, 50)), ((4, 4), (4, 9)), ((14, 14), (15, 29))]
+)
+def test_the_output_pools_back_to_lr_exactly(mode, lr_size, size):
+    g = torch.Generator().manual_seed(0)
+    lr = torch.randn(2, 3, *lr_size, generator=g, dtype=torch.float64)
+    hr = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)  # unrelated to lr: a large error
+    assert _pooled_error(hr, lr) > 1.0
+    assert _pooled_error(back_project(hr, lr, mode=mode), lr) < 1e-10
+    one = back_project(hr.float(), lr.float(), mode=mode)
+    assert one.dtype == torch.float32 and _pooled_error(one, lr.float()) < 1e-4
+
+
+def test_a_consistent_map_is_left_unchanged():
+    g = torch.Generator().manual_seed(1)
+    hr = torch.randn(1, 4, 48, 32, generator=g, dtype=torch.float64)
+    lr = F.avg_pool2d(hr, 8)  # hr already pools back to lr exactly
+    torch.testing.assert_close(back_project(hr, lr), hr, atol=1e-12, rtol=0)
+
+
+def test_back_projection_is_the_limit_of_plain_back_projection_steps():
+    """Against the definition: iterating hr <- hr + bicubic(lr - cell means of hr) converges to it."""
+    g = torch.Generator().manual_seed(2)
+    hr = torch.randn(1, 2, 40, 24, generator=g, dtype=torch.float64)
+    lr = torch.randn(1, 2, 5, 3, generator=g, dtype=torch.float64)
+    it = hr
+    for _ in range(60):
+        means = it.view(1, 2, 5, 8, 3, 8).mean((3, 5))
+        it = it + F.interpolate(lr - means, size=(40, 24), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(back_project(hr, lr), it, atol=1e-9, rtol=0)
+
+
+def test_inplace_equals_out_of_place_and_refuses_autograd():
+    g = torch.Generator().manual_seed(3)
+    hr, lr = torch.randn(2, 70, 32, 32, generator=g), torch.randn(2, 70, 4, 4, generator=g)
+    expected = back_project(hr, lr)
+    inplace = hr.clone()
+    out = back_project(inplace, lr, inplace=True, chunk_channels=16)
+    assert out.data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="requires grad"):
+        back_project(hr.clone().requires_grad_(True), lr, inplace=True)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(4)
+    hr = torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    lr = torch.randn(1, 2, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(back_project, (hr, lr))
+
+
+@pytest.mark.parametrize(
+    ("hr_shape", "lr_shape", "kwargs", "match"),
+    [
+        ((1, 3, 8, 8), (1, 4, 2, 2), {}, "same B and C"),
+        ((1, 3, 8, 8), (3, 2, 2), {}, "same B and C"),
+        ((1, 3, 2, 8), (1, 3, 4, 4), {}, "at least as large"),
+        ((1, 3, 8, 8), (1, 3, 2, 2), {"mode": "nearest"}, "mode"),
+        ((1, 3, 8, 8), (1, 3, 2, 2), {"chunk_channels": 0}, "chunk_channels"),
+    ],
+)
+def test_bad_arguments_say_what_was_expected(hr_shape, lr_shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        back_project(torch.zeros(hr_shape), torch.zeros(lr_shape), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ in the JBU stack
+def test_jbu_output_pools_back_to_its_input_features():
+    """The default stack's output keeps the input's cell means (the paper's form does not)."""
+    torch.manual_seed(0)
+    x, image = torch.randn(2, 6, 7, 7), torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        default, paper = JBUStack().eval(), create_upsampler("jbu_paper").eval()
+        for stage in default.stages:  # a trained-looking stack: gates and corrections away from zero
+            stage.gate.fill_(0.7)
+        err_default = _pooled_error(default(x, image), x)
+        err_paper = _pooled_error(paper(x, image), x)
+        default.consistency = False
+        err_off = _pooled_error(default(x, image), x)
+    assert err_default < 1e-4 < 0.1 * min(err_paper, err_off)
+    assert JBUStack().config()["consistency"] is True and paper.config()["consistency"] is False
+    assert create_upsampler("jbu_original", feat_dim=6).consistency is False  # the original layout, exactly
+
+
+def test_jbu_consistency_is_back_projection_of_the_stack_without_it():
+    torch.manual_seed(1)
+    x, image = torch.randn(1, 5, 6, 9), torch.rand(1, 3, 61, 75)
+    with_c = JBUStack().eval()
+    without = JBUStack(consistency=False).eval()
+    without.load_state_dict(with_c.state_dict())
+    with torch.no_grad():
+        for stage in (*with_c.stages, *without.stages):
+            stage.gate.fill_(0.5)
+        torch.testing.assert_close(with_c(x, image), back_project(without(x, image), x))
+        # a target smaller than the features: no back-projection (it would be a downsampling)
+        torch.testing.assert_close(with_c(x, image, (3, 4)), without(x, image, (3, 4)))
+
+
+def test_jbu_consistency_is_differentiable_in_training():
+    up = JBUStack(key_dim=4, n_stages=2).train()
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    up(x, torch.rand(1, 3, 16, 16)).square().sum().backward()
+    assert x.grad is not None and all(s.gate.grad is not None for s in up.stages)
+
+
+def test_configs_saved_before_consistency_load_without_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    up = JBUStack(key_dim=8)
+    with torch.no_grad():
+        for stage in up.stages:
+            stage.gate.fill_(0.3)
+    path = up.save(tmp_path / "pre")
+    cfg = json.loads((tmp_path / "pre.json").read_text())
+    assert cfg["kwargs"].pop("consistency") is True
+    (tmp_path / "pre.json").write_text(json.dumps(cfg))
+    save_file(load_file(path), path, metadata={"format": "featup-checkpoint/1", "config": json.dumps(cfg)})
+    loaded = JBUStack.load(path)
+    assert loaded.consistency is False
+    x, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 40, 48)
+    up.consistency = False
+    torch.testing.assert_close(loaded(x, image), up.eval()(x, image), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="consistency"):
+        JBUStack(consistency=1)
