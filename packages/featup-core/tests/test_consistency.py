@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from featup.core import JBUStack, create_upsampler
 from featup.core.consistency import back_project, pool_to
+from featup.core.implicit import ImplicitUpsampler
+from featup.core.pca import PCA
 
 
 def _pooled_error(hr: torch.Tensor, lr: torch.Tensor) -> float:
@@ -141,3 +143,44 @@ def test_configs_saved_before_consistency_load_without_it(tmp_path):
     torch.testing.assert_close(loaded(x, image), up.eval()(x, image), atol=0, rtol=0)
     with pytest.raises(TypeError, match="consistency"):
         JBUStack(consistency=1)
+
+
+# ------------------------------------------------------------------------------------ in the implicit field
+def _implicit(consistency: bool) -> ImplicitUpsampler:
+    torch.manual_seed(0)
+    imp = ImplicitUpsampler(6, (32, 40), hidden_dim=8, n_freqs=3, lr_size=(4, 5), consistency=consistency)
+    imp.set_image(torch.rand(1, 3, 32, 40))
+    imp.set_pca(PCA(6, 3).fit(torch.randn(1, 6, 4, 5)))
+    return imp
+
+
+def test_implicit_render_pools_back_to_the_stored_features():
+    lr = torch.randn(1, 6, 4, 5)
+    imp = _implicit(True)
+    with pytest.raises(RuntimeError, match="set_lr"):
+        imp.render()
+    imp.set_lr(lr)
+    for size in ((32, 40), (37, 41)):
+        assert _pooled_error(imp.render(size), lr) < 1e-4
+    plain = _implicit(
+        False
+    )  # the same field without it: far from lr (a PCA of 3 of 6 components, random MLP)
+    plain.load_state_dict({k: v for k, v in imp.state_dict().items() if k not in ("lr_feats", "has_lr")})
+    torch.testing.assert_close(imp.render(), back_project(plain.render(), lr), atol=1e-5, rtol=1e-5)
+    assert _pooled_error(plain.render(), lr) > 0.1
+    torch.testing.assert_close(imp.render(compressed=True), plain.render(compressed=True))  # the field alone
+    with pytest.raises(ValueError, match=r"\(1, 6, 4, 5\)"):
+        imp.set_lr(torch.zeros(1, 6, 5, 5))
+    with pytest.raises(RuntimeError, match="consistency=True"):
+        plain.set_lr(lr)
+
+
+def test_implicit_consistency_round_trips_and_old_configs_load_without_it(tmp_path):
+    imp = _implicit(True)
+    imp.set_lr(torch.randn(1, 6, 4, 5))
+    assert imp.config()["consistency"] is True
+    loaded = ImplicitUpsampler.load(imp.save(tmp_path / "imp"))
+    torch.testing.assert_close(loaded.render(), imp.render())
+    assert "consistency" not in _implicit(False).config()  # configs saved before it stay as they were
+    with pytest.raises(TypeError, match="consistency"):
+        ImplicitUpsampler(6, (8, 8), lr_size=(2, 2), consistency=1)

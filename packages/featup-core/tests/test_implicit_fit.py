@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.core import fit_implicit
+from featup.core.consistency import back_project
 from featup.core.downsamplers import create_downsampler
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.implicit_fit import PRESETS, ImplicitFitConfig, lr_factor, pool_views
@@ -144,10 +145,22 @@ def _error(imp: ImplicitUpsampler | None, backbone: Pointwise, image: torch.Tens
 
 
 def test_fit_starts_at_the_safe_start():
+    """A fresh field renders bicubic(features) back-projected onto the features (without consistency:
+    bicubic alone)."""
     backbone, image = Pointwise(), scene(3)
     imp = fit_implicit(backbone, image, 1, lr=1e-12, **SMALL)
-    assert imp.residual
-    assert _error(imp, backbone, image) == pytest.approx(_error(None, backbone, image), rel=1e-4)
+    assert imp.residual and imp.consistency
+    with torch.no_grad():
+        lr = backbone(image)
+        start = back_project(
+            F.interpolate(lr, size=image.shape[-2:], mode="bicubic", align_corners=False), lr
+        )
+        torch.testing.assert_close(imp.render(tuple(image.shape[-2:])), start, atol=2e-4, rtol=0)
+        torch.testing.assert_close(
+            F.avg_pool2d(imp.render(tuple(image.shape[-2:])), 4), lr, atol=1e-4, rtol=0
+        )
+    plain = fit_implicit(backbone, image, 1, lr=1e-12, consistency=False, **SMALL)
+    assert _error(plain, backbone, image) == pytest.approx(_error(None, backbone, image), rel=1e-4)
 
 
 def test_100_steps_improve_on_the_safe_start():

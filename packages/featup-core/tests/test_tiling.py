@@ -122,6 +122,7 @@ def test_tiled_equals_untiled_jbu_stack(kwargs, lr_hw, scale, tile):
     tiled = tiled_upsample(rec, lr, img, tile=tile)
     assert len(rec.calls) >= 4
     torch.testing.assert_close(tiled, ref, rtol=1e-9, atol=1e-9)
+    assert up.consistency == JBUStack(**kwargs).consistency  # switched off for the tiles, then back on
     # r + 2 s + 1, plus one cell for a guidance encoder (see halo_for)
     assert halo_for(up) == (8.0 if up.resize_mode == "bicubic" else 6.0) + (up.encoder is not None)
 

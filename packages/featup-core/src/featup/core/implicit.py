@@ -33,6 +33,7 @@ from torch import nn
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointMixin
+from featup.core.consistency import back_project
 from featup.core.pca import PCA
 
 __all__ = ["ImplicitUpsampler", "pixel_coordinates"]
@@ -74,10 +75,15 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         log_freq_range: frequencies are ``exp(linspace(*log_freq_range, n_freqs))``.
         residual: predict a residual over ``bicubic(base)`` (zero-initialised last layer); False: eq. 7 as
             in the paper.
-        lr_size: ``(h, w)`` of the low-resolution features the base holds (required with ``residual``).
+        lr_size: ``(h, w)`` of the low-resolution features the base holds (required with ``residual`` or
+            ``consistency``).
+        consistency: rendered features end with :func:`featup.core.consistency.back_project` against the
+            low-resolution features the field was fitted to (:meth:`set_lr`), so they average-pool back to
+            them exactly, including the components the PCA dropped. False: the field alone (eq. 7).
 
     Buffers:
-        image (1, 3, H, W), has_image (), base (1, pca_dim, h, w) with ``residual``, and the PCA's (``pca.mean``, ``pca.components`` ...).
+        image (1, 3, H, W), has_image (), base (1, pca_dim, h, w) with ``residual``, lr_feats (1, C, h, w)
+        with ``consistency``, and the PCA's (``pca.mean``, ``pca.components`` ...).
 
     Shape:
         - lr_feats: (1, C, h, w) (checked, otherwise unused: the field is a function of the image only)
@@ -101,6 +107,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         log_freq_range: Sequence[float] = (-2.0, 10.0),
         residual: bool = False,
         lr_size: Sequence[int] | None = None,
+        consistency: bool = False,
     ) -> None:
         super().__init__()
         size = tuple(int(s) for s in image_size)
@@ -119,10 +126,15 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         self.dropout_mode = dropout_mode
         if not isinstance(residual, bool):
             raise TypeError(f"expected residual as True or False, got {residual!r}")
-        if residual:
+        if not isinstance(consistency, bool):
+            raise TypeError(f"expected consistency as True or False, got {consistency!r}")
+        self.consistency = consistency
+        if residual or consistency:
             lr_hw = tuple(int(s) for s in lr_size) if lr_size is not None else ()
             if len(lr_hw) != 2 or min(lr_hw) < 1:
-                raise ValueError(f"expected lr_size as positive (h, w) with residual=True, got {lr_size!r}")
+                raise ValueError(
+                    f"expected lr_size as positive (h, w) with residual or consistency, got {lr_size!r}"
+                )
             self.lr_size: tuple[int, int] | None = lr_hw  # type: ignore[assignment]
         else:
             self.lr_size = None
@@ -158,6 +170,9 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
             self.register_buffer("base", torch.zeros(1, self.pca_dim, *self.lr_size))
+        if self.consistency:
+            self.register_buffer("lr_feats", torch.zeros(1, self.feat_dim, *self.lr_size))
+            self.register_buffer("has_lr", torch.zeros((), dtype=torch.bool))
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict:
@@ -175,6 +190,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             cfg["dropout_mode"] = self.dropout_mode
         if self.residual:  # configs of the paper's parameterisation stay exactly as they were saved
             cfg.update(residual=True, lr_size=list(self.lr_size))
+        if self.consistency:
+            cfg.update(consistency=True, lr_size=list(self.lr_size))
         return cfg
 
     @torch.no_grad()
@@ -244,6 +261,22 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             )
         self.base.zero_()
         self.base[:, : lr_compressed.shape[1]].copy_(lr_compressed)
+
+    @torch.no_grad()
+    def set_lr(self, lr_feats: torch.Tensor) -> None:
+        """Store the low-resolution features rendered features are made consistent with (``consistency``).
+
+        Shape:
+            - lr_feats: (1, C, h, w) with (h, w) = lr_size
+        """
+        if not self.consistency:
+            raise RuntimeError("set_lr needs ImplicitUpsampler(..., consistency=True)")
+        expected = (1, self.feat_dim, *self.lr_size)  # type: ignore[misc]
+        if not isinstance(lr_feats, torch.Tensor) or tuple(lr_feats.shape) != expected:
+            got = tuple(lr_feats.shape) if isinstance(lr_feats, torch.Tensor) else type(lr_feats).__name__
+            raise ValueError(f"expected low-res features of shape {expected}, got {got}")
+        self.lr_feats.copy_(lr_feats)
+        self.has_lr.fill_(True)
 
     def base_at(self, size: tuple[int, int]) -> torch.Tensor:
         """The bicubic upsampling of ``base`` at ``size`` (equal to ``F.interpolate(..., "bicubic")``).
@@ -340,6 +373,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             )
         if not self.pca.fitted:
             raise RuntimeError("ImplicitUpsampler has no PCA: call set_pca(pca) (or fit_implicit) first")
+        if self.consistency and not bool(self.has_lr):
+            raise RuntimeError("ImplicitUpsampler has no low-res features: call set_lr(lr_feats) first")
 
     def render(
         self,
@@ -359,7 +394,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             size: output ``(H, W)`` (an int means square); None means ``image_size``.
             chunk_pixels: pixels evaluated per MLP call.
             dtype: dtype of the returned tensor (default: the module's).
-            compressed: return the PCA coordinates (1, pca_dim, H, W) instead of features.
+            compressed: return the PCA coordinates (1, pca_dim, H, W) instead of features (the field itself:
+                no back-projection).
 
         Shape:
             - output: (1, C, H, W)
@@ -399,7 +435,10 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
                 z = z + self._base_rows(size, row0, row1)[start - row0 * w : stop - row0 * w]
             feats = z if compressed else torch.addmm(mean, z, comps)  # (n, C)
             out[:, start:stop] = feats.T
-        return out.view(1, channels, h, w)
+        out = out.view(1, channels, h, w)
+        if self.consistency and not compressed and h >= self.lr_size[0] and w >= self.lr_size[1]:
+            out = back_project(out, self.lr_feats, inplace=True)
+        return out
 
     # ------------------------------------------------------------------ shared call
     def forward(

@@ -102,6 +102,7 @@ class ImplicitFitConfig:
     bank_size: int | None = 64
     fused: bool = True
     residual: bool = True
+    consistency: bool = True
     dropout_mode: str = "channel"
     schedule: str = "cosine"
     warmup_steps: int = 10
@@ -131,6 +132,7 @@ class ImplicitFitConfig:
             _check_int("bank_size", self.bank_size, 1)
         _check_bool("fused", self.fused)
         _check_bool("residual", self.residual)
+        _check_bool("consistency", self.consistency)
         if self.dropout_mode not in ("element", "channel"):
             raise ValueError(f"expected dropout_mode 'element' or 'channel', got {self.dropout_mode!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -182,6 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         bank_size=None,
         fused=False,
         residual=False,
+        consistency=False,
         dropout_mode="element",
         schedule="constant",
         warmup_steps=0,
@@ -199,6 +202,7 @@ _LEGACY_HPARAMS = dict(
     bank_size=None,
     fused=False,
     residual=False,
+    consistency=False,
     dropout_mode="element",
     schedule="constant",
     warmup_steps=0,
@@ -491,6 +495,7 @@ def fit_implicit(
     (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
     ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
     (start from the bicubic upsampling of the compressed features; False: the paper's parameterisation),
+    ``consistency`` (rendered features back-projected onto the low-res ones, see ImplicitUpsampler),
     ``dropout_mode`` ("channel": the original code's ``Dropout2d``; "element": per input),
     ``schedule`` / ``warmup_steps`` / ``min_lr_ratio``, ``mag_weight``, ``blur_pin``, ``pca_views`` (jittered
     views added to the map when fitting the PCA), ``checkpoint_every``.
@@ -716,6 +721,7 @@ def _fit_implicit(
         "pca_dim": cfg.pca_dim,
         **({"dropout_mode": cfg.dropout_mode} if cfg.dropout_mode != "element" else {}),
         **({"residual": True, "lr_size": list(out_size)} if cfg.residual else {}),
+        **({"consistency": True, "lr_size": list(out_size)} if cfg.consistency else {}),
         **upsampler_kwargs,
     }
     if saved is not None:
@@ -734,6 +740,8 @@ def _fit_implicit(
     pca = imp.pca
     if imp.residual:
         imp.set_base(pca.transform(lr_feats))
+    if imp.consistency:
+        imp.set_lr(lr_feats)
     if bank is not None:  # the bank keeps only the compressed targets
         bank = (bank[0], pca.transform(bank[1]))
     # kernel_size None: the backbone's stride (the window of one low-resolution pixel)

@@ -28,11 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from featup.core._checks import check_features, check_image, resolve_size
+from featup.core.consistency import back_project
 
 __all__ = ["DEFAULT_HALO_CELLS", "Tile", "alignment_unit", "halo_for", "plan_tiles", "tiled_upsample"]
 
@@ -257,6 +259,41 @@ def tiled_upsample(
         overlap=overlap,
         halo_cells=halo_cells,
     )
+    # back-projection couples every cell of the map: the tiles run without it, the whole output gets it once
+    consistent = _without_consistency(up)
+    try:
+        out = _run_tiles(up, lr_feats, image, plan, (oh, ow), out)
+    finally:
+        for module in consistent:
+            module.consistency = True
+    if consistent and oh >= h and ow >= w:
+        with torch.inference_mode():
+            back_project(out, lr_feats.to(out.device), inplace=True)
+    return out
+
+
+def _without_consistency(up: object) -> list[Any]:
+    """Switch off the back-projection of every JBU stack in ``up``; returns the stacks to switch back on."""
+    from featup.core.jbu import JBUStack
+
+    modules = up.modules() if isinstance(up, nn.Module) else ()
+    found = [m for m in modules if isinstance(m, JBUStack) and m.consistency]
+    for module in found:
+        module.consistency = False
+    return found
+
+
+def _run_tiles(
+    up: Callable[..., torch.Tensor],
+    lr_feats: torch.Tensor,
+    image: torch.Tensor | None,
+    plan: list[Tile],
+    size: tuple[int, int],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Every tile of ``plan`` through ``up``, each core written into ``out`` (allocated on the first tile)."""
+    b = lr_feats.shape[0]
+    oh, ow = size
     with torch.inference_mode():
         for t in plan:
             (ly0, ly1), (lx0, lx1) = t.crop_lr
