@@ -33,7 +33,9 @@ from unittest import mock
 import torch
 from torch import nn
 
-FIXED = ("bilinear", "bicubic", "jbu_classic")
+#: "+bp": followed by featup.core.consistency.back_project (the fresh implicit model is bicubic+bp, the fresh
+#: JBU jbu_classic+bp)
+FIXED = ("bilinear", "bicubic", "jbu_classic", "bicubic+bp", "jbu_classic+bp")
 TRAINED = ("jbu", "implicit")
 #: (measure key, label, higher is better)
 SYN_MEASURES = (("syn_cosine", "synthetic: cosine to stride-1", True), ("syn_mse", "synthetic: MSE", False))
@@ -68,6 +70,14 @@ class _Recorder:
         class Recording(base):  # type: ignore[misc, valid-type]
             def set_base(self, lr_compressed: torch.Tensor) -> None:
                 super().set_base(lr_compressed)
+                if not self.consistency:
+                    self._ready()
+
+            def set_lr(self, lr_feats: torch.Tensor) -> None:
+                super().set_lr(lr_feats)
+                self._ready()
+
+            def _ready(self) -> None:
                 rec.instance = self
                 on_ready(self)  # the last set-up call before the first step: the step-0 model
 
@@ -143,9 +153,24 @@ def _train_jbu_curve(
     return outs, per_step
 
 
+class _BackProjected(nn.Module):
+    """``up`` followed by the back-projection onto the input features."""
+
+    def __init__(self, up: nn.Module) -> None:
+        super().__init__()
+        self.up = up
+
+    def forward(self, lr: torch.Tensor, image: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        from featup.core.consistency import back_project
+
+        return back_project(self.up(lr, image, output_size), lr)
+
+
 def _fixed(name: str) -> nn.Module:
     from featup.core import create_upsampler
 
+    if name.endswith("+bp"):
+        return _BackProjected(create_upsampler(name[: -len("+bp")]))
     return create_upsampler(name)
 
 
@@ -310,7 +335,7 @@ def format_table(result: dict[str, Any]) -> str:
         return f"{v:.4f}"  # the safe starts sit within 1e-3 of bicubic: three digits would hide it
 
     for name in FIXED:
-        cells = [fmt(k, part["fixed"][name][k]) for k, _, _, part in ms]
+        cells = [fmt(k, part["fixed"][name][k]) if name in part["fixed"] else "" for k, _, _, part in ms]
         lines.append(f"| {name} | - | " + " | ".join(cells) + " |")
     steps = sorted({s for _, _, _, part in ms for s in part["curves"]["jbu"]})
     for method in TRAINED:
@@ -332,13 +357,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     ms = _measures(result)
     fig, axes = plt.subplots(1, len(ms), figsize=(3.4 * len(ms), 3.0), squeeze=False)
-    colors = {"bilinear": "tab:gray", "bicubic": "black", "jbu_classic": "tab:green"}
+    colors = {
+        "bilinear": "tab:gray",
+        "bicubic": "black",
+        "jbu_classic": "tab:green",
+        "bicubic+bp": "tab:purple",
+        "jbu_classic+bp": "tab:olive",
+    }
     for ax, (key, label, hi, part) in zip(axes[0], ms):
         grid = sorted(part["curves"]["jbu"])
         # log x cannot show 0: step 0 is drawn at half the first positive step, labelled "0"
         x0 = (grid[1] if len(grid) > 1 else 1) / 2
         xs = [x0 if s == 0 else s for s in grid]
-        for name in FIXED:
+        for name in (n for n in FIXED if n in part["fixed"]):
             ax.axhline(part["fixed"][name][key], color=colors[name], ls="--", lw=1, label=name)
         for method, c in (("jbu", "tab:blue"), ("implicit", "tab:red")):
             ax.plot(xs, [part["curves"][method][s][key] for s in grid], "o-", color=c, ms=3, label=method)
