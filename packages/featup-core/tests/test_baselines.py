@@ -18,7 +18,18 @@ from featup.core.baselines import CARAFEStage, lr_neighborhood_sum
 
 torch.set_num_threads(1)
 
-MINE = ["nearest", "bilinear", "bicubic", "resize_conv", "jbu_classic", "carafe", "sapa", "jbu"]
+MINE = [
+    "nearest",
+    "bilinear",
+    "bicubic",
+    "resize_conv",
+    "jbu_classic",
+    "carafe",
+    "sapa",
+    "jbu",
+    "bicubic_bp",
+    "jbu_classic_bp",
+]
 LEARNABLE = ["resize_conv", "carafe", "sapa", "jbu"]
 
 

@@ -4,6 +4,8 @@
 - ``resize_conv``: learnable; bilinear 2x steps, each followed by a residual conv on [features, guidance].
 - ``jbu_classic``: Kopf et al. (2007) joint bilateral upsampling with fixed Gaussian range (RGB distance) and
   spatial kernels, no training, applied as 2x steps on :func:`featup.kernels.adaptive_conv`.
+- ``bicubic_bp``, ``jbu_classic_bp``: those followed by the back-projection onto the input features
+  (:mod:`featup.core.consistency`), the starts of the implicit and the JBU upsampler.
 - ``carafe``: CARAFE (Wang et al., 2019), content-aware reassembly with kernels predicted from the features.
 - ``sapa``: SAPA (Lu et al., 2022), similarity-aware point affiliation between guidance queries and
   low-resolution feature keys.
@@ -25,6 +27,7 @@ from torch import nn
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointMixin
+from featup.core.consistency import back_project
 from featup.core.jbu import (
     _taps,
     apply_kernel,
@@ -37,6 +40,7 @@ from featup.core.jbu import (
 from featup.core.registry import register_upsampler
 
 __all__ = [
+    "BackProjected",
     "BicubicUpsampler",
     "BilinearUpsampler",
     "CARAFEUpsampler",
@@ -196,6 +200,56 @@ class ClassicJBU(Upsampler):
             kernel = self.kernel(pool_guidance(guidance, stage_size))
             x = apply_kernel(x, kernel, self.radius, resize_mode=self.resample)
         return x
+
+
+class BackProjected(Upsampler):
+    """A fixed upsampler followed by :func:`featup.core.consistency.back_project` onto its input features.
+
+    The baselines the default JBU (``jbu_classic_bp`` at initialisation) and the implicit upsampler
+    (``bicubic_bp`` at initialisation) start from: they show what the back-projection alone does.
+
+    Args:
+        feat_dim: ignored (uniform factory call).
+        base: a registered parameter-free upsampler (``"bicubic"``, ``"jbu_classic"``, ...).
+
+    Shape:
+        - lr_feats: (B, C, h, w); image: (B, 3, H, W) (optional if ``base`` is unguided)
+        - output: (B, C, H', W'); back-projected when H' >= h and W' >= w
+    """
+
+    def __init__(self, feat_dim: int | None = None, *, base: str = "bicubic") -> None:
+        super().__init__()
+        from featup.core.registry import create_upsampler
+
+        self.base_name = base
+        self.base = create_upsampler(base)
+        if any(True for _ in self.base.parameters()):
+            raise ValueError(f"expected a parameter-free base upsampler, got {base!r}")
+        self.guided = bool(getattr(self.base, "guided", True))
+        self.feat_dim = feat_dim
+
+    def config(self) -> dict[str, Any]:
+        return {"feat_dim": self.feat_dim, "base": self.base_name}
+
+    def upsample(
+        self, lr_feats: torch.Tensor, image: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
+        out = self.base(lr_feats, image, size)
+        if size[0] < lr_feats.shape[-2] or size[1] < lr_feats.shape[-1]:
+            return out
+        return back_project(out, lr_feats, inplace=not (torch.is_grad_enabled() and out.requires_grad))
+
+
+@register_upsampler("bicubic_bp")
+def bicubic_bp(feat_dim: int | None = None) -> BackProjected:
+    """Bicubic, back-projected onto the input features (the fresh implicit upsampler)."""
+    return BackProjected(feat_dim, base="bicubic")
+
+
+@register_upsampler("jbu_classic_bp")
+def jbu_classic_bp(feat_dim: int | None = None) -> BackProjected:
+    """Kopf's joint bilateral upsampling, back-projected onto the input features (the fresh ``JBUStack()``)."""
+    return BackProjected(feat_dim, base="jbu_classic")
 
 
 @register_upsampler("resize_conv")

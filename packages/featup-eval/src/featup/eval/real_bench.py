@@ -23,7 +23,8 @@ Measures (every method in the same run, on the same windows):
 (d) **cost**: median time to upsample one window's stride-16 features and the peak resident memory of that
     call (Linux ``VmHWM`` reset; ``None`` where unavailable); for trained methods the training time per step.
 
-Methods: ``nearest``, ``bilinear``, ``bicubic``, ``jbu_classic`` (no training); ``resize_conv``, ``carafe``,
+Methods: ``nearest``, ``bilinear``, ``bicubic``, ``jbu_classic``, and the last two back-projected onto the
+features (``bicubic_bp``, ``jbu_classic_bp``: the starts of the implicit and the JBU upsampler) (no training); ``resize_conv``, ``carafe``,
 ``sapa`` and ``jbu_paper`` (``JBUStack`` in the paper's form: inner-product range kernel on pooled RGB, no
 kernel correction), all trained by ``train_jbu`` with the same settings as ``jbu_trained`` (``train_jbu``'s
 defaults; channel-specific baselines once per feature layer, encoder-agnostic stacks once on the stride-16
@@ -69,6 +70,8 @@ REAL_METHODS: dict[str, str] = {
     "bilinear": "bilinear",
     "bicubic": "bicubic",
     "jbu_classic": "jbu_classic (fixed JBU)",
+    "bicubic_bp": "bicubic + back-projection",
+    "jbu_classic_bp": "jbu_classic + back-projection",
     "resize_conv": "resize-conv (trained)",
     "carafe": "CARAFE (trained)",
     "sapa": "SAPA (trained)",
@@ -77,7 +80,7 @@ REAL_METHODS: dict[str, str] = {
     "jbu_shipped": "JBU shipped (featup-eval)",
     "implicit": "FeatUp implicit (per window)",
 }
-_FIXED = ("nearest", "bilinear", "bicubic", "jbu_classic")
+_FIXED = ("nearest", "bilinear", "bicubic", "jbu_classic", "bicubic_bp", "jbu_classic_bp")
 _PER_LAYER = ("resize_conv", "carafe", "sapa")  # channel-specific: trained once per feature layer
 _AGNOSTIC = ("jbu_paper", "jbu_trained")  # encoder-agnostic stacks: trained once, on the stride-16 features
 
