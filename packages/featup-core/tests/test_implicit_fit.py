@@ -164,20 +164,27 @@ def test_fit_starts_at_the_safe_start():
 
 
 def test_100_steps_improve_on_the_safe_start():
-    """Over three scenes/seeds the default fit lowers the error to the ideal features below bicubic's.
+    """Over three scenes/seeds the default fit lowers the error to the ideal features below its safe start's
+    (bicubic back-projected onto the features) and below bicubic's.
 
-    Measured (2026-12-01, default preset): fitted/bicubic error ratios 0.872, 0.838, 0.781 on these three
-    scenes; the bound 0.95 leaves a margin of 0.08 over the worst and fails for a fit that stays at its safe
-    start (ratio 1).
+    Measured (default preset): fitted/start error 0.870 / 0.838 / 0.801, fitted/bicubic 0.835 / 0.780 / 0.745;
+    the bound 0.95 fails for a fit that stays at its start (ratio 1).
     """
     backbone = Pointwise()
-    ratios = []
+    ratios, to_bicubic = [], []
     for seed in range(3):
         image = scene(10 + seed)
         imp = fit_implicit(backbone, image, 100, seed=seed, **SMALL)
-        ratios.append(_error(imp, backbone, image) / _error(None, backbone, image))
-    print("fitted / bicubic error:", [round(r, 3) for r in ratios])
-    assert max(ratios) < 0.95
+        start = fit_implicit(backbone, image, 1, lr=1e-12, seed=seed, **SMALL)
+        ratios.append(_error(imp, backbone, image) / _error(start, backbone, image))
+        to_bicubic.append(_error(imp, backbone, image) / _error(None, backbone, image))
+    print(
+        "fitted / start error:",
+        [round(r, 3) for r in ratios],
+        "fitted / bicubic:",
+        [round(r, 3) for r in to_bicubic],
+    )
+    assert max(ratios) < 0.95 and max(to_bicubic) < 0.95
 
 
 def test_paper_parameterisation_and_old_configs_load(tmp_path):
