@@ -135,3 +135,22 @@ def test_bad_variants_are_clear_errors():
         JBUStack(kernel_fix=True)
     with pytest.raises(ValueError, match="feat_dim"):
         JBUStack(variant="original")
+
+
+def test_a_run_resumes_with_the_same_stack_built_either_way(tmp_path):
+    """train_jbu compares the given stack with the checkpoint's in one form: the variant and the old flags
+    that build it are the same stack; another layout is refused."""
+    from featup.core import train_jbu
+    from featup.core.checkpoint import CheckpointError
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.AvgPool2d(4)).requires_grad_(False)
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    run = dict(batch_size=2, kernel_size=4, progress=False, checkpoint_dir=tmp_path)
+    train_jbu(backbone, images, steps=1, upsampler=JBUStack(variant="paper", **SMALL), **run)
+    with pytest.warns(DeprecationWarning):
+        old = JBUStack(
+            range_kernel="dot", guidance_encoder=False, kernel_fixup=False, safe_start=False, **SMALL
+        )
+    train_jbu(backbone, images, steps=2, upsampler=old, **run)
+    with pytest.raises(CheckpointError, match="holds a JBUStack"):
+        train_jbu(backbone, images, steps=3, upsampler=JBUStack(**SMALL), **run)

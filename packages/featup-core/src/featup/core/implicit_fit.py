@@ -1,7 +1,7 @@
 """Fitting FeatUp's implicit upsampler to one image (paper Section 3.3, eq. 7-8, Table 7).
 
 :func:`fit_implicit` compresses the image's features to their top PCA components and fits a per-image
-:class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.training`
+:class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.multiview`
 (eq. 1) plus a total-variation prior on feature magnitudes (eq. 8). A run's settings are one frozen
 :class:`ImplicitFitConfig`, built from a named preset (``"default"``, or ``"paper"`` for Table 7) and
 keyword overrides. Measured rationale of the defaults: ``docs/decisions.md#implicit``.
@@ -52,12 +52,35 @@ __all__ = ["PRESETS", "ImplicitFitConfig", "fit_implicit", "fused_view_pool"]
 
 @dataclass(frozen=True)
 class ImplicitFitConfig:
-    """Every setting of one implicit fit, validated once (see :func:`fit_implicit` for their meaning).
+    """Every setting of one :func:`fit_implicit` run; validated on creation.
 
-    ``bank_size=None`` draws fresh jitters (and runs the backbone) every step; ``fused=False`` jitters the
-    high-resolution map and pools it with the downsampler module (the plain path the fused one is tested
-    against). ``schedule`` is ``"constant"`` or ``"cosine"`` (linear warm-up over ``warmup_steps``, then
-    cosine decay to ``min_lr_ratio * lr`` at ``steps``).
+    Attributes:
+        steps: total optimiser steps (a resumed fit continues up to this count).
+        n_jitters: jittered views per step.
+        lr: peak NAdam learning rate.
+        pca_dim: principal components of the features the network predicts.
+        kernel_size: downsampler window; None: the backbone's stride.
+        max_pad, max_zoom, p_zoom, p_flip: the jitters (pad in px at 224 px; ``p_flip`` 0 for features that
+            are not flip-equivariant).
+        uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
+        tv_weight: weight of the total variation of ``|F_hr|`` (eq. 8).
+        downsampler: "simple" (learned blur) or "attention" (eq. 2).
+        seed: seed of every random draw.
+        bank_size: jittered views (and their features) computed once, ``n_jitters`` drawn from them per
+            step; None: fresh views and a backbone call every step.
+        fused: pool the jittered views with :func:`fused_view_pool`; False: jitter the map and pool it with
+            the downsampler module (the plain path the fused one is tested against).
+        residual: start from the bicubic upsampling of the compressed features; False: the paper's form.
+        dropout_mode: "channel" (the original code's ``Dropout2d``) or "element".
+        schedule, warmup_steps, min_lr_ratio: "constant", or "cosine": linear warm-up over
+            ``warmup_steps``, then a cosine decay to ``min_lr_ratio * lr`` at ``steps``.
+        mag_weight: weight of the squared error of the pooled ``|F_hr|`` against ``|PCA(f(t(x)))|``.
+        blur_pin: weight of ``mean (blur(F_hr) - F_hr)^2`` (the original code's two extra regularisers).
+        pca_views: jittered views added to the map's pixels when fitting the PCA.
+        checkpoint_every: steps between checkpoints.
+
+    Raises:
+        TypeError, ValueError: a setting of the wrong type or out of range, naming it.
     """
 
     steps: int = 300
@@ -457,17 +480,8 @@ def fit_implicit(
     implicit network (eq. 7) and minimises eq. 1 between ``PCA(f(t(x)))`` and ``down(t(F_hr))``, plus
     ``tv_weight`` times the total variation of ``|F_hr|`` (eq. 8), ``mag_weight`` times the squared error
     of the pooled ``|F_hr|`` against ``|PCA(f(t(x)))|`` and ``blur_pin`` times ``mean (blur(F_hr) - F_hr)^2``
-    (the original code's two extra regularisers). NAdam.
-
-    Settings (keyword ``overrides`` of the ``preset``; see :class:`ImplicitFitConfig` and ``PRESETS``):
-    ``n_jitters``, ``lr``, ``pca_dim``, ``kernel_size`` (downsampler window; None: the backbone's stride), ``max_pad`` (px at 224),
-    ``max_zoom``, ``p_zoom``, ``p_flip`` (0 for features that are not flip-equivariant), ``uncertainty``
-    (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
-    ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
-    (start from the bicubic upsampling of the compressed features; False: the paper's parameterisation),
-    ``dropout_mode`` ("channel": the original code's ``Dropout2d``; "element": per input),
-    ``schedule`` / ``warmup_steps`` / ``min_lr_ratio``, ``mag_weight``, ``blur_pin``, ``pca_views`` (jittered
-    views added to the map when fitting the PCA), ``checkpoint_every``.
+    (the original code's two extra regularisers). NAdam. Measured rationale of the defaults:
+    docs/decisions.md#implicit.
 
     Args:
         backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``, called under ``torch.no_grad`` with
@@ -484,6 +498,7 @@ def fit_implicit(
         precision: "float32", "bfloat16" or "float16", as in :func:`train_jbu` (the PCA and the targets'
             projection onto it are computed in float32).
         callback: ``callback(step, logs)`` after each step; returning True stops early.
+        **overrides: fields of :class:`ImplicitFitConfig` on top of the preset (see ``PRESETS``).
 
     Returns:
         The fitted :class:`ImplicitUpsampler` in eval mode; ``render(size)`` gives ``(1,C,H',W')`` features

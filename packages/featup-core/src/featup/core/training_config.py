@@ -47,7 +47,7 @@ class JBUTrainConfig:
         p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
         blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``; on by
-            default: it won on 3 of 3 seeds, docs/decisions.md#train-jbu).
+            default, docs/decisions.md#train-jbu).
         gate_lr_scale: learning-rate multiplier of the safe-start gates of a :class:`~featup.core.jbu.JBUStack`
             (docs/decisions.md#gate-lr); 1 for runs saved before it existed.
         project_first: upsample the projected features when the upsampler is channel-linear (faster; see
