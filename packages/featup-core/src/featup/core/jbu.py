@@ -136,11 +136,12 @@ def _resolve_variant(
             f"expected variant as a name in {tuple(VARIANTS)} or a layout mapping, got {type(variant).__name__}"
         )
     original = bool(flags.get("original", base == "original"))
+    if base == "original" and not original:
+        raise ValueError("expected original=False only with another variant than 'original'")
+    layout = _layout(layout, {k: v for k, v in flags.items() if k != "original"})  # validates the flags
     if original:  # the original layout fixes every choice
         return dict(VARIANTS["original"]), True, "original"
-    if base == "original":
-        raise ValueError("expected original=False only with another variant than 'original'")
-    return _layout(layout, {k: v for k, v in flags.items() if k != "original"}), False, base
+    return layout, False, base
 
 
 def _deprecated_flags(flags: Mapping[str, Any], variant: str | dict[str, Any], safe_start: bool) -> None:
