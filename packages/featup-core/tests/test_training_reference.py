@@ -187,3 +187,23 @@ def test_fit_implicit_matches_the_plain_computation_bitwise():
     assert losses == ref_losses
     for (name, p), q in zip(imp.state_dict().items(), ref_imp.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_the_old_import_path_keeps_its_names_and_forwards_patches(monkeypatch):
+    """featup.core.training was one module; code imports (and tests patch) these names on it."""
+    import featup.core.multiview as multiview
+    import featup.core.training as training
+
+    names = (
+        "train_jbu fit_implicit JBUTrainConfig ImplicitFitConfig JBU_MODEL_FILE JBU_STATE_FILE Callback "
+        "channel_linear _JBUObjective _training_context _features _frozen _resolve_device _seed_rngs "
+        "_check_finite_loss _check_finite_features _step_logs _check_int _check_float _check_bool "
+        "_check_probability window_pool apply_jitter random_projection project create_downsampler "
+        "reconstruction_loss sample_jitter make_grad_scaler"
+    ).split()
+    assert [n for n in names if not hasattr(training, n)] == []
+    real = multiview.reconstruction_loss
+    monkeypatch.setattr(training, "reconstruction_loss", len)
+    assert multiview.reconstruction_loss is len and training.reconstruction_loss is len
+    monkeypatch.undo()
+    assert multiview.reconstruction_loss is real and "reconstruction_loss" not in vars(training)
