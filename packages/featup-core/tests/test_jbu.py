@@ -232,7 +232,7 @@ def test_gradients_reach_every_parameter(kwargs):
     x = torch.randn(2, 4, 4, 3, dtype=torch.float64, generator=g).requires_grad_(True)
     image = torch.rand(2, 3, 64, 48, dtype=torch.float64, generator=g).requires_grad_(True)  # 16x: 4 stages
     out = up(x, image)
-    (out * torch.randn_like(out)).sum().backward()
+    (out * torch.randn(out.shape, dtype=out.dtype, generator=g)).sum().backward()  # seeded: see above
     for name, p in up.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0 and image.grad.abs().sum() > 0

@@ -76,8 +76,13 @@ def test_upsample_mixed_tiled_matches_untiled():
     assert (tiled - whole).norm() <= 2 * (whole - ref).norm() + 1e-6
 
 
-@pytest.mark.parametrize(("dtype", "bound"), [(torch.bfloat16, 0.03), (torch.float16, 0.01)])
-def test_gradient_precision_error_training(dtype, bound):
+# bfloat16: 0.098 relative / cosine 0.9988 with the default stack's back-projection (0.010 / 1.0 without it,
+# JBUStack(consistency=False)): it removes each cell's mean from the gradient, so the parameter gradients are
+# sums with more cancellation, computed by the bfloat16 convolution backward
+@pytest.mark.parametrize(
+    ("dtype", "bound", "cos"), [(torch.bfloat16, 0.12, 0.998), (torch.float16, 0.01, 0.999)]
+)
+def test_gradient_precision_error_training(dtype, bound, cos):
     torch.manual_seed(0)
     up = JBUStack().train()
     lr, img = _inputs(c=6, h=6, w=5)
@@ -90,7 +95,7 @@ def test_gradient_precision_error_training(dtype, bound):
     errs = gradient_precision_error(up, loss_fn, dtype=dtype)
     assert set(errs) == {n for n, p in up.named_parameters() if p.requires_grad} | {"all"}
     assert 0 < errs["all"].rel_l2 < bound
-    assert errs["all"].min_cosine > 0.999
+    assert errs["all"].min_cosine > cos
     assert all(p.grad is None for p in up.parameters())
 
 

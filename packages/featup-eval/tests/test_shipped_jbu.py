@@ -102,3 +102,24 @@ def test_real_demo_quick(tmp_path, capsys):
     rows = {r["method"] for r in json.loads((tmp_path / "featup-demo.json").read_text())["rows"]}
     assert {"bilinear", "jbu_shipped"} <= rows
     assert "| JBU shipped (featup-eval) |" in capsys.readouterr().out
+
+
+def test_shipped_jbu_loads_unchanged_as_the_default_variant():
+    """The shipped config records the layout flags; it loads without a warning, as the "default" variant,
+    to the same outputs as that variant built directly with the shipped weights."""
+    import warnings
+
+    from featup.core import load_checkpoint
+    from featup.eval.pretrained import shipped_jbu_path
+
+    path = shipped_jbu_path("efficientnet_lite0")
+    saved = json.loads(path.with_suffix(".json").read_text())["kwargs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jbu = load_shipped_jbu()
+    assert jbu.config() == saved and jbu.variant == "default"
+    direct = JBUStack(variant="default").eval()
+    direct.load_state_dict(load_checkpoint(path)[0], strict=True)
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(1, 7, 5, 6, generator=g), torch.rand(1, 3, 80, 96, generator=g)
+    torch.testing.assert_close(jbu(x, image), direct(x, image), atol=0, rtol=0)

@@ -2,11 +2,54 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_features", "check_image", "check_unit_range", "resolve_size"]
+__all__ = [
+    "check_bool",
+    "check_features",
+    "check_float",
+    "check_image",
+    "check_int",
+    "check_probability",
+    "check_unit_range",
+    "resolve_size",
+]
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Require an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected {name} as an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"expected {name} >= {minimum}, got {value}")
+    return value
+
+
+def check_float(name: str, value: object, minimum: float, *, strict: bool = False) -> float:
+    """Require a finite number >= ``minimum`` (> with ``strict``); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"expected {name} as a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"expected {name} {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def check_probability(name: str, value: object) -> float:
+    """Require a number in [0, 1]."""
+    value = check_float(name, value, 0.0)
+    if value > 1.0:
+        raise ValueError(f"expected {name} in [0, 1], got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Require True or False (not a truthy value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} as True or False, got {value!r}")
+    return value
 
 
 def check_features(feats: object, name: str = "features") -> torch.Tensor:

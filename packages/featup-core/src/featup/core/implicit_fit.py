@@ -1,7 +1,7 @@
 """Fitting FeatUp's implicit upsampler to one image (paper Section 3.3, eq. 7-8, Table 7).
 
 :func:`fit_implicit` compresses the image's features to their top PCA components and fits a per-image
-:class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.training`
+:class:`~featup.core.implicit.ImplicitUpsampler` with the multi-view loss of :mod:`featup.core.multiview`
 (eq. 1) plus a total-variation prior on feature magnitudes (eq. 8). A run's settings are one frozen
 :class:`ImplicitFitConfig`, built from a named preset (``"default"``, or ``"paper"`` for Table 7) and
 keyword overrides. Measured rationale of the defaults: ``docs/decisions.md#implicit``.
@@ -26,26 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-# sample_jitter, reconstruction_loss and make_grad_scaler are looked up on the training module at call time,
-# so one patch of featup.core.training (as the tests do) reaches both trainers
-from featup.core import training as _training
+from featup.core import multiview as mv
+from featup.core._checks import check_bool, check_float, check_int, check_probability
 from featup.core._train_data import derive_seed, validate_images
-from featup.core._train_state import (
-    check_hparams,
-    check_precision,
-    load_train_state,
-    restore_grad_scaler,
-    restore_modules,
-    restore_optimizer,
-    save_train_state,
-)
 from featup.core.checkpoint import CheckpointError
 from featup.core.downsamplers import (
     AttentionDownsampler,
     _masked_softmax,
-    create_downsampler,
     window_indices,
     window_pool,
 )
@@ -54,20 +42,6 @@ from featup.core.jitter import JitterParams, apply_jitter
 from featup.core.losses import tv_loss
 from featup.core.pca import PCA
 from featup.core.precision import check_training_precision, full_precision, mixed_precision, to_float32
-from featup.core.training import (
-    Callback,
-    _check_bool,
-    _check_common,
-    _check_float,
-    _check_int,
-    _check_probability,
-    _features,
-    _frozen,
-    _resolve_device,
-    _step_logs,
-    _training_context,
-    _uncertainty_head,
-)
 
 __all__ = ["PRESETS", "ImplicitFitConfig", "fit_implicit", "fused_view_pool"]
 
@@ -78,12 +52,37 @@ __all__ = ["PRESETS", "ImplicitFitConfig", "fit_implicit", "fused_view_pool"]
 
 @dataclass(frozen=True)
 class ImplicitFitConfig:
-    """Every setting of one implicit fit, validated once (see :func:`fit_implicit` for their meaning).
+    """Every setting of one :func:`fit_implicit` run; validated on creation.
 
-    ``bank_size=None`` draws fresh jitters (and runs the backbone) every step; ``fused=False`` jitters the
-    high-resolution map and pools it with the downsampler module (the plain path the fused one is tested
-    against). ``schedule`` is ``"constant"`` or ``"cosine"`` (linear warm-up over ``warmup_steps``, then
-    cosine decay to ``min_lr_ratio * lr`` at ``steps``).
+    Attributes:
+        steps: total optimiser steps (a resumed fit continues up to this count).
+        n_jitters: jittered views per step.
+        lr: peak NAdam learning rate.
+        pca_dim: principal components of the features the network predicts.
+        kernel_size: downsampler window; None: the backbone's stride.
+        max_pad, max_zoom, p_zoom, p_flip: the jitters (pad in px at 224 px; ``p_flip`` 0 for features that
+            are not flip-equivariant).
+        uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
+        tv_weight: weight of the total variation of ``|F_hr|`` (eq. 8).
+        downsampler: "simple" (learned blur) or "attention" (eq. 2).
+        seed: seed of every random draw.
+        bank_size: jittered views (and their features) computed once, ``n_jitters`` drawn from them per
+            step; None: fresh views and a backbone call every step.
+        fused: pool the jittered views with :func:`fused_view_pool`; False: jitter the map and pool it with
+            the downsampler module (the plain path the fused one is tested against).
+        residual: start from the bicubic upsampling of the compressed features; False: the paper's form.
+        consistency: rendered features back-projected onto the low-res features (ImplicitUpsampler's
+            ``consistency``); False: the field alone, as in the paper.
+        dropout_mode: "channel" (the original code's ``Dropout2d``) or "element".
+        schedule, warmup_steps, min_lr_ratio: "constant", or "cosine": linear warm-up over
+            ``warmup_steps``, then a cosine decay to ``min_lr_ratio * lr`` at ``steps``.
+        mag_weight: weight of the squared error of the pooled ``|F_hr|`` against ``|PCA(f(t(x)))|``.
+        blur_pin: weight of ``mean (blur(F_hr) - F_hr)^2`` (the original code's two extra regularisers).
+        pca_views: jittered views added to the map's pixels when fitting the PCA.
+        checkpoint_every: steps between checkpoints.
+
+    Raises:
+        TypeError, ValueError: a setting of the wrong type or out of range, naming it.
     """
 
     steps: int = 300
@@ -113,36 +112,36 @@ class ImplicitFitConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 1)
-        _check_int("n_jitters", self.n_jitters, 1)
-        _check_float("lr", self.lr, 0.0, strict=True)
-        _check_int("pca_dim", self.pca_dim, 1)
+        check_int("steps", self.steps, 1)
+        check_int("n_jitters", self.n_jitters, 1)
+        check_float("lr", self.lr, 0.0, strict=True)
+        check_int("pca_dim", self.pca_dim, 1)
         if self.kernel_size is not None:
-            _check_int("kernel_size", self.kernel_size, 1)
-        _check_int("max_pad", self.max_pad, 0)
-        _check_float("max_zoom", self.max_zoom, 1.0)
-        _check_probability("p_zoom", self.p_zoom)
-        _check_probability("p_flip", self.p_flip)
-        _check_bool("uncertainty", self.uncertainty)
-        _check_float("tv_weight", self.tv_weight, 0.0)
+            check_int("kernel_size", self.kernel_size, 1)
+        check_int("max_pad", self.max_pad, 0)
+        check_float("max_zoom", self.max_zoom, 1.0)
+        check_probability("p_zoom", self.p_zoom)
+        check_probability("p_flip", self.p_flip)
+        check_bool("uncertainty", self.uncertainty)
+        check_float("tv_weight", self.tv_weight, 0.0)
         if self.downsampler not in ("simple", "attention"):
             raise ValueError(f"expected downsampler 'simple' or 'attention', got {self.downsampler!r}")
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         if self.bank_size is not None:
-            _check_int("bank_size", self.bank_size, 1)
-        _check_bool("fused", self.fused)
-        _check_bool("residual", self.residual)
-        _check_bool("consistency", self.consistency)
+            check_int("bank_size", self.bank_size, 1)
+        check_bool("fused", self.fused)
+        check_bool("residual", self.residual)
+        check_bool("consistency", self.consistency)
         if self.dropout_mode not in ("element", "channel"):
             raise ValueError(f"expected dropout_mode 'element' or 'channel', got {self.dropout_mode!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"expected schedule 'constant' or 'cosine', got {self.schedule!r}")
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_probability("min_lr_ratio", self.min_lr_ratio)
-        _check_float("mag_weight", self.mag_weight, 0.0)
-        _check_float("blur_pin", self.blur_pin, 0.0)
-        _check_int("pca_views", self.pca_views, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_probability("min_lr_ratio", self.min_lr_ratio)
+        check_float("mag_weight", self.mag_weight, 0.0)
+        check_float("blur_pin", self.blur_pin, 0.0)
+        check_int("pca_views", self.pca_views, 0)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
         for name in ("p_zoom", "p_flip", "lr", "max_zoom", "tv_weight", "min_lr_ratio", "mag_weight"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "blur_pin", float(self.blur_pin))
@@ -477,7 +476,7 @@ def fit_implicit(
     progress: bool = True,
     device: torch.device | str | None = None,
     precision: str = "float32",
-    callback: Callback | None = None,
+    callback: mv.Callback | None = None,
     **overrides: Any,
 ) -> ImplicitUpsampler:
     """Fit FeatUp's implicit upsampler to one image.
@@ -487,18 +486,8 @@ def fit_implicit(
     implicit network (eq. 7) and minimises eq. 1 between ``PCA(f(t(x)))`` and ``down(t(F_hr))``, plus
     ``tv_weight`` times the total variation of ``|F_hr|`` (eq. 8), ``mag_weight`` times the squared error
     of the pooled ``|F_hr|`` against ``|PCA(f(t(x)))|`` and ``blur_pin`` times ``mean (blur(F_hr) - F_hr)^2``
-    (the original code's two extra regularisers). NAdam.
-
-    Settings (keyword ``overrides`` of the ``preset``; see :class:`ImplicitFitConfig` and ``PRESETS``):
-    ``n_jitters``, ``lr``, ``pca_dim``, ``kernel_size`` (downsampler window; None: the backbone's stride), ``max_pad`` (px at 224),
-    ``max_zoom``, ``p_zoom``, ``p_flip`` (0 for features that are not flip-equivariant), ``uncertainty``
-    (eq. 1's learned scale; False: plain MSE), ``tv_weight``, ``downsampler`` ("attention" or "simple"),
-    ``seed``, ``bank_size`` (views computed once; None: fresh views every step), ``fused``, ``residual``
-    (start from the bicubic upsampling of the compressed features; False: the paper's parameterisation),
-    ``consistency`` (rendered features back-projected onto the low-res ones, see ImplicitUpsampler),
-    ``dropout_mode`` ("channel": the original code's ``Dropout2d``; "element": per input),
-    ``schedule`` / ``warmup_steps`` / ``min_lr_ratio``, ``mag_weight``, ``blur_pin``, ``pca_views`` (jittered
-    views added to the map when fitting the PCA), ``checkpoint_every``.
+    (the original code's two extra regularisers). NAdam. Measured rationale of the defaults:
+    docs/decisions.md#implicit.
 
     Args:
         backbone: frozen feature extractor ``(B,3,H,W) -> (B,C,h,w)``, called under ``torch.no_grad`` with
@@ -515,6 +504,7 @@ def fit_implicit(
         precision: "float32", "bfloat16" or "float16", as in :func:`train_jbu` (the PCA and the targets'
             projection onto it are computed in float32).
         callback: ``callback(step, logs)`` after each step; returning True stops early.
+        **overrides: fields of :class:`ImplicitFitConfig` on top of the preset (see ``PRESETS``).
 
     Returns:
         The fitted :class:`ImplicitUpsampler` in eval mode; ``render(size)`` gives ``(1,C,H',W')`` features
@@ -531,27 +521,15 @@ def fit_implicit(
     if steps is not None:
         overrides["steps"] = steps
     cfg = ImplicitFitConfig.from_preset(preset, **overrides)
-    _check_common(
-        backbone,
-        cfg.steps,
-        cfg.n_jitters,
-        cfg.lr,
-        cfg.kernel_size or 1,
-        cfg.max_pad,
-        cfg.max_zoom,
-        cfg.downsampler,
-        cfg.seed,
-        cfg.checkpoint_every,
-        callback,
-    )
+    mv.check_callables(backbone, callback)
     check_training_precision(precision)
     image = validate_images(image, "image")
     if image.shape[0] != 1:
         raise ValueError(f"expected one image (1,3,H,W) to fit, got shape {tuple(image.shape)}")
     if upsampler_kwargs is not None and not isinstance(upsampler_kwargs, dict):
         raise TypeError(f"expected upsampler_kwargs as a dict or None, got {type(upsampler_kwargs).__name__}")
-    device = _resolve_device(backbone, device)
-    with _frozen(backbone), _training_context(device):
+    device = mv.resolve_device(backbone, device)
+    with mv.frozen(backbone), mv.training_context(device):
         return _fit_implicit(
             backbone,
             image.to(device).clone(),  # a normal tensor even if the caller made it under inference_mode
@@ -570,6 +548,142 @@ def fit_implicit(
 # the fitter, one named step at a time
 
 
+@dataclass
+class _Fit:
+    """The pieces of one fit that outlive a step."""
+
+    imp: ImplicitUpsampler
+    down: nn.Module
+    head: nn.Module | None
+    pca: PCA  # the upsampler's (zero-padded to imp.pca_dim components)
+    bank: tuple[list[JitterParams], torch.Tensor] | None  # jitters and their compressed targets
+    modules: dict[str, nn.Module]  # what the checkpoint holds: upsampler, downsampler, head
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def _fit_implicit(
+    backbone: Callable,
+    image: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    *,
+    upsampler_kwargs: dict[str, Any],
+    checkpoint_path: str | os.PathLike | None,
+    resume: bool,
+    progress: bool,
+    device: torch.device,
+    precision: str,
+    callback: mv.Callback | None,
+) -> ImplicitUpsampler:
+    saved = None
+    if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
+        saved = mv.load_run(checkpoint_path, "implicit", cfg.hparams(), precision, device, _LEGACY_HPARAMS)
+    lr_feats = mv.view_features(backbone, image, precision, "image")
+    fit = _build_fit(backbone, image, lr_feats, cfg, upsampler_kwargs, saved, checkpoint_path, precision)
+    start = 0
+    if saved is not None:
+        start = mv.restore_run(saved, fit.modules, fit.optimizer, fit.scaler, checkpoint_path)  # type: ignore[arg-type]
+        if not torch.equal(fit.imp.image.to(image.dtype), image):  # the stored guidance image
+            raise CheckpointError(f"cannot resume from {checkpoint_path}: it was fitted to a different image")
+
+    def step_fn(step: int) -> dict[str, float]:
+        mv.seed_rngs(derive_seed(cfg.seed, "dropout", 0, step), device)
+        jitters, targets = _step_views(backbone, image, cfg, fit.bank, fit.pca, step, precision)
+        terms = _objective(fit.imp, fit.down, fit.head, image, jitters, targets, cfg, precision)
+        mv.optimizer_step(fit.optimizer, fit.scaler, terms["loss"], cfg.lr * lr_factor(cfg, step))
+        return mv.step_logs(
+            **{k: v.detach() for k, v in terms.items()}, lr=fit.optimizer.param_groups[0]["lr"]
+        )
+
+    def save(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        config = {
+            "hparams": cfg.hparams(),
+            "feat_dim": int(lr_feats.shape[1]),
+            "upsampler": {"class": type(fit.imp).__name__, "kwargs": fit.imp.config()},
+        }
+        mv.save_run(
+            checkpoint_path, "implicit", step, fit.modules, fit.optimizer, fit.scaler, precision, config
+        )
+
+    for m in fit.modules.values():
+        m.train()
+    mv.run_steps(
+        step_fn,
+        start,
+        cfg.steps,
+        save=save,
+        checkpoint_every=cfg.checkpoint_every,
+        callback=callback,
+        progress=progress,
+        desc="fit_implicit",
+    )
+    for m in fit.modules.values():
+        m.eval()
+    return fit.imp
+
+
+def _build_fit(
+    backbone: Callable,
+    image: torch.Tensor,
+    lr_feats: torch.Tensor,
+    cfg: ImplicitFitConfig,
+    upsampler_kwargs: dict[str, Any],
+    saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    checkpoint_path: str | os.PathLike | None,
+    precision: str,
+) -> _Fit:
+    """The view bank, the PCA, the implicit network (fresh or as saved), downsampler, head and optimiser."""
+    device = image.device
+    feat_dim = int(lr_feats.shape[1])
+    out_size = tuple(lr_feats.shape[-2:])
+    mv.seed_rngs(derive_seed(cfg.seed, "init"), device)
+    bank = _make_bank(backbone, image, cfg, precision)
+    pca = _fit_pca(backbone, image, lr_feats, cfg, bank, precision)
+    kwargs: dict[str, Any] = {
+        "feat_dim": feat_dim,
+        "image_size": list(image.shape[-2:]),
+        "pca_dim": cfg.pca_dim,
+        **({"dropout_mode": cfg.dropout_mode} if cfg.dropout_mode != "element" else {}),
+        **({"residual": True, "lr_size": list(out_size)} if cfg.residual else {}),
+        **({"consistency": True, "lr_size": list(out_size)} if cfg.consistency else {}),
+        **upsampler_kwargs,
+    }
+    if saved is not None:
+        stored = saved[1]["upsampler"]["kwargs"]
+        if stored["feat_dim"] != feat_dim or list(stored["image_size"]) != kwargs["image_size"]:
+            raise CheckpointError(
+                f"cannot resume from {checkpoint_path}: fitted to {stored['feat_dim']}-channel features of a "
+                f"{tuple(stored['image_size'])} image, now {feat_dim} channels of {tuple(image.shape[-2:])}"
+            )
+        kwargs = stored
+    imp = ImplicitUpsampler(**kwargs).to(device)
+    imp.set_image(image)
+    imp.set_pca(pca)
+    # the network predicts imp.pca_dim channels; components the data could not support are zero-padded
+    n_comp = int(imp.pca_dim)
+    pca = imp.pca
+    if imp.residual:
+        imp.set_base(pca.transform(lr_feats))
+    if imp.consistency:
+        imp.set_lr(lr_feats)
+    if bank is not None:  # the bank keeps only the compressed targets
+        bank = (bank[0], pca.transform(bank[1]))
+    # kernel_size None: the backbone's stride (the window of one low-resolution pixel)
+    kernel = cfg.kernel_size or max(1, round(image.shape[-2] / out_size[0]))
+    down, head = mv.loss_modules(cfg.downsampler, n_comp, kernel, uncertainty=cfg.uncertainty)
+    down = down.to(device)
+    head = head.to(device) if head is not None else None
+    modules: dict[str, nn.Module] = {"upsampler": imp, "downsampler": down}
+    if head is not None:
+        modules["head"] = head
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.NAdam(params, lr=cfg.lr)
+    scaler = mv.make_grad_scaler(precision, device)  # enabled for float16 only
+    return _Fit(imp, down, head, pca, bank, modules, optimizer, scaler)
+
+
 def _view_features(
     backbone: Callable,
     image: torch.Tensor,
@@ -583,18 +697,14 @@ def _view_features(
     for start in range(0, len(jitters), batch):
         chunk = jitters[start : start + batch]
         views = apply_jitter(image.expand(len(chunk), -1, -1, -1), chunk)
-        with torch.no_grad(), mixed_precision(precision, image.device):
-            out.append(to_float32(_features(backbone, views, what)))
+        out.append(mv.view_features(backbone, views, precision, what))
     return torch.cat(out)
 
 
 def _draw_jitters(cfg: ImplicitFitConfig, gen: torch.Generator, n: int) -> list[JitterParams]:
-    return [
-        _training.sample_jitter(
-            gen, max_pad=cfg.max_pad, max_zoom=cfg.max_zoom, p_zoom=cfg.p_zoom, p_flip=cfg.p_flip
-        )
-        for _ in range(n)
-    ]
+    return mv.draw_jitters(
+        gen, n, max_pad=cfg.max_pad, max_zoom=cfg.max_zoom, p_zoom=cfg.p_zoom, p_flip=cfg.p_flip
+    )
 
 
 def _fit_pca(
@@ -643,10 +753,9 @@ def _step_views(
     if bank is None:
         jitters = _draw_jitters(cfg, gen, cfg.n_jitters)
         views = apply_jitter(image.expand(cfg.n_jitters, -1, -1, -1), jitters)
+        feats = mv.view_features(backbone, views, precision, f"jittered views, step {step}")
         with torch.no_grad():
-            with mixed_precision(precision, image.device):
-                feats = _features(backbone, views, f"jittered views, step {step}")
-            return jitters, pca.transform(to_float32(feats))
+            return jitters, pca.transform(feats)
     n_bank = len(bank[0])
     if cfg.n_jitters <= n_bank:
         idx = torch.randperm(n_bank, generator=gen)[: cfg.n_jitters]
@@ -677,141 +786,13 @@ def _objective(
     # under mixed precision the loss is still computed in float32
     with full_precision(device):
         hr, pooled = to_float32(hr), to_float32(pooled)
-        log_scale = to_float32(log_scale) if log_scale is not None else None
         zero = hr.new_zeros(())
-        rec = _training.reconstruction_loss(pooled[:, :k], targets, log_scale)
+        rec = mv.view_loss(pooled[:, :k], targets, log_scale)
         tv = tv_loss(hr) if cfg.tv_weight > 0 else zero
         mag = (pooled[:, k:] - _magnitude(targets)).square().mean() if cfg.mag_weight > 0 else zero
         pin = (_gaussian_blur(hr) - hr).square().mean() if cfg.blur_pin > 0 else zero
         loss = rec + cfg.tv_weight * tv + cfg.mag_weight * mag + cfg.blur_pin * pin
     return {"loss": loss, "rec_loss": rec, "tv_loss": tv, "mag_loss": mag, "blur_pin_loss": pin}
-
-
-def _fit_implicit(
-    backbone: Callable,
-    image: torch.Tensor,
-    cfg: ImplicitFitConfig,
-    *,
-    upsampler_kwargs: dict[str, Any],
-    checkpoint_path: str | os.PathLike | None,
-    resume: bool,
-    progress: bool,
-    device: torch.device,
-    precision: str,
-    callback: Callback | None,
-) -> ImplicitUpsampler:
-    hparams = cfg.hparams()
-    saved = None
-    if checkpoint_path is not None and resume and _st_path(checkpoint_path).is_file():
-        saved = load_train_state(checkpoint_path, "implicit", map_location=device)
-        check_hparams({**_LEGACY_HPARAMS, **saved[1]["hparams"]}, hparams, checkpoint_path)
-        check_precision(saved[1], precision, checkpoint_path)
-
-    with mixed_precision(precision, device):
-        lr_feats = to_float32(_features(backbone, image, "image"))
-    feat_dim = int(lr_feats.shape[1])
-    out_size = tuple(lr_feats.shape[-2:])
-
-    torch.manual_seed(derive_seed(cfg.seed, "init"))
-    bank = _make_bank(backbone, image, cfg, precision)
-    pca = _fit_pca(backbone, image, lr_feats, cfg, bank, precision)
-    kwargs: dict[str, Any] = {
-        "feat_dim": feat_dim,
-        "image_size": list(image.shape[-2:]),
-        "pca_dim": cfg.pca_dim,
-        **({"dropout_mode": cfg.dropout_mode} if cfg.dropout_mode != "element" else {}),
-        **({"residual": True, "lr_size": list(out_size)} if cfg.residual else {}),
-        **({"consistency": True, "lr_size": list(out_size)} if cfg.consistency else {}),
-        **upsampler_kwargs,
-    }
-    if saved is not None:
-        stored = saved[1]["upsampler"]["kwargs"]
-        if stored["feat_dim"] != feat_dim or list(stored["image_size"]) != kwargs["image_size"]:
-            raise CheckpointError(
-                f"cannot resume from {checkpoint_path}: fitted to {stored['feat_dim']}-channel features of a "
-                f"{tuple(stored['image_size'])} image, now {feat_dim} channels of {tuple(image.shape[-2:])}"
-            )
-        kwargs = stored
-    imp = ImplicitUpsampler(**kwargs).to(device)
-    imp.set_image(image)
-    imp.set_pca(pca)
-    # the network predicts imp.pca_dim channels; components the data could not support are zero-padded
-    n_comp = int(imp.pca_dim)
-    pca = imp.pca
-    if imp.residual:
-        imp.set_base(pca.transform(lr_feats))
-    if imp.consistency:
-        imp.set_lr(lr_feats)
-    if bank is not None:  # the bank keeps only the compressed targets
-        bank = (bank[0], pca.transform(bank[1]))
-    # kernel_size None: the backbone's stride (the window of one low-resolution pixel)
-    kernel = cfg.kernel_size or max(1, round(image.shape[-2] / out_size[0]))
-    down = create_downsampler(cfg.downsampler, n_comp, kernel).to(device)
-    head = _uncertainty_head(cfg.uncertainty, n_comp)
-    modules: dict[str, nn.Module] = {"upsampler": imp, "downsampler": down}
-    if head is not None:
-        modules["head"] = head = head.to(device)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.NAdam(params, lr=cfg.lr)
-    scaler = _training.make_grad_scaler(precision, device)  # enabled for float16 only
-
-    start = 0
-    if saved is not None:
-        restore_modules(saved[0], modules, checkpoint_path)  # type: ignore[arg-type]
-        if not torch.equal(imp.image.to(image.dtype), image):  # the stored guidance image
-            raise CheckpointError(f"cannot resume from {checkpoint_path}: it was fitted to a different image")
-        restore_optimizer(optimizer, saved[0], saved[1], checkpoint_path)  # type: ignore[arg-type]
-        restore_grad_scaler(scaler, saved[1], checkpoint_path)  # type: ignore[arg-type]
-        start = int(saved[1]["step"])
-
-    def save(step: int) -> None:
-        if checkpoint_path is None:
-            return
-        save_train_state(
-            checkpoint_path,
-            kind="implicit",
-            step=step,
-            modules=modules,
-            optimizer=optimizer,
-            config={
-                "hparams": hparams,
-                "feat_dim": feat_dim,
-                "upsampler": {"class": type(imp).__name__, "kwargs": imp.config()},
-                "precision": precision,
-                "grad_scaler": scaler.state_dict(),
-            },
-        )
-
-    steps = cfg.steps
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="fit_implicit")
-    for m in modules.values():
-        m.train()
-    step = start
-    try:
-        while step < steps:
-            torch.manual_seed(derive_seed(cfg.seed, "dropout", 0, step))
-            jitters, targets = _step_views(backbone, image, cfg, bank, pca, step, precision)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, step)
-            terms = _objective(imp, down, head, image, jitters, targets, cfg, precision)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()  # scale/step/update are plain backward/step unless float16
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            logs = _step_logs(**{k: v.detach() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4g}")
-            stop = bool(callback(step, logs)) if callback is not None else False
-            if step % cfg.checkpoint_every == 0 or step == steps or stop:
-                save(step)
-            if stop:
-                break
-    finally:
-        bar.close()
-    for m in modules.values():
-        m.eval()
-    return imp
 
 
 def _st_path(path: str | os.PathLike) -> Path:

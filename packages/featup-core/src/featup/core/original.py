@@ -8,12 +8,12 @@ The original JBU checkpoints are Lightning ``.ckpt`` files whose ``state_dict`` 
   (49, 52, 1, 1)/(49,) and ``fixup_proj.3.{weight,bias}`` (49, 49, 1, 1)/(49,);
 - ``fixup_proj.1.{weight,bias}`` (dim, dim, 1, 1)/(dim,): the final residual ``x + 0.1 * conv(x)``.
 
-``JBUStack(dim, original=True)`` has exactly these parameter names, so loading is a key-prefix strip plus a
+``JBUStack(dim, variant="original")`` has exactly these parameter names, so loading is a key-prefix strip plus a
 strict shape check. Files are read with ``torch.load(weights_only=True)``; a Lightning file that also pickles
 other objects is read with those objects replaced by inert stand-ins (``_inert_pickle``), so nothing from
 the file is ever imported or executed.
 
-The original models were trained on ImageNet-normalized 224 px images (``JBUStack(original=True)`` normalizes
+The original models were trained on ImageNet-normalized 224 px images (``JBUStack(variant="original")`` normalizes
 its [0, 1] guidance the same way) and, for the ``use_norm`` checkpoints, on features passed through a
 LayerNorm over channels without affine parameters (:func:`channel_norm`).
 """
@@ -134,7 +134,7 @@ def read_original_jbu(source: str | os.PathLike | Mapping[str, Any]) -> tuple[di
             and ``downsampler.*`` keys are ignored.
 
     Returns:
-        (state dict with ``JBUStack(original=True)`` key names, feature dimension)
+        (state dict with ``JBUStack(variant="original")`` key names, feature dimension)
 
     Raises:
         CheckpointError: unreadable input, missing or unexpected upsampler keys, wrong shapes, non-tensors.

@@ -17,33 +17,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from featup.core._checks import check_bool, check_float, check_int
 from featup.core.precision import check_training_precision
 
 __all__ = ["JBU_PRESETS", "SCHEDULES", "JBUTrainConfig", "learning_rate_factor"]
 
 #: learning-rate schedules: a constant rate (the paper), or a linear warm-up then a cosine decay to 0
 SCHEDULES = ("constant", "cosine")
-
-
-def _int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected {name} as an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"expected {name} >= {minimum}, got {value}")
-
-
-def _float(
-    name: str, value: object, minimum: float, *, strict: bool = False, maximum: float | None = None
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"expected {name} as a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"expected {name} {'>' if strict else '>='} {minimum}, got {value}")
-
-
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected {name} as True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +47,7 @@ class JBUTrainConfig:
         p_flip: probability that a jitter flips horizontally (0 for features that are not flip-equivariant).
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
         blur: the attention downsampler's Gaussian pre-blur (the original code's ``blur_attn``; on by
-            default: it won on 3 of 3 seeds, docs/decisions.md#train-jbu).
+            default, docs/decisions.md#train-jbu).
         gate_lr_scale: learning-rate multiplier of the safe-start gates of a :class:`~featup.core.jbu.JBUStack`
             (docs/decisions.md#gate-lr); 1 for runs saved before it existed.
         project_first: upsample the projected features when the upsampler is channel-linear (faster; see
@@ -104,30 +84,30 @@ class JBUTrainConfig:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        _int("steps", self.steps, 1)
-        _int("batch_size", self.batch_size, 1)
-        _int("n_jitters", self.n_jitters, 1)
-        _float("lr", self.lr, 0.0, strict=True)
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_jitters", self.n_jitters, 1)
+        check_float("lr", self.lr, 0.0, strict=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"expected schedule in {SCHEDULES}, got {self.schedule!r}")
-        _int("warmup_steps", self.warmup_steps, 0)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if self.proj_dim is not None:
-            _int("proj_dim", self.proj_dim, 1)
+            check_int("proj_dim", self.proj_dim, 1)
         if self.downsampler not in ("simple", "attention"):
             raise ValueError(f"expected downsampler 'simple' or 'attention', got {self.downsampler!r}")
-        _int("kernel_size", self.kernel_size, 1)
-        _int("max_pad", self.max_pad, 0)
-        _float("gate_lr_scale", self.gate_lr_scale, 0.0, strict=True)
-        _float("max_zoom", self.max_zoom, 1.0)
+        check_int("kernel_size", self.kernel_size, 1)
+        check_int("max_pad", self.max_pad, 0)
+        check_float("gate_lr_scale", self.gate_lr_scale, 0.0, strict=True)
+        check_float("max_zoom", self.max_zoom, 1.0)
         for name in ("p_zoom", "p_flip"):
             value = getattr(self, name)
-            _float(name, value, -math.inf)
+            check_float(name, value, -math.inf)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"expected {name} in [0, 1], got {value}")
         for name in ("uncertainty", "blur", "project_first", "resume"):
-            _bool(name, getattr(self, name))
-        _int("seed", self.seed, 0)
-        _int("checkpoint_every", self.checkpoint_every, 1)
+            check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, 0)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
         check_training_precision(self.precision)
         # normalise numbers given as ints, so the stored hyperparameters compare equal on resume
         for name in ("lr", "max_zoom", "p_zoom", "p_flip", "gate_lr_scale"):

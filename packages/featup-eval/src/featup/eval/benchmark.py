@@ -53,20 +53,18 @@ class BenchConfig:
 
     The training hyperparameters are this domain's, not the paper's Table 7 (which ``train_jbu`` /
     ``fit_implicit`` keep as presets): no flips and zoom <= 1.2 (the extractors' oriented filters are not
-    flip- or scale-equivariant), box downsamplers of the stride, plain MSE, lr 1e-2. Why, with the tables
-    that decided it: docs/decisions.md, sections B1, J1-J3 and "Evaluation correctness".
+    flip- or scale-equivariant), box downsamplers of the stride, plain MSE, lr 1e-2. Why:
+    docs/decisions.md#b1.
 
     Attributes:
         size: (H, W) of the scenes; both must be multiples of the stride of every extractor the run uses
-            (A: 14, and B: 16 when ``transfer``; so multiples of 112 with transfer). Otherwise the last
-            ``size % stride`` pixels fall outside every feature cell, and the upsamplers, jitters, downsampler
-            windows and the scoring, which all assume the cells tile the scene, drift by up to a cell's
-            remainder (84 px with stride 16: 5 cells over 80 px, centres off by up to 3.6 px).
+            (A: 14, and B: 16 when ``transfer``; so multiples of 112 with transfer), else the feature cells
+            do not tile the scene and every score drifts (docs/decisions.md#eval-fixes).
         n_train: training scenes (JBU and learnable baselines train on them; the probe trains on their
             low-res features).
         n_eval: evaluation scenes (every method is scored on all of them; the implicit upsampler is fitted
-            on each). 12: with 3, as before, the segmentation scores swing by more than the differences between
-            methods (decisions B1).
+            on each); fewer than 12 make the segmentation scores swing more than the methods differ
+            (docs/decisions.md#b1).
         jbu_steps: ``train_jbu`` steps (the paper: 2000 on a GPU; this CPU budget is why ``lr`` is 10x the
             paper's 1e-3).
         baseline_steps: steps for learnable baselines with the same objective; None = ``jbu_steps``,

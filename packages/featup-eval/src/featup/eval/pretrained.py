@@ -230,7 +230,7 @@ def load_pretrained(
                 f"the {name} backbone gives {feat_dim}"
             )
     else:
-        upsampler = JBUStack(feat_dim, original=True)
+        upsampler = JBUStack(feat_dim, variant="original")
     return PretrainedFeatUp(backbone, upsampler, name).eval()
 
 

