@@ -40,7 +40,7 @@ def test_bad_names_and_options():
 def test_local_original_checkpoint_is_loaded_in_eval_mode(tmp_path):
     from featup.core import JBUStack
 
-    ref = JBUStack(384, original=True)
+    ref = JBUStack(384, variant="original")
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
