@@ -60,8 +60,9 @@ class ImplicitFitConfig:
         lr: peak NAdam learning rate.
         pca_dim: principal components of the features the network predicts.
         kernel_size: downsampler window; None: the backbone's stride.
-        max_pad, max_zoom, p_zoom, p_flip: the jitters (pad in px at 224 px; ``p_flip`` 0 for features that
-            are not flip-equivariant).
+        max_pad, max_zoom, p_zoom, p_flip: the jitters (pad in px at 224 px). Default: no flips, zoom <= 1.2
+            (flips and strong zooms assume a flip- and scale-equivariant backbone; measured in
+            docs/decisions.md#consistency); the paper preset: flips, zoom <= 1.8.
         uncertainty: learn eq. 1's per-pixel scale; False: plain mean squared error.
         tv_weight: weight of the total variation of ``|F_hr|`` (eq. 8).
         downsampler: "simple" (learned blur) or "attention" (eq. 2).
@@ -91,9 +92,9 @@ class ImplicitFitConfig:
     pca_dim: int = 128
     kernel_size: int | None = None
     max_pad: int = 30
-    max_zoom: float = 1.8
+    max_zoom: float = 1.2
     p_zoom: float = 0.5
-    p_flip: float = 0.5
+    p_flip: float = 0.0
     uncertainty: bool = True
     tv_weight: float = 0.05
     downsampler: str = "simple"
@@ -178,6 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kernel_size=29,
         max_pad=30,
         max_zoom=1.8,
+        p_flip=0.5,
         tv_weight=0.05,
         downsampler="attention",
         bank_size=None,
