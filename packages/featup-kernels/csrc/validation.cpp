@@ -44,4 +44,18 @@ AdaptiveConvSizes check_adaptive_conv_backward(const at::Tensor& grad_out, const
   return s;
 }
 
+AdaptiveConvPhaseSizes check_adaptive_conv_phases(const at::Tensor& input, const at::Tensor& filters,
+                                                  at::IntArrayRef out_padding) {
+  TORCH_CHECK_VALUE(filters.dim() == 7, "adaptive_conv_phases: expected filters (B,Py,Px,H,W,K,K), got ",
+                    filters.sizes());
+  TORCH_CHECK_VALUE(out_padding.size() == 4 && out_padding[0] >= 0 && out_padding[1] >= 0 && out_padding[2] >= 0 &&
+                        out_padding[3] >= 0,
+                    "adaptive_conv_phases: expected out_padding [left, right, top, bottom] >= 0, got ", out_padding);
+  const int64_t Py = filters.size(1), Px = filters.size(2);
+  TORCH_CHECK_VALUE(Py > 0 && Px > 0, "adaptive_conv_phases: expected non-empty tensors, got filters ",
+                    filters.sizes());
+  const AdaptiveConvSizes z = check_adaptive_conv(input, filters.select(1, 0).select(1, 0));
+  return {z.B, z.C, z.H, z.W, z.K, Py, Px, out_padding[0], out_padding[1], out_padding[2], out_padding[3]};
+}
+
 }  // namespace featup

@@ -44,6 +44,15 @@ from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
 
+try:  # featup-kernels builds before the phases op: one adaptive_conv per phase
+    from featup.kernels import adaptive_conv_phases, has_adaptive_conv_phases
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_adaptive_conv_phases(device: Any = "cpu") -> bool:
+        return False
+
+    adaptive_conv_phases = None  # type: ignore[assignment]
+
 __all__ = [
     "RANGE_KERNELS",
     "IMAGENET_MEAN",
@@ -419,20 +428,15 @@ def apply_kernel_fused(
     src = src[..., max(0, oy) :, max(0, ox) :][..., : h + width - 1, : w + width - 1]
     channels = source.shape[1]
     del source
+    if has_adaptive_conv_phases(src.device) and not torch.is_autocast_enabled(src.device.type):
+        # every phase's composite filters in one tensor, the phases written by one pass of the op
+        filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width)
+        return adaptive_conv_phases(src, filters.to(src.dtype), list(out_padding or (0, 0, 0, 0)))
     out: torch.Tensor | None = None
     result: torch.Tensor | None = None
     for p in range(fy):
         for q in range(fx):
-            kpq = k[:, :, p, :, q]  # (B, h, w, K, K)
-            # away from the borders every pixel of the phase has the same composite map: one matrix product
-            shared = torch.einsum("ia,jc->ijac", iy[p], ix[q]).reshape(kk, width * width)
-            filters = torch.matmul(kpq.reshape(b, h, w, kk), shared).view(b, h, w, width, width)
-            rows, cols = sy[p].to(dev), sx[q].to(dev)
-            ay_p, ax_q = ay.view(h, fy, diameter, width)[:, p], ax.view(w, fx, diameter, width)[:, q]
-            if len(rows):
-                filters[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
-            if len(cols):
-                filters[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
+            filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width, (p, q))[:, 0, 0]
             res = adaptive_conv(src, filters.to(src.dtype))
             if fy == fx == 1 and out_padding is None:
                 return res
@@ -444,6 +448,50 @@ def apply_kernel_fused(
     return result
 
 
+def _phase_filters(
+    k: torch.Tensor,
+    ay: torch.Tensor,
+    ax: torch.Tensor,
+    iy: torch.Tensor,
+    ix: torch.Tensor,
+    sy: list[torch.Tensor],
+    sx: list[torch.Tensor],
+    fy: int,
+    fx: int,
+    diameter: int,
+    width: int,
+    phase: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The composite W x W filters on the low-res source of every output phase (or of one ``phase``).
+
+    Shape:
+        - k: (B, h, fy, w, fx, K, K), the stage's pixel-major kernels split by output phase
+        - output: (B, fy, fx, h, w, W, W), or (B, 1, 1, h, w, W, W) for one phase
+    """
+    b, h, _, w = k.shape[:4]
+    kk, dev = diameter * diameter, k.device
+    phases = [phase] if phase is not None else [(p, q) for p in range(fy) for q in range(fx)]
+    n_y, n_x = (1, 1) if phase is not None else (fy, fx)
+    # away from the borders every pixel of a phase has the same composite map: one matrix product
+    shared = torch.stack(
+        [torch.einsum("ia,jc->ijac", iy[p], ix[q]).reshape(kk, width * width) for p, q in phases]
+    )
+    kp = torch.stack([k[:, :, p, :, q] for p, q in phases], 1)  # (B, P, h, w, K, K)
+    filters = torch.matmul(kp.reshape(b, len(phases), h * w, kk), shared).view(
+        b, n_y, n_x, h, w, width, width
+    )
+    for i, (p, q) in enumerate(phases):
+        rows, cols = sy[p].to(dev), sx[q].to(dev)
+        ay_p, ax_q = ay.view(h, fy, diameter, width)[:, p], ax.view(w, fx, diameter, width)[:, q]
+        kpq = kp[:, i]
+        target = filters[:, i // n_x, i % n_x]
+        if len(rows):
+            target[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
+        if len(cols):
+            target[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
+    return filters
+
+
 def _output_buffer(
     like: torch.Tensor, big_h: int, big_w: int, padding: Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,11 +501,19 @@ def _output_buffer(
         out = like.new_empty(b, c, big_h, big_w)
         return out, out
     left, right, top, bottom = padding
-    buf = like.new_empty(b, c, top + big_h + bottom, left + big_w + right)
+    rows, cols = top + big_h + bottom, left + big_w + right
+    buf = like.new_empty(b, c, rows, cols)
     buf[..., :top, :].zero_()
     buf[..., top + big_h :, :].zero_()
-    buf[..., :, :left].zero_()
-    buf[..., :, left + big_w :].zero_()
+    if left or right:
+        # the right margin of row y and the left margin of row y + 1 are adjacent: one short run per row
+        # (zeroing the two column strips separately is several times slower: millions of tiny runs)
+        runs = buf.view(b * c, rows * cols).as_strided(
+            (b * c, big_h - 1, left + right), (rows * cols, cols, 1), top * cols + left + big_w
+        )
+        runs.zero_()
+        buf[..., top, :left].zero_()
+        buf[..., top + big_h - 1, left + big_w :].zero_()
     return buf, buf[..., top : top + big_h, left : left + big_w]
 
 
