@@ -19,6 +19,8 @@ struct AdaptiveConvPhaseSizes {
 AdaptiveConvSizes check_adaptive_conv(const at::Tensor& input, const at::Tensor& filters);
 AdaptiveConvSizes check_adaptive_conv_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                                const at::Tensor& filters);
+// grad_out (B, C, H, W), input (B, C, H+K-1, W+K-1) with K >= 1 odd or even: the filter gradient's sizes.
+AdaptiveConvSizes check_adaptive_conv_filter_grad(const at::Tensor& grad_out, const at::Tensor& input);
 AdaptiveConvPhaseSizes check_adaptive_conv_phases(const at::Tensor& input, const at::Tensor& filters,
                                                   at::IntArrayRef out_padding);
 

@@ -1,4 +1,5 @@
-"""featup.kernels.adaptive_conv_phases: the output phases of a resampling computed in one pass.
+"""featup.kernels.adaptive_conv_phases (the output phases of a resampling in one pass) and
+adaptive_conv_filter_grad (the filter gradient alone).
 
 Checked against its definition (one ``adaptive_conv`` per phase, interleaved into a zero-margined output),
 bit for bit, on both CPU kernel builds; its gradients (twice) and argument checks.
@@ -11,6 +12,7 @@ import torch
 
 from featup.kernels import (
     adaptive_conv,
+    adaptive_conv_filter_grad,
     adaptive_conv_phases,
     adaptive_conv_phases_reference,
     has_adaptive_conv_phases,
@@ -96,3 +98,32 @@ def test_bad_arguments_say_what_was_expected():
         adaptive_conv_phases(x[..., 1:, :], f)
     with pytest.raises(ValueError, match="dtype mismatch"):
         adaptive_conv_phases(x, f.double())
+
+
+# adaptive_conv_filter_grad: the filter gradient alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 34, 9, 11, 7), (2, 3, 4, 3, 5), (1, 1, 2, 2, 1)])
+def test_filter_grad_equals_the_backward_ops_filter_gradient(cpu_isa, shape, dtype):
+    b, c, h, w, k = shape
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(b, c, h + k - 1, w + k - 1, generator=gen, dtype=torch.float64).to(dtype)
+    assert hasattr(torch.ops.featup, "adaptive_conv_filter_grad")
+    ours = adaptive_conv_filter_grad(g, x)
+    full = torch.ops.featup.adaptive_conv_backward(g, x, torch.zeros(b, h, w, k, k, dtype=dtype))[1]
+    assert torch.equal(ours, full)
+
+
+def test_filter_grad_gradients_and_errors():
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 3, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(adaptive_conv_filter_grad, (g, x))
+    assert torch.autograd.gradgradcheck(adaptive_conv_filter_grad, (g, x))
+    torch.library.opcheck(torch.ops.featup.adaptive_conv_filter_grad.default, (g.detach(), x.detach()))
+    with pytest.raises(ValueError, match="one K >= 1"):
+        adaptive_conv_filter_grad(g, x[..., :-1])
+    with pytest.raises(ValueError, match="dtype"):
+        adaptive_conv_filter_grad(g, x.float())

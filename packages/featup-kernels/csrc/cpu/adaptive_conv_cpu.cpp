@@ -158,6 +158,7 @@ void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvSha
 // scratch (CB x R x W, cached), then interleaved into the output rows: each output row is written whole,
 // once, instead of the Px strided passes over the whole output an interleave after separate convolutions
 // makes (one full read and write of the output in the JBU's last stage, as long as a bilinear resize).
+// Each row's left and right margins are zeroed as it is written (top and bottom rows by the caller).
 // Every output element is computed by one conv_rows call in run_forward's tap order, so the result equals
 // the separate convolutions bit for bit, for any thread count.
 template <typename T>
@@ -210,6 +211,8 @@ void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const 
               for (index_t r = 0; r < n; ++r) {
                 T* dst = out + b * out_batch + (c + cc) * o_chan + (top + (h0 + r) * Py + p) * out_cols + left;
                 const T* src = scratch.get() + (cc * R + r) * s.cols;
+                std::fill(dst - left, dst, T(0));  // the row's margins, while it is in cache
+                std::fill(dst + Px * s.cols, dst - left + out_cols, T(0));
                 if (Px == 1) {
                   std::copy(src, src + s.cols, dst);
                 } else if (Px == 2) {
@@ -304,6 +307,28 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
   });
 }
 
+// The filter gradient alone: gf[b, h, w, i, j] = sum_c g[b, c, h, w] * x[b, c, h + i, w + j] (the JBU's
+// neighbourhood inner products), the filter-gradient tasks of run_backward without its input gradient.
+template <typename T>
+void run_filter_grad(const T* g, const T* x, T* gf, int64_t B, index_t C, index_t H, index_t W, int K) {
+  const Kernels<T> k = kernels<T>();
+  const index_t KK = index_t(K) * K, Hi = H + K - 1, Wi = W + K - 1;
+  const ConvShape gf_shape{C, H, W, K, tile_stride_for(W)};
+  const index_t g_batch = C * H * W, x_batch = C * Hi * Wi, f_batch = H * W * KK;
+  const index_t rows_per_task = items_per_task(H, B);
+  const index_t chunks = (H + rows_per_task - 1) / rows_per_task;
+  parallel_tasks(B * chunks, [&](const auto& next) {
+    std::vector<T> scratch(static_cast<size_t>(KK * (gf_shape.tile_stride + 8)));
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t b = t / chunks, chunk = t % chunks;
+      const index_t h_end = std::min(H, (chunk + 1) * rows_per_task);
+      for (index_t h = chunk * rows_per_task; h < h_end; ++h) {
+        k.grad_filters_row(g + b * g_batch, x + b * x_batch, gf + b * f_batch, gf_shape, h, scratch.data());
+      }
+    }
+  });
+}
+
 bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
@@ -341,6 +366,20 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_backward_cpu(const at::Tensor& 
   return {grad_input, grad_filters};
 }
 
+at::Tensor adaptive_conv_filter_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
+  const AdaptiveConvSizes z = check_adaptive_conv_filter_grad(grad_out, input);
+  if (is_reduced_float(input)) {
+    return adaptive_conv_filter_grad_cpu(grad_out.to(at::kFloat), input.to(at::kFloat)).to(input.scalar_type());
+  }
+  const at::Tensor x = input.contiguous(), g = grad_out.contiguous();
+  at::Tensor grad_filters = at::empty({z.B, z.H, z.W, z.K, z.K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_filter_grad_cpu", [&] {
+    run_filter_grad<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              grad_filters.mutable_data_ptr<scalar_t>(), z.B, z.C, z.H, z.W, static_cast<int>(z.K));
+  });
+  return grad_filters;
+}
+
 at::Tensor adaptive_conv_phases_cpu(const at::Tensor& input, const at::Tensor& filters, at::IntArrayRef out_padding) {
   const AdaptiveConvPhaseSizes z = check_adaptive_conv_phases(input, filters, out_padding);
   if (is_reduced_float(input)) {
@@ -352,16 +391,6 @@ at::Tensor adaptive_conv_phases_cpu(const at::Tensor& input, const at::Tensor& f
   at::Tensor out = at::empty({z.B, z.C, rows, cols}, x.options());
   if (z.top) out.narrow(2, 0, z.top).zero_();
   if (z.bottom) out.narrow(2, rows - z.bottom, z.bottom).zero_();
-  if (z.left || z.right) {
-    // the right margin of row y and the left margin of row y + 1 are adjacent: one short run per row pair
-    // (two column strips would be millions of tiny runs); then the first row's left, the last row's right
-    const int64_t inner_rows = z.Py * z.H, inner_cols = z.Px * z.W;
-    at::Tensor planes = out.view({z.B * z.C, rows * cols});
-    const int64_t first = z.top * cols + z.left + inner_cols;  // the right margin of the first interior row
-    planes.as_strided({z.B * z.C, inner_rows - 1, z.left + z.right}, {rows * cols, cols, 1}, first).zero_();
-    if (z.left) out.select(2, z.top).narrow(2, 0, z.left).zero_();
-    if (z.right) out.select(2, z.top + inner_rows - 1).narrow(2, z.left + inner_cols, z.right).zero_();
-  }
   const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_phases_cpu", [&] {
     run_forward_phases<scalar_t>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
@@ -391,6 +420,7 @@ TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("adaptive_conv", &adaptive_conv_cpu);
   m.impl("adaptive_conv_backward", &adaptive_conv_backward_cpu);
   m.impl("adaptive_conv_phases", &adaptive_conv_phases_cpu);
+  m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
 }
 
 }  // namespace featup::cpu

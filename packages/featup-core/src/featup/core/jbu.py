@@ -44,14 +44,14 @@ from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
 
-try:  # featup-kernels builds before the phases op: one adaptive_conv per phase
-    from featup.kernels import adaptive_conv_phases, has_adaptive_conv_phases
+try:  # featup-kernels builds before these ops: one adaptive_conv per phase, the full backward op
+    from featup.kernels import adaptive_conv_filter_grad, adaptive_conv_phases, has_adaptive_conv_phases
 except ImportError:  # pragma: no cover - depends on the installed kernels build
 
     def has_adaptive_conv_phases(device: Any = "cpu") -> bool:
         return False
 
-    adaptive_conv_phases = None  # type: ignore[assignment]
+    adaptive_conv_phases = adaptive_conv_filter_grad = None  # type: ignore[assignment]
 
 __all__ = [
     "RANGE_KERNELS",
@@ -191,8 +191,11 @@ class _NeighborhoodDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, qp: torch.Tensor, diameter: int) -> torch.Tensor:
         b, _, h, w = q.shape
-        unused_filters = q.new_zeros(b, h, w, diameter, diameter)  # the op's input gradient is discarded
-        dots = torch.ops.featup.adaptive_conv_backward(q, qp, unused_filters)[1]
+        if adaptive_conv_filter_grad is not None:
+            dots = adaptive_conv_filter_grad(q, qp)
+        else:  # an older featup-kernels build: the op's input gradient is computed and discarded
+            unused_filters = q.new_zeros(b, h, w, diameter, diameter)
+            dots = torch.ops.featup.adaptive_conv_backward(q, qp, unused_filters)[1]
         ctx.save_for_backward(q, qp)
         return dots
 

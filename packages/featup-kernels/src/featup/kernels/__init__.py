@@ -19,6 +19,7 @@ from featup.kernels._validation import check_adaptive_conv_phases
 
 __all__ = [
     "adaptive_conv",
+    "adaptive_conv_filter_grad",
     "adaptive_conv_phases",
     "adaptive_conv_phases_reference",
     "adaptive_conv_reference",
@@ -106,6 +107,32 @@ def adaptive_conv_phases(
     if has_adaptive_conv_phases(input.device) and not torch.is_autocast_enabled("cpu"):
         return torch.ops.featup.adaptive_conv_phases(input, filters, pad)
     return adaptive_conv_phases_reference(input, filters, pad)
+
+
+def adaptive_conv_filter_grad(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """The filter gradient of :func:`adaptive_conv` alone (its input gradient is not computed).
+
+    ``out[b, h, w, i, j] = sum_c grad_out[b, c, h, w] * input[b, c, h + i, w + j]``: neighbourhood inner
+    products between two maps, as the JBU's range kernel needs them, in one pass and half the work of
+    ``adaptive_conv_backward``. Differentiable in both arguments. Compiled on the CPU; elsewhere (or with a
+    build that predates it) it is ``adaptive_conv_backward``'s second output.
+
+    Shape:
+        - grad_out: (B, C, H, W)
+        - input: (B, C, H + K - 1, W + K - 1)
+        - output: (B, H, W, K, K)
+    """
+    if input.device.type == "cpu" and hasattr(torch.ops.featup, "adaptive_conv_filter_grad"):
+        if not torch.is_autocast_enabled("cpu"):
+            return torch.ops.featup.adaptive_conv_filter_grad(grad_out, input)
+    b, _, h, w = grad_out.shape
+    k = input.shape[2] - h + 1
+    if k < 1 or input.shape[3] - w + 1 != k:
+        raise ValueError(
+            "adaptive_conv_filter_grad: expected input (B,C,H+K-1,W+K-1) for one K >= 1, got grad_out "
+            f"{list(grad_out.shape)} and input {list(input.shape)}"
+        )
+    return torch.ops.featup.adaptive_conv_backward(grad_out, input, input.new_zeros(b, h, w, k, k))[1]
 
 
 def build_info() -> dict[str, Any]:

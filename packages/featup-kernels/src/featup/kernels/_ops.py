@@ -41,6 +41,26 @@ def _adaptive_conv_phases_fake(
     return input.new_empty((b, c, top + py * h + bottom, left + px * w + right))
 
 
+def _filter_grad_fake(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    k = input.shape[2] - grad_out.shape[2] + 1
+    return input.new_empty((grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], k, k))
+
+
+def _filter_grad_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _filter_grad_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The filter gradient is bilinear in (grad_out, input): its gradients are one adaptive_conv and one
+    input gradient, both with the incoming gradient as the filters."""
+    grad_out, input = ctx.saved_tensors
+    need_g, need_x = ctx.needs_input_grad
+    grad = grad.contiguous()
+    d_g = torch.ops.featup.adaptive_conv(input, grad) if need_g else None
+    d_x = torch.ops.featup.adaptive_conv_backward(grad_out, input, grad)[0] if need_x else None
+    return d_g, d_x
+
+
 def _phases_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     input, filters, out_padding = inputs
     ctx.save_for_backward(input, filters)
@@ -128,7 +148,12 @@ def register() -> None:
     torch.library.register_autograd(
         "featup::adaptive_conv_backward", _backward_grad, setup_context=_backward_setup
     )
-    if hasattr(torch.ops.featup, "adaptive_conv_phases"):  # absent from builds that predate it
+    if hasattr(torch.ops.featup, "adaptive_conv_filter_grad"):  # absent from builds that predate it
+        torch.library.register_fake("featup::adaptive_conv_filter_grad", _filter_grad_fake)
+        torch.library.register_autograd(
+            "featup::adaptive_conv_filter_grad", _filter_grad_grad, setup_context=_filter_grad_setup
+        )
+    if hasattr(torch.ops.featup, "adaptive_conv_phases"):
         torch.library.register_fake("featup::adaptive_conv_phases", _adaptive_conv_phases_fake)
         torch.library.register_autograd(
             "featup::adaptive_conv_phases", _phases_grad, setup_context=_phases_setup
