@@ -245,19 +245,26 @@ def neighborhood_sqdist(g: torch.Tensor, radius: int, pad_mode: str = "reflect")
     return (norms + neighbor_norms - 2 * neighborhood_dot(g, radius, pad_mode)).clamp_min(0)
 
 
-def _neighborhood_sqdist_pixel_major(g: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
+def _neighborhood_sqdist_pixel_major(
+    g: torch.Tensor, radius: int, pad_mode: str = "reflect", scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`neighborhood_sqdist` as one neighbourhood product, pixel-major (B, H, W, K*K).
 
     ``<[-2 g_p, 1, |g_p|^2], [g_q, |g_q|^2, 1]> = |g_p - g_q|^2``, so the norms ride along as two channels.
+    With ``scale`` (a positive scalar tensor) it returns ``-scale * distance`` (the range kernel's logits),
+    the factor riding on the centre vector instead of costing a pass over the result.
     """
     b, _, h, w = g.shape
     diameter = 2 * radius + 1
     norms = g.square().sum(1, keepdim=True)
     ones = torch.ones_like(norms)
-    centre = torch.cat([g * -2, ones, norms], 1)
+    if scale is None:
+        centre = torch.cat([g * -2, ones, norms], 1)
+    else:
+        centre = torch.cat([g * (2 * scale), ones * -scale, norms * -scale], 1)
     neighbours = pad2d(torch.cat([g, norms, ones], 1), radius, pad_mode)
     dist = _NeighborhoodDot.apply(centre, neighbours, diameter).reshape(b, h, w, diameter * diameter)
-    return dist.clamp_min(0)
+    return dist.clamp_min(0) if scale is None else dist.clamp_max(0)
 
 
 def _mirrored_taps(diameter: int, device: torch.device) -> torch.Tensor:
@@ -275,6 +282,14 @@ def spatial_gaussian(radius: int, sigma: torch.Tensor | float) -> torch.Tensor:
     coords = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=sigma.dtype)
     d2 = coords[:, None].square() + coords[None, :].square()
     return torch.exp(-d2 / (2 * sigma.square())).reshape(-1)
+
+
+def _log_spatial_gaussian(radius: int, sigma: torch.Tensor) -> torch.Tensor:
+    """``log(spatial_gaussian(radius, sigma))``, computed as the exponent (finite where the Gaussian
+    underflows to 0)."""
+    coords = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=sigma.dtype)
+    d2 = coords[:, None].square() + coords[None, :].square()
+    return (-d2 / (2 * sigma.square())).reshape(-1)
 
 
 def apply_kernel(
@@ -520,6 +535,33 @@ def _output_buffer(
     return buf, buf[..., top : top + big_h, left : left + big_w]
 
 
+def _pooled_guidances(
+    guidance: torch.Tensor, sizes: Sequence[Sequence[int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """:func:`pool_guidance` for every stage size, each pooled from the smallest map it divides exactly among
+    those that are themselves block means of the full map (a mean of block means is the block mean: equal
+    to pooling the full map, to float rounding), so the full-resolution map is read once, not per stage.
+
+    Shape:
+        - guidance: (B, G, H, W)
+        - output: size -> (B, G, size[0], size[1])
+    """
+    full = tuple(guidance.shape[-2:])
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    done = [(full, guidance)]  # maps pooled so far, largest first
+    for size in sorted({(int(s[0]), int(s[1])) for s in sizes}, key=lambda s: (-s[0] * s[1], s)):
+        source = guidance
+        if size[0] <= full[0] and size[1] <= full[1]:
+            for (h, w), pooled in reversed(done):  # the smallest map it divides
+                if h % size[0] == 0 and w % size[1] == 0:
+                    source = pooled
+                    break
+        out[size] = pool_guidance(source, size)
+        if full[0] % size[0] == 0 and full[1] % size[1] == 0:  # block means of the full map: a valid source
+            done.append((size, out[size]))
+    return out
+
+
 class JBUStage(nn.Module):
     """One learned joint bilateral upsampling stage (eq. 4-6) at the guidance's resolution.
 
@@ -620,28 +662,35 @@ class JBUStage(nn.Module):
         keys = _pointwise_mlp(self.range_proj, guidance)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         if self.range_kernel == "distance":
-            logits = _neighborhood_sqdist_pixel_major(keys, self.radius, self.pad_mode) * -temp
+            # softmax(l) * s / sum(softmax(l) * s) = softmax(l + log s): the spatial Gaussian enters as its
+            # exponent and the softmax does the normalisation (the plain path's clamp of the sum at 1e-7
+            # never acts here: the centre's logit 0 is the largest, so the sum is at least 1 / K^2)
+            logits = _neighborhood_sqdist_pixel_major(keys, self.radius, self.pad_mode, scale=temp)
+            logits = logits.add_(_log_spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype))
+            kernel = torch.softmax(logits, dim=-1)
+            norm = None
         else:
             qp = pad2d(keys, self.radius, self.pad_mode)
             logits = _NeighborhoodDot.apply(keys, qp, self.diameter).reshape(b, h, w, taps) * temp
-        spatial = spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype)
-        kernel = torch.softmax(logits, dim=-1) * spatial
-        norm = kernel.sum(-1, keepdim=True).clamp_min(1e-7)
+            spatial = spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype)
+            kernel = torch.softmax(logits, dim=-1) * spatial
+            norm = kernel.sum(-1, keepdim=True).clamp_min(1e-7)
         if self.gate is None:
-            kernel = kernel / norm
+            kernel = kernel if norm is None else kernel / norm
             correction = None if self.fixup_proj is None else self._correction_pixel_major(kernel, guidance)
         else:
             # delta + gate * (kernel - delta): one pass over the taps, the rest on the centre tap
             fix = self.fixup_proj
-            correction = None if fix is None else self._correction_pixel_major(kernel / norm, guidance)
+            normalised = kernel if norm is None else kernel / norm
+            correction = None if fix is None else self._correction_pixel_major(normalised, guidance)
             gate = self.gate.to(kernel.dtype)
-            kernel = kernel * (gate / norm)
             centre = torch.zeros(taps, device=kernel.device, dtype=kernel.dtype)
             centre[taps // 2] = 1.0
             if correction is None:
-                kernel = kernel + centre * (1 - gate)
-            else:
-                correction = correction + centre * (1 - gate)
+                kernel = torch.addcmul(centre * (1 - gate), normalised, gate)
+            else:  # in place on the correction, a fresh buffer of this function's own
+                kernel = correction.add_(centre * (1 - gate)).addcmul_(normalised, gate)
+                correction = None
         if correction is not None:
             kernel = kernel + correction
         return kernel.permute(0, 3, 1, 2)
@@ -654,7 +703,10 @@ class JBUStage(nn.Module):
         dtype = first.weight.dtype
         w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
         kernel = kernel.to(dtype)
-        inputs = torch.cat([kernel, guidance.to(dtype).permute(0, 2, 3, 1)], -1)  # as the plain path's cat
+        # as the plain path's cat, plus a column of ones that carries the first layer's bias (a matrix
+        # product with a bias first copies the bias into its whole output)
+        ones = kernel.new_ones(*kernel.shape[:-1], 1)
+        inputs = torch.cat([kernel, guidance.to(dtype).permute(0, 2, 3, 1), ones], -1)
 
         def dropout(x: torch.Tensor) -> torch.Tensor:
             # Dropout2d draws one (B, C, 1, 1) mask per call, as the plain path's module calls do
@@ -664,16 +716,17 @@ class JBUStage(nn.Module):
             return x * mask
 
         if not self.constrained_fixup:
-            hidden = dropout(act(F.linear(inputs, w1, first.bias)))
+            hidden = dropout(act(F.linear(inputs, torch.cat([w1, first.bias[:, None]], 1))))
             return (0.1 * F.linear(hidden, w2, second.bias)).to(guidance.dtype)
         mirror = _mirrored_taps(self.diameter, kernel.device)
         # both evaluations in one product: the mirrored one reads the taps through the permutation
         both = torch.cat([w1, torch.cat([w1[:, :taps][:, mirror], w1[:, taps:]], 1)], 0)  # (2 taps, taps + G)
-        hidden = act(F.linear(inputs, both, first.bias.repeat(2)).unflatten(-1, (2, taps)))
+        both = torch.cat([both, first.bias.repeat(2)[:, None]], 1)
+        hidden = act(F.linear(inputs, both).unflatten(-1, (2, taps)))
         out = F.linear(dropout(hidden[..., 0, :]), w2, second.bias).tanh()
         mirrored = F.linear(dropout(hidden[..., 1, :]), w2[mirror], second.bias[mirror]).tanh()
-        correction = (out + mirrored) * 0.05
-        return correction - correction.mean(-1, keepdim=True)
+        correction = (out + mirrored).mul_(0.05)  # in place: no fresh full-size buffers (see kernel())
+        return correction.sub_(correction.mean(-1, keepdim=True))
 
     def kernel_plain(self, guidance: torch.Tensor) -> torch.Tensor:
         """:meth:`kernel` computed step by step as the equations read (the test oracle of the fused path)."""
@@ -968,6 +1021,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         stages = self.stages
         sizes = stage_sizes(lr_feats.shape[-2:], size)
         padding = None  # zero margins around x, written by the previous fused stage for this one
+        pooled = _pooled_guidances(guidance, sizes) if self.fused else {}
         for k, stage_size in enumerate(sizes):
             stage = stages[min(k, len(stages) - 1)]
             if not self.fused:
@@ -983,7 +1037,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 next_padding = None if geometry is None else geometry[-1]
             x = stage(
                 x,
-                pool_guidance(guidance, stage_size),
+                pooled[tuple(stage_size)],
                 source_padding=padding,
                 out_padding=next_padding,
             )
