@@ -6,7 +6,8 @@ Sections (a list of functions: each returns rows, the table prints them in order
 - ``jbu_forward``: ``JBUStack`` forward, one image, ``C``-channel 14 x 14 features to 224 x 224 px (16x, four
   2x stages) under ``torch.inference_mode()``, for C = 384 and 1024: the fused path (default), the plain
   path (``up.fused = False``: resize, pad and kernel computed step by step, the reference the fused path is
-  tested against), bilinear and bicubic ``F.interpolate``. The stack has the default layout with its
+  tested against), bilinear and bicubic ``F.interpolate``, and the fused path followed by
+  ``featup.core.backproject`` (the back-projection step, in place). The stack has the default layout with its
   safe-start gates at 1 (a trained stack's cost; the values do not change the work done).
 - ``train_jbu``: one ``train_jbu`` step at Table 7's settings (batch 4, 2 jitters, attention downsampler,
   30-d projection, a frozen 384-channel stride-16 patch backbone) at ``--train-size`` px (default 112: the
@@ -149,11 +150,18 @@ def _jbu_callables(case: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     def interp(mode: str) -> Callable[[], Any]:
         return lambda: F.interpolate(feats, size=(out, out), mode=mode, align_corners=False)
 
+    def jbu_backprojected() -> Any:
+        from featup.core.backproject import backproject
+
+        stack.fused = True
+        return backproject(stack(feats, image), feats)
+
     return {
         "bilinear": interp("bilinear"),
         "bicubic": interp("bicubic"),
         "jbu (plain path)": jbu(False),
         "jbu (fused)": jbu(True),
+        "jbu (fused) + backproject": jbu_backprojected,
     }
 
 
