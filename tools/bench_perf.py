@@ -10,8 +10,8 @@ Sections (a list of functions: each returns rows, the table prints them in order
   ``featup.core.backproject`` (the back-projection step, in place). The stack has the default layout with its
   safe-start gates at 1 (a trained stack's cost; the values do not change the work done).
 - ``train_jbu``: one ``train_jbu`` step at Table 7's settings (batch 4, 2 jitters, attention downsampler,
-  30-d projection, a frozen 384-channel stride-16 patch backbone) at ``--train-size`` px (default 112: the
-  plain path at 224 px needs more memory than the shared 2-core VM has): the plain step
+  30-d projection, a frozen 384-channel stride-16 patch backbone) at ``--train-size`` px (default 224; the
+  plain path then peaks at about 5 GB resident): the plain step
   (``project_first=False``, every step upsamples all C channels) against today's default (projected first).
   Reuses ``tools/bench_perf_training.py``.
 - ``fit_implicit``: one ``fit_implicit`` step at Table 7's settings (224 px, 384 channels, 10 jitters,
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 7, quick 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    ap.add_argument("--train-size", type=int, default=112, help="train_jbu image size (default 112)")
+    ap.add_argument("--train-size", type=int, default=224, help="train_jbu image size (default 224)")
     ap.add_argument("--steps", type=int, default=2, help="timed train/fit steps per run (default 2)")
     ap.add_argument("--step-repeats", type=int, default=1, help="alternating train/fit runs (default 1)")
     ap.add_argument("--check", type=Path, default=None, help="validate the structure of a result JSON, exit")
