@@ -32,6 +32,7 @@ in MB and as a multiple of the output tensor's size. Where clear_refs is not wri
 unavailable.
 
 Run:  python tools/bench_perf.py [--quick] [--json out.json] [--repeats N] [--no-memory] [--sections ...]
+      python tools/bench_perf.py --jbu-before old_jbu.py   # also time an older jbu.py, same weights, same run
       python tools/bench_perf.py --check out.json    # validate a result file's structure (CI)
 ``--quick`` (CI, well under a minute): JBU 64 / 128 channels, 7 x 7 -> 112 px, two repeats; training and
 fitting at 64 px with 64 channels, one timed step per path. Its ratios mean little (at such widths the
@@ -150,6 +151,17 @@ def _jbu_callables(case: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     def interp(mode: str) -> Callable[[], Any]:
         return lambda: F.interpolate(feats, size=(out, out), mode=mode, align_corners=False)
 
+    calls: dict[str, Callable[[], Any]] = {}
+    if case.get("jbu_before"):
+        # the same stack (same weights) built from an older jbu.py: before / after in one run
+        before = _load_old_jbu(case["jbu_before"]).JBUStack().eval()
+        before.load_state_dict(stack.state_dict())
+
+        def jbu_before() -> Any:
+            return before(feats, image)
+
+        calls["jbu (fused, before: --jbu-before)"] = jbu_before
+
     def jbu_backprojected() -> Any:
         from featup.core.backproject import backproject
 
@@ -160,9 +172,32 @@ def _jbu_callables(case: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         "bilinear": interp("bilinear"),
         "bicubic": interp("bicubic"),
         "jbu (plain path)": jbu(False),
+        **calls,
         "jbu (fused)": jbu(True),
         "jbu (fused) + backproject": jbu_backprojected,
     }
+
+
+def _load_old_jbu(path: str) -> Any:
+    """Import an older ``featup/core/jbu.py`` (e.g. ``git show main:packages/featup-core/src/featup/core/
+    jbu.py``) as a separate module, against today's featup.core and featup.kernels; its registry entries
+    are discarded (the names are taken)."""
+    import importlib.util
+
+    from featup.core import registry
+
+    spec = importlib.util.spec_from_file_location("featup_jbu_before", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    saved = dict(registry._REGISTRY)
+    registry._REGISTRY.clear()
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+    return module
 
 
 def jbu_forward(args: argparse.Namespace) -> list[Row]:
@@ -176,6 +211,8 @@ def jbu_forward(args: argparse.Namespace) -> list[Row]:
     )
     rows: list[Row] = []
     for case in cases:
+        if args.jbu_before:
+            case = {**case, "jbu_before": str(args.jbu_before)}
         calls = _jbu_callables(case)
         with torch.inference_mode():
             times = time_interleaved(calls, args.repeats)
@@ -375,6 +412,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--train-size", type=int, default=224, help="train_jbu image size (default 224)")
     ap.add_argument("--steps", type=int, default=2, help="timed train/fit steps per run (default 2)")
     ap.add_argument("--step-repeats", type=int, default=1, help="alternating train/fit runs (default 1)")
+    ap.add_argument(
+        "--jbu-before",
+        type=Path,
+        default=None,
+        help="an older jbu.py to time alongside (row 'jbu (fused, before: --jbu-before)', same weights)",
+    )
     ap.add_argument("--check", type=Path, default=None, help="validate the structure of a result JSON, exit")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -405,6 +448,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             "train_size": args.train_size,
             "steps": args.steps,
             "step_repeats": args.step_repeats,
+            "jbu_before": None if args.jbu_before is None else str(args.jbu_before),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
