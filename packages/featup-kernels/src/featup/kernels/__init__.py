@@ -17,15 +17,10 @@ from featup.kernels._build import load_extension
 from featup.kernels._reference import adaptive_conv_reference
 from featup.kernels._validation import check_adaptive_conv_phases
 
-__all__ = [
-    "adaptive_conv",
-    "adaptive_conv_filter_grad",
-    "adaptive_conv_phases",
-    "adaptive_conv_phases_reference",
-    "adaptive_conv_reference",
-    "build_info",
-    "has_adaptive_conv_phases",
-]
+# The public API (tests/test_compile.py::test_public_api). adaptive_conv_phases, adaptive_conv_filter_grad,
+# adaptive_conv_phases_reference and has_adaptive_conv_phases are importable by name: CPU helpers for
+# featup-core's JBU, with fallbacks elsewhere.
+__all__ = ["adaptive_conv", "adaptive_conv_reference", "build_info"]
 
 _C = load_extension()
 _ops.register()
