@@ -25,7 +25,7 @@ BUILD_TOOLS = ["scikit-build-core>=0.10", "pybind11>=2.12", "cmake>=3.26", "ninj
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "expecttest"]
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
 
-nox.options.sessions = ["lint", "kernels", "cuda", "core", "backbones", "eval", "gpu_check"]
+nox.options.sessions = ["lint", "kernels", "cuda", "core", "backbones", "eval", "gpu_check", "perf"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -182,6 +182,20 @@ def gpu_check(session: nox.Session) -> None:
         "print(f\"gpu_check quick: {len(r['kernel_checks'])} kernel checks ok, {r['seconds']:.0f} s\")"
     )
     session.run(python, "-c", check, str(result), external=True)
+
+
+@nox.session(venv_backend="none")
+def perf(session: nox.Session) -> None:
+    """tools/bench_perf.py --quick (about 30 s on 2 cores) and a check of its JSON's structure, not of its
+    timings (so the one performance table never rots). The full table: ``python tools/bench_perf.py``."""
+    python = shared_env(session)
+    result = ROOT / ".nox" / "perf" / "bench_perf_quick.json"
+    result.unlink(missing_ok=True)
+    script = str(ROOT / "tools" / "bench_perf.py")
+    session.run(
+        python, script, "--quick", "--json", str(result), *session.posargs, external=True, env=TEST_ENV
+    )
+    session.run(python, script, "--check", str(result), external=True)
 
 
 @nox.session(venv_backend="none")

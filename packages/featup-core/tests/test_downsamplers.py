@@ -210,3 +210,27 @@ def test_attention_blur_windows_the_blurred_map():
     torch.testing.assert_close(plain.salience_kernels(plain.salience(hr), 4), plain.kernels(hr, 4))
     with pytest.raises(TypeError, match="blur"):
         AttentionDownsampler(3, 4, blur="yes")
+
+
+def test_gaussian_blur_equals_the_depthwise_convolution_and_its_gradients():
+    """The shifted multiply-add blur against its definition: a depthwise 2-D convolution with the outer
+    product of the 1-D Gaussian, reflect-padded (outputs and input gradients, float64)."""
+    import torch.nn.functional as F
+
+    from featup.core.downsamplers import gaussian_blur
+
+    for shape, k, sigma in [((2, 3, 12, 9), 5, 1.0), ((1, 2, 3, 3), 5, 0.7), ((1, 1, 7, 6), 3, 2.0)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        r = k // 2
+        coords = torch.arange(k, dtype=torch.float64) - r
+        g = torch.exp(-coords.square() / (2 * sigma**2))
+        g = g / g.sum()
+        mode = "reflect" if min(shape[-2:]) > r else "replicate"
+        flat = F.pad(x.reshape(-1, 1, *shape[-2:]), [r] * 4, mode=mode)
+        ref = F.conv2d(flat, torch.outer(g, g).view(1, 1, k, k)).view(shape)
+        out = gaussian_blur(x, k, sigma)
+        torch.testing.assert_close(out, ref)
+        weight = torch.randn(shape, dtype=torch.float64)
+        (g_ours,) = torch.autograd.grad((out * weight).sum(), x)
+        (g_ref,) = torch.autograd.grad((ref * weight).sum(), x)
+        torch.testing.assert_close(g_ours, g_ref)

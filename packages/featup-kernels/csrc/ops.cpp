@@ -6,4 +6,10 @@ TORCH_LIBRARY(featup, m) {
   m.def("adaptive_conv(Tensor input, Tensor filters) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("adaptive_conv_backward(Tensor grad_out, Tensor input, Tensor filters) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // CPU only (the JBU's 2x stages; other devices run one adaptive_conv per phase): see cpu/adaptive_conv_cpu.cpp
+  m.def("adaptive_conv_phases(Tensor input, Tensor filters, int[] out_padding) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // CPU only: adaptive_conv_backward's filter gradient without its input gradient (the JBU's neighbourhood
+  // inner products; other devices take it from adaptive_conv_backward)
+  m.def("adaptive_conv_filter_grad(Tensor grad_out, Tensor input) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

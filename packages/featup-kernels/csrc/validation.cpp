@@ -44,4 +44,39 @@ AdaptiveConvSizes check_adaptive_conv_backward(const at::Tensor& grad_out, const
   return s;
 }
 
+AdaptiveConvSizes check_adaptive_conv_filter_grad(const at::Tensor& grad_out, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && input.dim() == 4,
+                    "adaptive_conv_filter_grad: expected grad_out (B,C,H,W) and input (B,C,H+K-1,W+K-1), got ",
+                    grad_out.sizes(), " and ", input.sizes());
+  const int64_t K = input.size(2) - grad_out.size(2) + 1;
+  TORCH_CHECK_VALUE(K >= 1 && input.size(3) - grad_out.size(3) + 1 == K,
+                    "adaptive_conv_filter_grad: expected input (B,C,H+K-1,W+K-1) for one K >= 1, got grad_out ",
+                    grad_out.sizes(), " and input ", input.sizes());
+  TORCH_CHECK_VALUE(grad_out.numel() > 0 && input.numel() > 0, "adaptive_conv_filter_grad: expected non-empty ",
+                    "tensors, got grad_out ", grad_out.sizes(), " and input ", input.sizes());
+  TORCH_CHECK_VALUE(grad_out.size(0) == input.size(0) && grad_out.size(1) == input.size(1),
+                    "adaptive_conv_filter_grad: expected the same (B, C), got grad_out ", grad_out.sizes(),
+                    " and input ", input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()) && grad_out.scalar_type() == input.scalar_type(),
+                    "adaptive_conv_filter_grad: expected floating-point tensors of one dtype, got grad_out ",
+                    grad_out.scalar_type(), " and input ", input.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == input.device(), "adaptive_conv_filter_grad: device mismatch, grad_out is on ",
+                    grad_out.device(), " but input is on ", input.device());
+  return {input.size(0), input.size(1), grad_out.size(2), grad_out.size(3), K};
+}
+
+AdaptiveConvPhaseSizes check_adaptive_conv_phases(const at::Tensor& input, const at::Tensor& filters,
+                                                  at::IntArrayRef out_padding) {
+  TORCH_CHECK_VALUE(filters.dim() == 7, "adaptive_conv_phases: expected filters (B,Py,Px,H,W,K,K), got ",
+                    filters.sizes());
+  TORCH_CHECK_VALUE(out_padding.size() == 4 && out_padding[0] >= 0 && out_padding[1] >= 0 && out_padding[2] >= 0 &&
+                        out_padding[3] >= 0,
+                    "adaptive_conv_phases: expected out_padding [left, right, top, bottom] >= 0, got ", out_padding);
+  const int64_t Py = filters.size(1), Px = filters.size(2);
+  TORCH_CHECK_VALUE(Py > 0 && Px > 0, "adaptive_conv_phases: expected non-empty tensors, got filters ",
+                    filters.sizes());
+  const AdaptiveConvSizes z = check_adaptive_conv(input, filters.select(1, 0).select(1, 0));
+  return {z.B, z.C, z.H, z.W, z.K, Py, Px, out_padding[0], out_padding[1], out_padding[2], out_padding[3]};
+}
+
 }  // namespace featup

@@ -150,6 +150,91 @@ void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvSha
   });
 }
 
+// The output phases of a resampling stage in one pass: out[b, c, top + h * Py + p, left + w * Px + q] =
+// conv(in[b], tile(filters[b, p, q]))[c, h, w]; the margins (top, bottom, left, right) of `out` are zeroed.
+//
+// Same tasks, bands and register blocks as run_forward, with the tiles of all Py * Px phases of a band built
+// once per task. Each channel block's row tile is computed for every column phase q into a small per-worker
+// scratch (CB x R x W, cached), then interleaved into the output rows: each output row is written whole,
+// once, instead of the Px strided passes over the whole output an interleave after separate convolutions
+// makes (one full read and write of the output in the JBU's last stage, as long as a bilinear resize).
+// Each row's left and right margins are zeroed as it is written (top and bottom rows by the caller).
+// Every output element is computed by one conv_rows call in run_forward's tap order, so the result equals
+// the separate convolutions bit for bit, for any thread count.
+template <typename T>
+void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s, index_t Py,
+                        index_t Px, index_t top, index_t left, index_t out_rows, index_t out_cols) {
+  const Kernels<T> k = kernels<T>();
+  const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K, P = Py * Px;
+  const index_t in_cols = s.cols + s.K - 1;
+  const index_t x_chan = (s.rows + s.K - 1) * in_cols, o_chan = out_rows * out_cols;
+  const index_t in_batch = s.channels * x_chan, out_batch = s.channels * o_chan;
+  const index_t f_phase = s.rows * s.cols * KK, f_batch = P * f_phase;
+  const index_t row_tiles = (s.rows + R - 1) / R;
+  const index_t tile_elems = R * KK * s.tile_stride;
+  const index_t band_tiles =
+      std::clamp<index_t>(kBandBytes / (P * tile_elems * index_t(sizeof(T))), 1, row_tiles);
+  const index_t bands = (row_tiles + band_tiles - 1) / band_tiles;
+  const index_t blocks = (s.channels + CB - 1) / CB;
+  const index_t chunk = items_per_task(blocks, B * bands) * CB;
+  const index_t chunks = (s.channels + chunk - 1) / chunk;
+  const index_t scratch_phase = CB * R * s.cols;  // one column phase of one channel block's row tile
+  parallel_tasks(B * bands * chunks, [&](const auto& next) {
+    std::unique_ptr<T[]> tiles(new T[static_cast<size_t>(band_tiles * P * tile_elems)]);
+    std::unique_ptr<T[]> scratch(new T[static_cast<size_t>(Px * scratch_phase)]);
+    index_t cached = -1;
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t bb = t / chunks, b = bb / bands, band = bb % bands, c0 = (t % chunks) * chunk;
+      const index_t c1 = std::min(s.channels, c0 + chunk);
+      const index_t rt0 = band * band_tiles, rt1 = std::min(row_tiles, rt0 + band_tiles);
+      if (cached != bb) {
+        for (index_t rt = rt0; rt < rt1; ++rt) {
+          const index_t h0 = rt * R;
+          for (index_t ph = 0; ph < P; ++ph) {
+            k.forward_tile(filters + b * f_batch + ph * f_phase, s, h0, std::min(R, s.rows - h0),
+                           tiles.get() + ((rt - rt0) * P + ph) * tile_elems);
+          }
+        }
+        cached = bb;
+      }
+      for (index_t c = c0; c < c1; c += CB) {
+        const index_t nc = std::min(CB, c1 - c);
+        for (index_t rt = rt0; rt < rt1; ++rt) {
+          const index_t h0 = rt * R, n = std::min(R, s.rows - h0);
+          const T* x = in + b * in_batch + c * x_chan + h0 * in_cols;
+          for (index_t p = 0; p < Py; ++p) {
+            for (index_t q = 0; q < Px; ++q) {
+              k.conv_rows(x, x_chan, tiles.get() + ((rt - rt0) * P + p * Px + q) * tile_elems,
+                          scratch.get() + q * scratch_phase, R * s.cols, s, n, nc);
+            }
+            for (index_t cc = 0; cc < nc; ++cc) {
+              for (index_t r = 0; r < n; ++r) {
+                T* dst = out + b * out_batch + (c + cc) * o_chan + (top + (h0 + r) * Py + p) * out_cols + left;
+                const T* src = scratch.get() + (cc * R + r) * s.cols;
+                std::fill(dst - left, dst, T(0));  // the row's margins, while it is in cache
+                std::fill(dst + Px * s.cols, dst - left + out_cols, T(0));
+                if (Px == 1) {
+                  std::copy(src, src + s.cols, dst);
+                } else if (Px == 2) {
+                  const T* src1 = src + scratch_phase;
+                  for (index_t w = 0; w < s.cols; ++w) {
+                    dst[2 * w] = src[w];
+                    dst[2 * w + 1] = src1[w];
+                  }
+                } else {
+                  for (index_t w = 0; w < s.cols; ++w) {
+                    for (index_t q = 0; q < Px; ++q) dst[w * Px + q] = src[q * scratch_phase + w];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 // Both gradients in one parallel region (one barrier). Per batch element the tasks are first the input
 // gradient's (channel group, run of row tiles), then the filter gradient's runs of output rows; they write
 // disjoint tensors, and within each tensor every element belongs to exactly one task.
@@ -222,6 +307,28 @@ void run_backward(const T* g, const T* x, const T* f, T* gi, T* gf, int64_t B, i
   });
 }
 
+// The filter gradient alone: gf[b, h, w, i, j] = sum_c g[b, c, h, w] * x[b, c, h + i, w + j] (the JBU's
+// neighbourhood inner products), the filter-gradient tasks of run_backward without its input gradient.
+template <typename T>
+void run_filter_grad(const T* g, const T* x, T* gf, int64_t B, index_t C, index_t H, index_t W, int K) {
+  const Kernels<T> k = kernels<T>();
+  const index_t KK = index_t(K) * K, Hi = H + K - 1, Wi = W + K - 1;
+  const ConvShape gf_shape{C, H, W, K, tile_stride_for(W)};
+  const index_t g_batch = C * H * W, x_batch = C * Hi * Wi, f_batch = H * W * KK;
+  const index_t rows_per_task = items_per_task(H, B);
+  const index_t chunks = (H + rows_per_task - 1) / rows_per_task;
+  parallel_tasks(B * chunks, [&](const auto& next) {
+    std::vector<T> scratch(static_cast<size_t>(KK * (gf_shape.tile_stride + 8)));
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t b = t / chunks, chunk = t % chunks;
+      const index_t h_end = std::min(H, (chunk + 1) * rows_per_task);
+      for (index_t h = chunk * rows_per_task; h < h_end; ++h) {
+        k.grad_filters_row(g + b * g_batch, x + b * x_batch, gf + b * f_batch, gf_shape, h, scratch.data());
+      }
+    }
+  });
+}
+
 bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
@@ -259,6 +366,39 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_backward_cpu(const at::Tensor& 
   return {grad_input, grad_filters};
 }
 
+at::Tensor adaptive_conv_filter_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
+  const AdaptiveConvSizes z = check_adaptive_conv_filter_grad(grad_out, input);
+  if (is_reduced_float(input)) {
+    return adaptive_conv_filter_grad_cpu(grad_out.to(at::kFloat), input.to(at::kFloat)).to(input.scalar_type());
+  }
+  const at::Tensor x = input.contiguous(), g = grad_out.contiguous();
+  at::Tensor grad_filters = at::empty({z.B, z.H, z.W, z.K, z.K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_filter_grad_cpu", [&] {
+    run_filter_grad<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              grad_filters.mutable_data_ptr<scalar_t>(), z.B, z.C, z.H, z.W, static_cast<int>(z.K));
+  });
+  return grad_filters;
+}
+
+at::Tensor adaptive_conv_phases_cpu(const at::Tensor& input, const at::Tensor& filters, at::IntArrayRef out_padding) {
+  const AdaptiveConvPhaseSizes z = check_adaptive_conv_phases(input, filters, out_padding);
+  if (is_reduced_float(input)) {
+    return adaptive_conv_phases_cpu(input.to(at::kFloat), filters.to(at::kFloat), out_padding)
+        .to(input.scalar_type());
+  }
+  const at::Tensor x = input.contiguous(), f = filters.contiguous();
+  const int64_t rows = z.top + z.Py * z.H + z.bottom, cols = z.left + z.Px * z.W + z.right;
+  at::Tensor out = at::empty({z.B, z.C, rows, cols}, x.options());
+  if (z.top) out.narrow(2, 0, z.top).zero_();
+  if (z.bottom) out.narrow(2, rows - z.bottom, z.bottom).zero_();
+  const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_phases_cpu", [&] {
+    run_forward_phases<scalar_t>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), z.B, s, z.Py, z.Px, z.top, z.left, rows, cols);
+  });
+  return out;
+}
+
 }  // namespace
 
 std::string active_isa() { return isa_state().load() == Isa::Avx2 ? "avx2" : "default"; }
@@ -279,6 +419,8 @@ void set_isa(const std::string& isa) {
 TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("adaptive_conv", &adaptive_conv_cpu);
   m.impl("adaptive_conv_backward", &adaptive_conv_backward_cpu);
+  m.impl("adaptive_conv_phases", &adaptive_conv_phases_cpu);
+  m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
 }
 
 }  // namespace featup::cpu

@@ -35,6 +35,15 @@ from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
 
+try:  # featup-kernels builds before these ops: one adaptive_conv per phase, the full backward op
+    from featup.kernels import adaptive_conv_filter_grad, adaptive_conv_phases, has_adaptive_conv_phases
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_adaptive_conv_phases(device: Any = "cpu") -> bool:
+        return False
+
+    adaptive_conv_phases = adaptive_conv_filter_grad = None  # type: ignore[assignment]
+
 __all__ = [
     "RANGE_KERNELS",
     "VARIANTS",
@@ -277,8 +286,11 @@ class _NeighborhoodDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, qp: torch.Tensor, diameter: int) -> torch.Tensor:
         b, _, h, w = q.shape
-        unused_filters = q.new_zeros(b, h, w, diameter, diameter)  # the op's input gradient is discarded
-        dots = torch.ops.featup.adaptive_conv_backward(q, qp, unused_filters)[1]
+        if adaptive_conv_filter_grad is not None:
+            dots = adaptive_conv_filter_grad(q, qp)
+        else:  # an older featup-kernels build: the op's input gradient is computed and discarded
+            unused_filters = q.new_zeros(b, h, w, diameter, diameter)
+            dots = torch.ops.featup.adaptive_conv_backward(q, qp, unused_filters)[1]
         ctx.save_for_backward(q, qp)
         return dots
 
@@ -328,19 +340,26 @@ def neighborhood_sqdist(g: torch.Tensor, radius: int, pad_mode: str = "reflect")
     return (norms + neighbor_norms - 2 * neighborhood_dot(g, radius, pad_mode)).clamp_min(0)
 
 
-def _neighborhood_sqdist_pixel_major(g: torch.Tensor, radius: int, pad_mode: str = "reflect") -> torch.Tensor:
+def _neighborhood_sqdist_pixel_major(
+    g: torch.Tensor, radius: int, pad_mode: str = "reflect", scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`neighborhood_sqdist` as one neighbourhood product, pixel-major (B, H, W, K*K).
 
     ``<[-2 g_p, 1, |g_p|^2], [g_q, |g_q|^2, 1]> = |g_p - g_q|^2``, so the norms ride along as two channels.
+    With ``scale`` (a positive scalar tensor) it returns ``-scale * distance`` (the range kernel's logits),
+    the factor riding on the centre vector instead of costing a pass over the result.
     """
     b, _, h, w = g.shape
     diameter = 2 * radius + 1
     norms = g.square().sum(1, keepdim=True)
     ones = torch.ones_like(norms)
-    centre = torch.cat([g * -2, ones, norms], 1)
+    if scale is None:
+        centre = torch.cat([g * -2, ones, norms], 1)
+    else:
+        centre = torch.cat([g * (2 * scale), ones * -scale, norms * -scale], 1)
     neighbours = pad2d(torch.cat([g, norms, ones], 1), radius, pad_mode)
     dist = _NeighborhoodDot.apply(centre, neighbours, diameter).reshape(b, h, w, diameter * diameter)
-    return dist.clamp_min(0)
+    return dist.clamp_min(0) if scale is None else dist.clamp_max(0)
 
 
 #: Kopf et al.'s fixed joint bilateral kernel: spatial sigma (window coordinates), range sigma (RGB in [0, 1])
@@ -392,6 +411,14 @@ def spatial_gaussian(radius: int, sigma: torch.Tensor | float) -> torch.Tensor:
     coords = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=sigma.dtype)
     d2 = coords[:, None].square() + coords[None, :].square()
     return torch.exp(-d2 / (2 * sigma.square())).reshape(-1)
+
+
+def _log_spatial_gaussian(radius: int, sigma: torch.Tensor) -> torch.Tensor:
+    """``log(spatial_gaussian(radius, sigma))``, computed as the exponent (finite where the Gaussian
+    underflows to 0)."""
+    coords = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=sigma.dtype)
+    d2 = coords[:, None].square() + coords[None, :].square()
+    return (-d2 / (2 * sigma.square())).reshape(-1)
 
 
 def apply_kernel(
@@ -548,20 +575,15 @@ def apply_kernel_fused(
     src = src[..., max(0, oy) :, max(0, ox) :][..., : h + width - 1, : w + width - 1]
     channels = source.shape[1]
     del source
+    if has_adaptive_conv_phases(src.device) and not torch.is_autocast_enabled(src.device.type):
+        # every phase's composite filters in one tensor, the phases written by one pass of the op
+        filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width)
+        return adaptive_conv_phases(src, filters.to(src.dtype), list(out_padding or (0, 0, 0, 0)))
     out: torch.Tensor | None = None
     result: torch.Tensor | None = None
     for p in range(fy):
         for q in range(fx):
-            kpq = k[:, :, p, :, q]  # (B, h, w, K, K)
-            # away from the borders every pixel of the phase has the same composite map: one matrix product
-            shared = torch.einsum("ia,jc->ijac", iy[p], ix[q]).reshape(kk, width * width)
-            filters = torch.matmul(kpq.reshape(b, h, w, kk), shared).view(b, h, w, width, width)
-            rows, cols = sy[p].to(dev), sx[q].to(dev)
-            ay_p, ax_q = ay.view(h, fy, diameter, width)[:, p], ax.view(w, fx, diameter, width)[:, q]
-            if len(rows):
-                filters[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
-            if len(cols):
-                filters[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
+            filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width, (p, q))[:, 0, 0]
             res = adaptive_conv(src, filters.to(src.dtype))
             if fy == fx == 1 and out_padding is None:
                 return res
@@ -573,6 +595,50 @@ def apply_kernel_fused(
     return result
 
 
+def _phase_filters(
+    k: torch.Tensor,
+    ay: torch.Tensor,
+    ax: torch.Tensor,
+    iy: torch.Tensor,
+    ix: torch.Tensor,
+    sy: list[torch.Tensor],
+    sx: list[torch.Tensor],
+    fy: int,
+    fx: int,
+    diameter: int,
+    width: int,
+    phase: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The composite W x W filters on the low-res source of every output phase (or of one ``phase``).
+
+    Shape:
+        - k: (B, h, fy, w, fx, K, K), the stage's pixel-major kernels split by output phase
+        - output: (B, fy, fx, h, w, W, W), or (B, 1, 1, h, w, W, W) for one phase
+    """
+    b, h, _, w = k.shape[:4]
+    kk, dev = diameter * diameter, k.device
+    phases = [phase] if phase is not None else [(p, q) for p in range(fy) for q in range(fx)]
+    n_y, n_x = (1, 1) if phase is not None else (fy, fx)
+    # away from the borders every pixel of a phase has the same composite map: one matrix product
+    shared = torch.stack(
+        [torch.einsum("ia,jc->ijac", iy[p], ix[q]).reshape(kk, width * width) for p, q in phases]
+    )
+    kp = torch.stack([k[:, :, p, :, q] for p, q in phases], 1)  # (B, P, h, w, K, K)
+    filters = torch.matmul(kp.reshape(b, len(phases), h * w, kk), shared).view(
+        b, n_y, n_x, h, w, width, width
+    )
+    for i, (p, q) in enumerate(phases):
+        rows, cols = sy[p].to(dev), sx[q].to(dev)
+        ay_p, ax_q = ay.view(h, fy, diameter, width)[:, p], ax.view(w, fx, diameter, width)[:, q]
+        kpq = kp[:, i]
+        target = filters[:, i // n_x, i % n_x]
+        if len(rows):
+            target[:, rows] = torch.einsum("mia,bmnij,njc->bmnac", ay_p[rows], kpq[:, rows], ax_q)
+        if len(cols):
+            target[:, :, cols] = torch.einsum("mia,bmnij,njc->bmnac", ay_p, kpq[:, :, cols], ax_q[cols])
+    return filters
+
+
 def _output_buffer(
     like: torch.Tensor, big_h: int, big_w: int, padding: Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -582,12 +648,47 @@ def _output_buffer(
         out = like.new_empty(b, c, big_h, big_w)
         return out, out
     left, right, top, bottom = padding
-    buf = like.new_empty(b, c, top + big_h + bottom, left + big_w + right)
+    rows, cols = top + big_h + bottom, left + big_w + right
+    buf = like.new_empty(b, c, rows, cols)
     buf[..., :top, :].zero_()
     buf[..., top + big_h :, :].zero_()
-    buf[..., :, :left].zero_()
-    buf[..., :, left + big_w :].zero_()
+    if left or right:
+        # the right margin of row y and the left margin of row y + 1 are adjacent: one short run per row
+        # (zeroing the two column strips separately is several times slower: millions of tiny runs)
+        runs = buf.view(b * c, rows * cols).as_strided(
+            (b * c, big_h - 1, left + right), (rows * cols, cols, 1), top * cols + left + big_w
+        )
+        runs.zero_()
+        buf[..., top, :left].zero_()
+        buf[..., top + big_h - 1, left + big_w :].zero_()
     return buf, buf[..., top : top + big_h, left : left + big_w]
+
+
+def _pooled_guidances(
+    guidance: torch.Tensor, sizes: Sequence[Sequence[int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """:func:`pool_guidance` for every stage size, each pooled from the smallest map it divides exactly among
+    those that are themselves block means of the full map (a mean of block means is the block mean: equal
+    to pooling the full map, to float rounding), so the full-resolution map is read once, not per stage.
+
+    Shape:
+        - guidance: (B, G, H, W)
+        - output: size -> (B, G, size[0], size[1])
+    """
+    full = tuple(guidance.shape[-2:])
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    done = [(full, guidance)]  # maps pooled so far, largest first
+    for size in sorted({(int(s[0]), int(s[1])) for s in sizes}, key=lambda s: (-s[0] * s[1], s)):
+        source = guidance
+        if size[0] <= full[0] and size[1] <= full[1]:
+            for (h, w), pooled in reversed(done):  # the smallest map it divides
+                if h % size[0] == 0 and w % size[1] == 0:
+                    source = pooled
+                    break
+        out[size] = pool_guidance(source, size)
+        if full[0] % size[0] == 0 and full[1] % size[1] == 0:  # block means of the full map: a valid source
+            done.append((size, out[size]))
+    return out
 
 
 class JBUStage(nn.Module):
@@ -702,22 +803,28 @@ class JBUStage(nn.Module):
         keys = _pointwise_mlp(self.range_proj, guidance)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         if self.range_kernel == "distance":
-            logits = _neighborhood_sqdist_pixel_major(keys, self.radius, self.pad_mode) * -temp
+            # softmax(l) * s / sum(softmax(l) * s) = softmax(l + log s): the spatial Gaussian enters as its
+            # exponent and the softmax does the normalisation (the plain path's clamp of the sum at 1e-7
+            # never acts here: the centre's logit 0 is the largest, so the sum is at least 1 / K^2)
+            logits = _neighborhood_sqdist_pixel_major(keys, self.radius, self.pad_mode, scale=temp)
+            logits = logits.add_(_log_spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype))
+            kernel = torch.softmax(logits, dim=-1)
+            norm = None
         else:
             qp = pad2d(keys, self.radius, self.pad_mode)
             logits = _NeighborhoodDot.apply(keys, qp, self.diameter).reshape(b, h, w, taps) * temp
-        spatial = spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype)
-        kernel = torch.softmax(logits, dim=-1) * spatial
-        norm = kernel.sum(-1, keepdim=True).clamp_min(1e-7)
+            spatial = spatial_gaussian(self.radius, self.sigma_spatial).to(logits.dtype)
+            kernel = torch.softmax(logits, dim=-1) * spatial
+            norm = kernel.sum(-1, keepdim=True).clamp_min(1e-7)
         if self.gate is None:
-            kernel = kernel / norm
+            kernel = kernel if norm is None else kernel / norm
             correction = None if self.fixup_proj is None else self._correction_pixel_major(kernel, guidance)
         else:
             # base + gate * (kernel - base): one pass over the taps
             fix = self.fixup_proj
-            correction = None if fix is None else self._correction_pixel_major(kernel / norm, guidance)
+            normalised = kernel if norm is None else kernel / norm
+            correction = None if fix is None else self._correction_pixel_major(normalised, guidance)
             gate = self.gate.to(kernel.dtype)
-            kernel = kernel * (gate / norm)
             if self.base_kernel == "classic":
                 assert image is not None
                 base = classic_kernel(
@@ -727,9 +834,10 @@ class JBUStage(nn.Module):
                 base = torch.zeros(taps, device=kernel.device, dtype=kernel.dtype)
                 base[taps // 2] = 1.0
             if correction is None:
-                kernel = kernel + base * (1 - gate)
-            else:
-                correction = correction + base * (1 - gate)
+                kernel = torch.addcmul(base * (1 - gate), normalised, gate)
+            else:  # in place on the correction, a fresh buffer of this function's own
+                kernel = correction.add_(base * (1 - gate)).addcmul_(normalised, gate)
+                correction = None
         if correction is not None:
             kernel = kernel + correction
         return kernel.permute(0, 3, 1, 2)
@@ -742,7 +850,10 @@ class JBUStage(nn.Module):
         dtype = first.weight.dtype
         w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
         kernel = kernel.to(dtype)
-        inputs = torch.cat([kernel, guidance.to(dtype).permute(0, 2, 3, 1)], -1)  # as the plain path's cat
+        # as the plain path's cat, plus a column of ones that carries the first layer's bias (a matrix
+        # product with a bias first copies the bias into its whole output)
+        ones = kernel.new_ones(*kernel.shape[:-1], 1)
+        inputs = torch.cat([kernel, guidance.to(dtype).permute(0, 2, 3, 1), ones], -1)
 
         def dropout(x: torch.Tensor) -> torch.Tensor:
             # Dropout2d draws one (B, C, 1, 1) mask per call, as the plain path's module calls do
@@ -752,16 +863,17 @@ class JBUStage(nn.Module):
             return x * mask
 
         if not self.constrained_fixup:
-            hidden = dropout(act(F.linear(inputs, w1, first.bias)))
+            hidden = dropout(act(F.linear(inputs, torch.cat([w1, first.bias[:, None]], 1))))
             return (0.1 * F.linear(hidden, w2, second.bias)).to(guidance.dtype)
         mirror = _mirrored_taps(self.diameter, kernel.device)
         # both evaluations in one product: the mirrored one reads the taps through the permutation
         both = torch.cat([w1, torch.cat([w1[:, :taps][:, mirror], w1[:, taps:]], 1)], 0)  # (2 taps, taps + G)
-        hidden = act(F.linear(inputs, both, first.bias.repeat(2)).unflatten(-1, (2, taps)))
+        both = torch.cat([both, first.bias.repeat(2)[:, None]], 1)
+        hidden = act(F.linear(inputs, both).unflatten(-1, (2, taps)))
         out = F.linear(dropout(hidden[..., 0, :]), w2, second.bias).tanh()
         mirrored = F.linear(dropout(hidden[..., 1, :]), w2[mirror], second.bias[mirror]).tanh()
-        correction = (out + mirrored) * 0.05
-        return correction - correction.mean(-1, keepdim=True)
+        correction = (out + mirrored).mul_(0.05)  # in place: no fresh full-size buffers (see kernel())
+        return correction.sub_(correction.mean(-1, keepdim=True))
 
     def kernel_plain(self, guidance: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`kernel` computed step by step as the equations read (the test oracle of the fused path)."""
@@ -1101,6 +1213,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         sizes = stage_sizes(lr_feats.shape[-2:], size)
         rgb = image.to(guidance.dtype) if self.base_kernel == "classic" else None
         padding = None  # zero margins around x, written by the previous fused stage for this one
+        pooled = _pooled_guidances(guidance, sizes) if self.fused else {}
         for k, stage_size in enumerate(sizes):
             stage = stages[min(k, len(stages) - 1)]
             stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
@@ -1117,7 +1230,7 @@ class JBUStack(Upsampler, CheckpointMixin):
                 next_padding = None if geometry is None else geometry[-1]
             x = stage(
                 x,
-                pool_guidance(guidance, stage_size),
+                pooled[tuple(stage_size)],
                 image=stage_rgb,
                 source_padding=padding,
                 out_padding=next_padding,
@@ -1127,9 +1240,6 @@ class JBUStack(Upsampler, CheckpointMixin):
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
         if self.consistency and size[0] >= lr_feats.shape[-2] and size[1] >= lr_feats.shape[-1]:
-            # in float32 under autocast: it removes the cell means of the gradient, and what is left of a
-            # bfloat16 gradient is mostly its rounding (relative gradient error 0.09 instead of 0.01)
-            x = x.to(_to_param_precision(x, self.up1.range_temp).dtype)
             inplace = not (torch.is_grad_enabled() and x.requires_grad)
             x = back_project(x, lr_feats, inplace=inplace)
         return x

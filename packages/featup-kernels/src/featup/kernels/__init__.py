@@ -7,6 +7,7 @@ oracle with identical semantics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,11 @@ import torch
 from featup.kernels import _ops
 from featup.kernels._build import load_extension
 from featup.kernels._reference import adaptive_conv_reference
+from featup.kernels._validation import check_adaptive_conv_phases
 
+# The public API (tests/test_compile.py::test_public_api). adaptive_conv_phases, adaptive_conv_filter_grad,
+# adaptive_conv_phases_reference and has_adaptive_conv_phases are importable by name: CPU helpers for
+# featup-core's JBU, with fallbacks elsewhere.
 __all__ = ["adaptive_conv", "adaptive_conv_reference", "build_info"]
 
 _C = load_extension()
@@ -47,6 +52,82 @@ def adaptive_conv(input: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
         - output: (B, C, H, W)
     """
     return torch.ops.featup.adaptive_conv(input, filters)
+
+
+def has_adaptive_conv_phases(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`adaptive_conv_phases` runs compiled on ``device`` (this build has it, and the device is
+    the CPU; elsewhere it runs one :func:`adaptive_conv` per phase)."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.featup, "adaptive_conv_phases")
+
+
+def adaptive_conv_phases_reference(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: Sequence[int] = (0, 0, 0, 0)
+) -> torch.Tensor:
+    """:func:`adaptive_conv_phases` as one :func:`adaptive_conv` per phase, interleaved (any device)."""
+    b, c, h, w, _, py, px = check_adaptive_conv_phases(input, filters, list(out_padding))
+    left, right, top, bottom = (int(v) for v in out_padding)
+    out = None
+    for p in range(py):
+        for q in range(px):
+            res = adaptive_conv(input, filters[:, p, q])
+            if out is None:
+                out = res.new_zeros(b, c, top + py * h + bottom, left + px * w + right)
+                inner = out[..., top : top + py * h, left : left + px * w]
+            inner[..., p::py, q::px] = res
+    assert out is not None
+    return out
+
+
+def adaptive_conv_phases(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: Sequence[int] = (0, 0, 0, 0)
+) -> torch.Tensor:
+    """Several adaptive convolutions of one input, interleaved as the output phases of a resampling.
+
+    ``out[b, c, top + h * Py + p, left + w * Px + q] = adaptive_conv(input, filters[:, p, q])[b, c, h, w]``,
+    with zero margins ``out_padding = [left, right, top, bottom]``. The JBU's 2x stages are four such phases
+    on one low-res source: computed in one pass, each output row is written once instead of interleaving
+    separate outputs afterwards (a full extra pass over the output). Differentiable in ``input`` and
+    ``filters`` (twice). Compiled on the CPU; on other devices, or with a build that predates it, it runs
+    :func:`adaptive_conv_phases_reference` (same values).
+
+    Raises:
+        ValueError: the checks of :func:`adaptive_conv`, filters not 7-D, or a negative or malformed padding.
+
+    Shape:
+        - input: (B, C, H + K - 1, W + K - 1)
+        - filters: (B, Py, Px, H, W, K, K)
+        - output: (B, C, top + Py * H + bottom, left + Px * W + right)
+    """
+    pad = [int(v) for v in out_padding]
+    if has_adaptive_conv_phases(input.device) and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.featup.adaptive_conv_phases(input, filters, pad)
+    return adaptive_conv_phases_reference(input, filters, pad)
+
+
+def adaptive_conv_filter_grad(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """The filter gradient of :func:`adaptive_conv` alone (its input gradient is not computed).
+
+    ``out[b, h, w, i, j] = sum_c grad_out[b, c, h, w] * input[b, c, h + i, w + j]``: neighbourhood inner
+    products between two maps, as the JBU's range kernel needs them, in one pass and half the work of
+    ``adaptive_conv_backward``. Differentiable in both arguments. Compiled on the CPU; elsewhere (or with a
+    build that predates it) it is ``adaptive_conv_backward``'s second output.
+
+    Shape:
+        - grad_out: (B, C, H, W)
+        - input: (B, C, H + K - 1, W + K - 1)
+        - output: (B, H, W, K, K)
+    """
+    if input.device.type == "cpu" and hasattr(torch.ops.featup, "adaptive_conv_filter_grad"):
+        if not torch.is_autocast_enabled("cpu"):
+            return torch.ops.featup.adaptive_conv_filter_grad(grad_out, input)
+    b, _, h, w = grad_out.shape
+    k = input.shape[2] - h + 1
+    if k < 1 or input.shape[3] - w + 1 != k:
+        raise ValueError(
+            "adaptive_conv_filter_grad: expected input (B,C,H+K-1,W+K-1) for one K >= 1, got grad_out "
+            f"{list(grad_out.shape)} and input {list(input.shape)}"
+        )
+    return torch.ops.featup.adaptive_conv_backward(grad_out, input, input.new_zeros(b, h, w, k, k))[1]
 
 
 def build_info() -> dict[str, Any]:

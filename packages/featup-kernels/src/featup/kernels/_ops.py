@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
-from featup.kernels._validation import check_adaptive_conv, check_adaptive_conv_backward
+from featup.kernels._validation import (
+    check_adaptive_conv,
+    check_adaptive_conv_backward,
+    check_adaptive_conv_phases,
+)
 
 __all__ = ["register"]
 
@@ -27,6 +31,62 @@ def _adaptive_conv_backward_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_adaptive_conv_backward(grad_out, input, filters)
     return input.new_empty(input.shape), filters.new_empty(filters.shape)
+
+
+def _adaptive_conv_phases_fake(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: list[int]
+) -> torch.Tensor:
+    b, c, h, w, _, py, px = check_adaptive_conv_phases(input, filters, out_padding)
+    left, right, top, bottom = out_padding
+    return input.new_empty((b, c, top + py * h + bottom, left + px * w + right))
+
+
+def _filter_grad_fake(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    k = input.shape[2] - grad_out.shape[2] + 1
+    return input.new_empty((grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], k, k))
+
+
+def _filter_grad_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _filter_grad_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The filter gradient is bilinear in (grad_out, input): its gradients are one adaptive_conv and one
+    input gradient, both with the incoming gradient as the filters."""
+    grad_out, input = ctx.saved_tensors
+    need_g, need_x = ctx.needs_input_grad
+    grad = grad.contiguous()
+    d_g = torch.ops.featup.adaptive_conv(input, grad) if need_g else None
+    d_x = torch.ops.featup.adaptive_conv_backward(grad_out, input, grad)[0] if need_x else None
+    return d_g, d_x
+
+
+def _phases_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    input, filters, out_padding = inputs
+    ctx.save_for_backward(input, filters)
+    ctx.out_padding = list(out_padding)
+
+
+def _phases_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    """Per phase, the gradients of ``adaptive_conv`` on that phase's output pixels (differentiable ops, so
+    second derivatives work as for adaptive_conv)."""
+    input, filters = ctx.saved_tensors
+    need_input, need_filters = ctx.needs_input_grad[:2]
+    if not (need_input or need_filters):
+        return None, None, None
+    left, _, top, _ = ctx.out_padding
+    py, px, h, w = filters.shape[1:5]
+    inner = grad[..., top : top + py * h, left : left + px * w]
+    grad_input = None
+    grad_filters = []
+    for p in range(py):
+        for q in range(px):
+            g = inner[..., p::py, q::px].contiguous()
+            gi, gf = torch.ops.featup.adaptive_conv_backward(g, input, filters[:, p, q])
+            grad_input = gi if grad_input is None else grad_input + gi
+            grad_filters.append(gf)
+    gf_all = torch.stack(grad_filters, 1).unflatten(1, (py, px)) if need_filters else None
+    return (grad_input if need_input else None), gf_all, None
 
 
 def _adaptive_conv_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
@@ -88,4 +148,14 @@ def register() -> None:
     torch.library.register_autograd(
         "featup::adaptive_conv_backward", _backward_grad, setup_context=_backward_setup
     )
+    if hasattr(torch.ops.featup, "adaptive_conv_filter_grad"):  # absent from builds that predate it
+        torch.library.register_fake("featup::adaptive_conv_filter_grad", _filter_grad_fake)
+        torch.library.register_autograd(
+            "featup::adaptive_conv_filter_grad", _filter_grad_grad, setup_context=_filter_grad_setup
+        )
+    if hasattr(torch.ops.featup, "adaptive_conv_phases"):
+        torch.library.register_fake("featup::adaptive_conv_phases", _adaptive_conv_phases_fake)
+        torch.library.register_autograd(
+            "featup::adaptive_conv_phases", _phases_grad, setup_context=_phases_setup
+        )
     _registered = True

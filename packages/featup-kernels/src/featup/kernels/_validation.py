@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_adaptive_conv", "check_adaptive_conv_backward"]
+__all__ = ["check_adaptive_conv", "check_adaptive_conv_backward", "check_adaptive_conv_phases"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -99,3 +99,28 @@ def check_adaptive_conv_backward(
             f"{input.device}"
         )
     return b, c, h, w, k
+
+
+def check_adaptive_conv_phases(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: list[int]
+) -> tuple[int, int, int, int, int, int, int]:
+    """Validate ``adaptive_conv_phases`` arguments and return ``(B, C, H, W, K, Py, Px)``.
+
+    Shape:
+        - input: (B, C, H + K - 1, W + K - 1)
+        - filters: (B, Py, Px, H, W, K, K)
+        - out_padding: [left, right, top, bottom], each >= 0
+    """
+    if not isinstance(filters, torch.Tensor) or filters.dim() != 7:
+        got = _shape(filters) if isinstance(filters, torch.Tensor) else type(filters).__name__
+        raise ValueError(f"adaptive_conv_phases: expected filters (B,Py,Px,H,W,K,K), got {got}")
+    pad = list(out_padding)
+    if len(pad) != 4 or any(int(v) < 0 for v in pad):
+        raise ValueError(
+            f"adaptive_conv_phases: expected out_padding [left, right, top, bottom] >= 0, got {pad}"
+        )
+    py, px = filters.shape[1], filters.shape[2]
+    if py == 0 or px == 0:
+        raise ValueError(f"adaptive_conv_phases: expected non-empty tensors, got filters {_shape(filters)}")
+    b, c, h, w, k = check_adaptive_conv(input, filters[:, 0, 0])
+    return b, c, h, w, k, py, px
