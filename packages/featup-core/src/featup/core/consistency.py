@@ -86,8 +86,10 @@ def back_project(
     lift_y = _lift(lr_size[0], size[0], mode).to(hr.device, hr.dtype)
     lift_x = _lift(lr_size[1], size[1], mode).to(hr.device, hr.dtype)
     rows = (lr.to(hr.dtype) - pool_to(hr, lr_size)) @ lift_x.T  # (B, C, h, W)
+    # the same chunked products either way, so in place and out of place agree bit for bit
+    starts = range(0, hr.shape[1], chunk)
     if not inplace:
-        return hr + lift_y @ rows
-    for c in range(0, hr.shape[1], chunk):
+        return hr + torch.cat([lift_y @ rows[:, c : c + chunk] for c in starts], 1)
+    for c in starts:
         hr[:, c : c + chunk] += lift_y @ rows[:, c : c + chunk]
     return hr
