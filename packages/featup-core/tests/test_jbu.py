@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from core_toys import PooledPointwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -500,25 +501,6 @@ def test_gradcheck_float64_gate_between_zero_and_one():
     assert torch.autograd.gradcheck(f, tuple(params.values()))
 
 
-class _PooledPointwise(torch.nn.Module):
-    """Frozen toy backbone: stride-4 average pool of a pointwise nonlinearity of the colours."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Conv2d(3, dim, 1)
-        with torch.no_grad():
-            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
-            self.proj.bias.copy_(torch.randn(dim, generator=g))
-        self.requires_grad_(False)
-
-    def hr_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x - 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.hr_features(x), 4)
-
-
 def _regions(n: int, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
@@ -533,7 +515,7 @@ def _regions(n: int, size: int, seed: int) -> torch.Tensor:
     return imgs
 
 
-def _view_loss(up: torch.nn.Module, backbone: _PooledPointwise, images: torch.Tensor) -> float:
+def _view_loss(up: torch.nn.Module, backbone: PooledPointwise, images: torch.Tensor) -> float:
     """The multi-view objective on fixed views: every sub-stride shift of a crop, its features against the
     4x4 box average (the toy backbone's true downsampler) of the same crop of the upsampled map."""
     with torch.no_grad():
@@ -555,7 +537,7 @@ def _view_loss(up: torch.nn.Module, backbone: _PooledPointwise, images: torch.Te
 def test_short_training_moves_away_from_the_safe_start_and_improves_it():
     from featup.core.training import train_jbu
 
-    backbone = _PooledPointwise()
+    backbone = PooledPointwise()
     train, held_out = _regions(8, 32, seed=1), _regions(6, 32, seed=2)
     up = train_jbu(
         backbone,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from core_toys import Interrupt, PooledPointwise, assert_bitwise_equal, interrupt_at, params_of
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -25,26 +26,6 @@ from featup.core.training import JBU_MODEL_FILE, JBU_STATE_FILE, fit_implicit, t
 torch.set_num_threads(1)
 
 STRIDE = 4
-
-
-class PooledPointwise(nn.Module):
-    """Frozen toy backbone: ``avg_pool(tanh(A x + b), stride)``; ``hr_features`` is the known ideal."""
-
-    def __init__(self, dim: int = 8, stride: int = STRIDE, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.stride = stride
-        self.proj = nn.Conv2d(3, dim, 1)
-        with torch.no_grad():
-            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
-            self.proj.bias.copy_(torch.randn(dim, generator=g))
-        self.requires_grad_(False)
-
-    def hr_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x - 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.hr_features(x), self.stride)
 
 
 def regions(n: int, size: int | tuple[int, int] = 32, seed: int = 0, n_lines: int = 2) -> torch.Tensor:
@@ -75,16 +56,6 @@ def upsample_error(up: nn.Module | None, backbone: PooledPointwise, images: torc
         else:
             pred = up(lr, images)
         return float((pred - truth).square().mean())
-
-
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 JBU_FAST = dict(batch_size=4, kernel_size=STRIDE, progress=False, lr=5e-3)
@@ -167,18 +138,6 @@ def test_fit_implicit_is_bitwise_reproducible():
     c = params_of(fit_implicit(backbone, image, steps=3, seed=2, **IMP_FAST))
     assert_bitwise_equal(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step: int):
-    def callback(s: int, logs: dict) -> None:
-        if s == step:
-            raise Interrupt
-
-    return callback
 
 
 def test_train_jbu_resume_after_interruption_is_exact(tmp_path):

@@ -11,6 +11,7 @@ import contextlib
 
 import pytest
 import torch
+from core_toys import PooledPointwise, params_of
 
 import featup.core.training as training
 from featup.core.checkpoint import load_checkpoint
@@ -26,23 +27,6 @@ STRIDE = 4
 JBU_FAST = dict(batch_size=4, kernel_size=STRIDE, progress=False, lr=5e-3)
 
 
-class PooledPointwise(torch.nn.Module):
-    """Frozen toy backbone: ``avg_pool(tanh(A x + b), stride)`` (as in test_training)."""
-
-    def __init__(self, dim: int = 8, stride: int = STRIDE, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.stride = stride
-        self.proj = torch.nn.Conv2d(3, dim, 1)
-        with torch.no_grad():
-            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
-            self.proj.bias.copy_(torch.randn(dim, generator=g))
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.avg_pool2d(torch.tanh(self.proj(x - 0.5)), self.stride)
-
-
 def regions(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
     """Piecewise-constant RGB images in [0,1]: four regions cut by two random lines."""
     g = torch.Generator().manual_seed(seed)
@@ -56,10 +40,6 @@ def regions(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
             code = code * 2 + side.long()
         imgs[i] = torch.rand(4, 3, generator=g)[code].permute(2, 0, 1)
     return imgs
-
-
-def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _no_salience_dropout(monkeypatch):

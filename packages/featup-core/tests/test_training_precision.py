@@ -11,8 +11,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from core_toys import Interrupt, PooledPointwise, assert_bitwise_equal, interrupt_at, params_of
 
 import featup.core.training as training
 from featup.core._train_state import check_precision, restore_grad_scaler
@@ -35,22 +34,6 @@ IMP_FAST = dict(
 )
 
 
-class PooledPointwise(nn.Module):
-    """Frozen toy backbone with known high-res features: ``avg_pool(tanh(A x + b), STRIDE)``."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = nn.Conv2d(3, dim, 1)
-        with torch.no_grad():
-            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
-            self.proj.bias.copy_(torch.randn(dim, generator=g))
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(torch.tanh(self.proj(x - 0.5)), STRIDE)
-
-
 def regions(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
     """Piecewise-constant RGB images in [0,1]: four regions cut by two random lines, one colour each."""
     g = torch.Generator().manual_seed(seed)
@@ -64,28 +47,6 @@ def regions(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
         ]
         imgs[i] = torch.rand(4, 3, generator=g)[2 * sides[0] + sides[1]].permute(2, 0, 1)
     return imgs
-
-
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step: int):
-    def callback(s: int, logs: dict) -> None:
-        if s == step:
-            raise Interrupt
-
-    return callback
 
 
 LOW = ["bfloat16", "float16"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_toys import PooledPointwise
 
 from featup.core import fit_implicit, train_jbu
 from featup.core._train_data import derive_seed
@@ -27,22 +28,6 @@ STEPS = 3
 LR = 5e-3
 KERNEL = 4
 HIDDEN = {"hidden_dim": 32, "n_freqs": 8}
-
-
-class PooledPointwise(torch.nn.Module):
-    """Frozen toy backbone: ``avg_pool(tanh(A x + b), 4)`` (as in test_training)."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Conv2d(3, dim, 1)
-        with torch.no_grad():
-            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
-            self.proj.bias.copy_(torch.randn(dim, generator=g))
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.avg_pool2d(torch.tanh(self.proj(x - 0.5)), KERNEL)
 
 
 def images(n: int, size: int, seed: int) -> torch.Tensor:

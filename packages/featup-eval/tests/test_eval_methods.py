@@ -25,13 +25,7 @@ from featup.eval.probes import LinearProbe
 SPEC = "featup.eval.fixtures:tiny_backbone"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two shared cores: intra-op threads only contend with each other here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parse_methods_orders_and_always_keeps_bilinear():

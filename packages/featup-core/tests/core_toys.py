@@ -1,0 +1,56 @@
+"""Test helpers shared by the core tests: a frozen toy backbone with known high-res features, state-dict
+comparisons and an interrupting step callback (imported by the test modules; see conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PooledPointwise(nn.Module):
+    """Frozen toy backbone: ``avg_pool(tanh(A x + b), stride)``; ``hr_features`` is the known ideal.
+
+    Shape: (B, 3, H, W) -> (B, dim, H / stride, W / stride).
+    """
+
+    def __init__(self, dim: int = 8, stride: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stride = stride
+        self.proj = nn.Conv2d(3, dim, 1)
+        with torch.no_grad():
+            self.proj.weight.copy_(3.0 * torch.randn(dim, 3, 1, 1, generator=g))
+            self.proj.bias.copy_(torch.randn(dim, generator=g))
+        self.requires_grad_(False)
+
+    def hr_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x - 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.hr_features(x), self.stride)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_at` to cut a run short."""
+
+
+def interrupt_at(step: int):
+    """A step callback that raises :class:`Interrupt` at ``step``."""
+
+    def callback(s: int, logs: dict) -> None:
+        if s == step:
+            raise Interrupt
+
+    return callback
