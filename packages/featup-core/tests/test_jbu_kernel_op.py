@@ -129,7 +129,14 @@ def test_gradients_are_those_of_the_torch_ops():
         assert not up.up1.kernel_op_applies(up.guidance(ii)[:, :, :10, :8])
         out = up(xi, ii)
         (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
-        grads.append((out.detach(), xi.grad, ii.grad, {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None}))
+        grads.append(
+            (
+                out.detach(),
+                xi.grad,
+                ii.grad,
+                {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None},
+            )
+        )
     (o0, x0, i0, p0), (o1, x1, i1, p1) = grads
     torch.testing.assert_close(o1, o0)
     torch.testing.assert_close(x1, x0)
@@ -156,7 +163,9 @@ def test_other_layouts_and_dtypes_take_the_torch_ops():
     g = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         assert not JBUStage(2, 8, 8, range_kernel="dot").eval().kernel_op_applies(g)
-        assert not JBUStage(2, 8, 8, kernel_fixup=True).eval().kernel_op_applies(g)  # unconstrained correction
+        assert (
+            not JBUStage(2, 8, 8, kernel_fixup=True).eval().kernel_op_applies(g)
+        )  # unconstrained correction
         assert JBUStage(2, 8, 8, kernel_fixup=True, constrained_fixup=True).eval().kernel_op_applies(g)
         assert not JBUStage(2, 8, 8).eval().kernel_op_applies(g.double())  # float32 parameters
         assert not JBUStage(2, 8, 8).eval().kernel_op_applies(g.bfloat16())

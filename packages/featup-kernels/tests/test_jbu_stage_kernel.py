@@ -30,7 +30,6 @@ def _reference(keys, log_spatial, temp, rgb=None, cls=None, cscale=0.0, gate=Non
         )  # (B, H, W, taps)
 
     n = torch.softmax(-temp * sqdist(keys) + log_spatial, -1)
-    out = n
     if w is not None:
         w1k, w1g, b1, w2, b2 = w
         mirror = torch.arange(taps).view(k, k).flip(1).reshape(-1)
@@ -86,7 +85,9 @@ def _call(case, variant, temp=1.7, gate=0.6):
         kw.update(guidance=guid, w1k=w1k, w1g=w1g, b1=b1, w2=w2, b2=b2)
     out = jbu_stage_kernel(keys, ls, temp, **kw)
     ref_w = None if variant == "no_correction" else (w1k, w1g, b1, w2, b2)
-    as64 = [None if t is None else t.double() for t in (keys, ls, kw.get("rgb"), kw.get("classic_log_spatial"))]
+    as64 = [
+        None if t is None else t.double() for t in (keys, ls, kw.get("rgb"), kw.get("classic_log_spatial"))
+    ]
     ref = _reference(
         as64[0], as64[1], temp, as64[2], as64[3], -50.0, kw.get("gate"),
         guid.double(), None if ref_w is None else [t.double() for t in ref_w],
