@@ -156,3 +156,17 @@ def test_argument_errors():
         jbu_stage_kernel(keys, ls, 1.0, guidance=guid, w1k=w1k, w1g=w1g, b1=b1, w2=w2[:, 1:], b2=b2)
     with pytest.raises(ValueError, match="log_spatial"):
         jbu_stage_kernel(keys, ls.double(), 1.0)
+
+
+@pytest.mark.parametrize("variant", ["classic", "plain"])
+def test_schema_and_fake_kernel(variant):
+    """The registered schema and the fake (meta) kernel agree with the CPU kernel (torch.compile traces it)."""
+    keys, ls, cls, rgb, guid, (w1k, w1g, b1, w2, b2) = _case(2, 5, 7, 3, 4, 3, 9, torch.float32)
+    if variant == "classic":
+        args = (keys, rgb, guid, ls, cls, w1k, w1g, b1, w2, b2, 1.5, -50.0, 0.5)
+    else:
+        args = (keys, None, None, ls, None, None, None, None, None, None, 1.5, 0.0, None)
+    result = torch.library.opcheck(
+        torch.ops.featup.jbu_stage_kernel.default, args, test_utils=("test_schema", "test_faketensor")
+    )
+    assert set(result.values()) == {"SUCCESS"}
