@@ -8,7 +8,9 @@ Sections (a list of functions: each returns rows, the table prints them in order
   path (``up.fused = False``: resize, pad and kernel computed step by step, the reference the fused path is
   tested against), bilinear and bicubic ``F.interpolate``, and the fused path without its final back-projection
   (``consistency=False``; the default stack runs it, see ``featup.core.consistency``). The stack has the default layout with its
-  safe-start gates at 1 (a trained stack's cost; the values do not change the work done).
+  safe-start gates at 1 (a trained stack's cost; the values do not change the work done). With a
+  featup-kernels build that has ``jbu_stage_kernel``, also the fused path with its stage kernels computed by
+  torch ops (``stage.kernel_op = False``, the training path's kernels) instead of that op.
 - ``train_jbu``: one ``train_jbu`` step at Table 7's settings (batch 4, 2 jitters, attention downsampler,
   30-d projection, a frozen 384-channel stride-16 patch backbone) at ``--train-size`` px (default 224; the
   plain path then peaks at about 5 GB resident): the plain step
@@ -161,6 +163,20 @@ def _jbu_callables(case: dict[str, Any]) -> dict[str, Callable[[], Any]]:
             return before(feats, image)
 
         calls["jbu (fused, before: --jbu-before)"] = jbu_before
+
+    def jbu_torch_kernels() -> Any:
+        # the stage kernels with torch ops instead of featup.kernels.jbu_stage_kernel (kernel_op=False)
+        stack.fused = True
+        for stage in stack.stages:
+            stage.kernel_op = False
+        try:
+            return stack(feats, image)
+        finally:
+            for stage in stack.stages:
+                stage.kernel_op = True
+
+    if all(hasattr(stage, "kernel_op") for stage in stack.stages):
+        calls["jbu (fused, torch-op kernels)"] = jbu_torch_kernels
 
     def jbu_without_back_projection() -> Any:
         stack.fused, stack.consistency = True, False

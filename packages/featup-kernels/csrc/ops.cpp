@@ -12,4 +12,11 @@ TORCH_LIBRARY(featup, m) {
   // CPU only: adaptive_conv_backward's filter gradient without its input gradient (the JBU's neighbourhood
   // inner products; other devices take it from adaptive_conv_backward)
   m.def("adaptive_conv_filter_grad(Tensor grad_out, Tensor input) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // CPU only, no autograd (the JBU's inference path; training takes the torch path): one JBU stage's per-pixel
+  // kernels in one pass, see jbu_kernel_math.h and cpu/adaptive_conv_cpu.cpp
+  m.def(
+      "jbu_stage_kernel(Tensor keys, Tensor? rgb, Tensor? guidance, Tensor log_spatial, Tensor? classic_log_spatial, "
+      "Tensor? w1k, Tensor? w1g, Tensor? b1, Tensor? w2, Tensor? b2, float temp, float classic_scale, float? gate) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -399,7 +400,131 @@ at::Tensor adaptive_conv_phases_cpu(const at::Tensor& input, const at::Tensor& f
   return out;
 }
 
+// ---- featup::jbu_stage_kernel: a JBU stage's per-pixel kernels in one pass (jbu_kernel_math.h) ----------------
+
+template <typename T>
+using RowFn = void (*)(const jbu::StageKernelArgs<T>&, index_t, index_t, T*);
+
+template <typename T>
+RowFn<T> jbu_row_kernel() {
+#if FEATUP_HAVE_AVX2_FILE
+  if (isa_state().load() == Isa::Avx2) return AVX2::jbu_stage_kernel_row;
+#endif
+  return DEFAULT::jbu_stage_kernel_row;
+}
+
+// Every pixel's kernel is computed by one segment call whatever the task split: bitwise identical results for
+// any thread count.
+template <typename T>
+void run_jbu_stage_kernel(const jbu::StageKernelArgs<T>& args) {
+  const RowFn<T> row = jbu_row_kernel<T>();
+  const index_t rows = args.B * args.H, per_task = items_per_task(rows, 1);
+  const index_t tasks = (rows + per_task - 1) / per_task;
+  const index_t scratch_elems = jbu::segment_scratch(index_t(args.K) * args.K, args.Hd);
+  parallel_tasks(tasks, [&](const auto& next) {
+    std::vector<T> scratch(static_cast<size_t>(scratch_elems));
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t end = std::min(rows, (t + 1) * per_task);
+      for (index_t bh = t * per_task; bh < end; ++bh) row(args, bh / args.H, bh % args.H, scratch.data());
+    }
+  });
+}
+
+void check_jbu_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, const at::Tensor& keys) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "jbu_stage_kernel: expected ", name, " of shape ", expected, ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == keys.scalar_type() && t.device() == keys.device(), "jbu_stage_kernel: expected ",
+                    name, " as ", keys.scalar_type(), " on ", keys.device(), " (as keys), got ", t.scalar_type(),
+                    " on ", t.device());
+}
+
 }  // namespace
+
+at::Tensor jbu_stage_kernel_cpu(const at::Tensor& keys, const std::optional<at::Tensor>& rgb,
+                                const std::optional<at::Tensor>& guidance, const at::Tensor& log_spatial,
+                                const std::optional<at::Tensor>& classic_log_spatial,
+                                const std::optional<at::Tensor>& w1k, const std::optional<at::Tensor>& w1g,
+                                const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+                                const std::optional<at::Tensor>& b2, double temp, double classic_scale,
+                                std::optional<double> gate) {
+  TORCH_CHECK_VALUE(keys.dim() == 4, "jbu_stage_kernel: expected keys (B,D,H+2r,W+2r), got ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble,
+                    "jbu_stage_kernel: expected float32 or float64 keys, got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(log_spatial.dim() == 1, "jbu_stage_kernel: expected log_spatial (K*K,), got ",
+                    log_spatial.sizes());
+  const int64_t taps = log_spatial.size(0);
+  int64_t K = 1;
+  while (K * K < taps) ++K;
+  TORCH_CHECK_VALUE(K * K == taps && K % 2 == 1, "jbu_stage_kernel: expected log_spatial of K*K taps, K odd, got ",
+                    taps, " taps");
+  const int64_t r = K / 2, B = keys.size(0), D = keys.size(1), H = keys.size(2) - 2 * r, W = keys.size(3) - 2 * r;
+  TORCH_CHECK_VALUE(B > 0 && D > 0 && H > 0 && W > 0, "jbu_stage_kernel: expected non-empty keys padded by ", r,
+                    " on each side, got ", keys.sizes());
+  check_jbu_tensor(log_spatial, "log_spatial", {taps}, keys);
+  if (rgb.has_value()) {
+    check_jbu_tensor(*rgb, "rgb", {B, 3, H + 2 * r, W + 2 * r}, keys);
+    TORCH_CHECK_VALUE(classic_log_spatial.has_value() && gate.has_value(),
+                      "jbu_stage_kernel: expected classic_log_spatial and a gate with rgb");
+    check_jbu_tensor(*classic_log_spatial, "classic_log_spatial", {taps}, keys);
+  }
+  const bool fix = w1k.has_value();
+  TORCH_CHECK_VALUE(fix == guidance.has_value() && fix == w1g.has_value() && fix == b1.has_value() &&
+                        fix == w2.has_value() && fix == b2.has_value(),
+                    "jbu_stage_kernel: expected guidance, w1k, w1g, b1, w2 and b2 all given or all None");
+  int64_t G = 0, Hd = 0;
+  if (fix) {
+    TORCH_CHECK_VALUE(guidance->dim() == 4 && w1k->dim() == 2 && w1g->dim() == 2,
+                      "jbu_stage_kernel: expected guidance (B,G,H,W), w1k (Hd,K*K), w1g (Hd,G), got ",
+                      guidance->sizes(), ", ", w1k->sizes(), ", ", w1g->sizes());
+    G = guidance->size(1);
+    Hd = w1k->size(0);
+    check_jbu_tensor(*guidance, "guidance", {B, G, H, W}, keys);
+    check_jbu_tensor(*w1k, "w1k", {Hd, taps}, keys);
+    check_jbu_tensor(*w1g, "w1g", {Hd, G}, keys);
+    check_jbu_tensor(*b1, "b1", {Hd}, keys);
+    check_jbu_tensor(*w2, "w2", {taps, Hd}, keys);
+    check_jbu_tensor(*b2, "b2", {taps}, keys);
+  }
+  std::vector<at::Tensor> keep;  // contiguous copies live until the end of the call
+  const auto ptr = [&](const std::optional<at::Tensor>& t) -> const at::Tensor* {
+    if (!t.has_value()) return nullptr;
+    keep.push_back(t->contiguous());
+    return &keep.back();
+  };
+  keep.reserve(10);
+  const at::Tensor k = keys.contiguous(), ls = log_spatial.contiguous();
+  const at::Tensor *prgb = ptr(rgb), *pg = ptr(guidance), *pcls = ptr(classic_log_spatial), *pw1k = ptr(w1k),
+                   *pw1g = ptr(w1g), *pb1 = ptr(b1), *pw2 = ptr(w2), *pb2 = ptr(b2);
+  at::Tensor out = at::empty({B, H, W, taps}, k.options());
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "jbu_stage_kernel_cpu", [&] {
+    const auto data = [](const at::Tensor* t) { return t ? t->const_data_ptr<scalar_t>() : nullptr; };
+    jbu::StageKernelArgs<scalar_t> a{};
+    a.keys = k.const_data_ptr<scalar_t>();
+    a.rgb = data(prgb);
+    a.guidance = data(pg);
+    a.log_spatial = ls.const_data_ptr<scalar_t>();
+    a.classic_log_spatial = data(pcls);
+    a.w1k = data(pw1k);
+    a.w1g = data(pw1g);
+    a.b1 = data(pb1);
+    a.w2 = data(pw2);
+    a.b2 = data(pb2);
+    a.temp = static_cast<scalar_t>(temp);
+    a.classic_scale = static_cast<scalar_t>(classic_scale);
+    a.gate = static_cast<scalar_t>(gate.value_or(0.0));
+    a.use_gate = gate.has_value();
+    a.B = B;
+    a.D = D;
+    a.G = G;
+    a.Hd = Hd;
+    a.H = H;
+    a.W = W;
+    a.K = static_cast<int>(K);
+    a.out = out.mutable_data_ptr<scalar_t>();
+    run_jbu_stage_kernel<scalar_t>(a);
+  });
+  return out;
+}
 
 std::string active_isa() { return isa_state().load() == Isa::Avx2 ? "avx2" : "default"; }
 
@@ -421,6 +546,7 @@ TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("adaptive_conv_backward", &adaptive_conv_backward_cpu);
   m.impl("adaptive_conv_phases", &adaptive_conv_phases_cpu);
   m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
+  m.impl("jbu_stage_kernel", &jbu_stage_kernel_cpu);
 }
 
 }  // namespace featup::cpu

@@ -12,6 +12,8 @@
 // elements holds one.
 #pragma once
 
+#include "jbu_kernel_math.h"
+
 namespace featup::cpu {
 
 using index_t = long long;
@@ -47,7 +49,10 @@ static inline index_t tile_stride_for(index_t cols) {
                  index_t n, index_t nc);                                                                    \
   /* grad_filters[b, h] (W, K, K) for output row h; scratch holds K*K*(tile_stride+8) elements.          */ \
   void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
-                        T* scratch);
+                        T* scratch);                                                                        \
+  /* One row h of batch element b of a JBU stage's per-pixel kernels (jbu_kernel_math.h); scratch holds  */ \
+  /* jbu::segment_scratch(K*K, Hd) elements.                                                            */ \
+  void jbu_stage_kernel_row(const jbu::StageKernelArgs<T>& args, index_t b, index_t h, T* scratch);
 
 #define FEATUP_DECLARE_CPU_ISA(ISA)                                                                         \
   namespace ISA {                                                                                           \

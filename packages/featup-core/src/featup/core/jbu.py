@@ -44,6 +44,15 @@ except ImportError:  # pragma: no cover - depends on the installed kernels build
 
     adaptive_conv_phases = adaptive_conv_filter_grad = None  # type: ignore[assignment]
 
+try:  # featup-kernels builds before this op: the stage kernels are computed with torch ops
+    from featup.kernels import has_jbu_stage_kernel, jbu_stage_kernel
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_jbu_stage_kernel(device: Any = "cpu") -> bool:
+        return False
+
+    jbu_stage_kernel = None  # type: ignore[assignment]
+
 __all__ = [
     "RANGE_KERNELS",
     "VARIANTS",
@@ -775,6 +784,9 @@ class JBUStage(nn.Module):
                 nn.Dropout2d(dropout),
                 nn.Conv2d(taps, taps, 1),
             )
+        #: compute the kernels with featup.kernels.jbu_stage_kernel where it applies (see kernel_op_applies);
+        #: False keeps the torch ops (not a hyperparameter: not saved)
+        self.kernel_op = True
         self.safe_start = bool(safe_start)
         self.gate: nn.Parameter | None = None
         if self.safe_start:
@@ -798,6 +810,8 @@ class JBUStage(nn.Module):
         same matrix product with its tap weights permuted.
         """
         self._needs_image(image)
+        if self.kernel_op_applies(guidance):
+            return self._kernel_op(guidance, image)
         taps = self.diameter**2
         b, _, h, w = guidance.shape
         keys = _pointwise_mlp(self.range_proj, guidance)
@@ -840,6 +854,66 @@ class JBUStage(nn.Module):
                 correction = None
         if correction is not None:
             kernel = kernel + correction
+        return kernel.permute(0, 3, 1, 2)
+
+    def kernel_op_applies(self, guidance: torch.Tensor) -> bool:
+        """Whether :meth:`kernel` computes these kernels with the compiled ``featup.kernels.jbu_stage_kernel``
+        (one pass over tiles of pixels, no full-size intermediates): ``kernel_op`` on, a build that has it,
+        the CPU, float32 / float64, the distance range kernel with no correction or the constrained one
+        (GELU, dropout inactive), and no gradient needed (the op has no backward; training takes the torch
+        ops)."""
+        if not (self.kernel_op and has_jbu_stage_kernel(guidance.device)):
+            return False
+        dtype = self.range_temp.dtype
+        if guidance.dtype != dtype or dtype not in (torch.float32, torch.float64):
+            return False
+        if self.range_kernel != "distance":
+            return False
+        fix = self.fixup_proj
+        if fix is not None:
+            if not self.constrained_fixup:
+                return False
+            _, act, drop, _ = fix
+            if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+                return False
+            if drop.training and drop.p > 0:
+                return False
+        if torch.is_grad_enabled() and (
+            guidance.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        return True
+
+    def _kernel_op(self, guidance: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`kernel` by ``featup.kernels.jbu_stage_kernel`` (see :meth:`kernel_op_applies`)."""
+        dtype, r = guidance.dtype, self.radius
+        keys = pad2d(_pointwise_mlp(self.range_proj, guidance), r, self.pad_mode)
+        temp = float(self.range_temp.detach().exp().clamp(1e-4, 1e4))
+        log_spatial = _log_spatial_gaussian(r, self.sigma_spatial.detach()).to(dtype).contiguous()
+        kwargs: dict[str, Any] = {}
+        if self.gate is not None:
+            kwargs["gate"] = float(self.gate)
+            if self.base_kernel == "classic":
+                assert image is not None
+                sigma_spatial, sigma_range = CLASSIC_SIGMAS
+                kwargs["rgb"] = pad2d(image.to(dtype), r, self.pad_mode)
+                kwargs["classic_log_spatial"] = _log_spatial_gaussian(
+                    r, torch.tensor(float(sigma_spatial), dtype=dtype, device=guidance.device)
+                )
+                kwargs["classic_scale"] = -1.0 / (2 * float(sigma_range) ** 2)
+        if self.fixup_proj is not None:
+            first, _, _, second = self.fixup_proj
+            taps = self.diameter**2
+            w1 = first.weight.detach().flatten(1).to(dtype)
+            kwargs.update(
+                guidance=guidance,
+                w1k=w1[:, :taps],
+                w1g=w1[:, taps:],
+                b1=first.bias.detach().to(dtype),
+                w2=second.weight.detach().flatten(1).to(dtype),
+                b2=second.bias.detach().to(dtype),
+            )
+        kernel = jbu_stage_kernel(keys, log_spatial, temp, **kwargs)
         return kernel.permute(0, 3, 1, 2)
 
     def _correction_pixel_major(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from featup.kernels._validation import check_adaptive_conv_phases
 
 # The public API (tests/test_compile.py::test_public_api). adaptive_conv_phases, adaptive_conv_filter_grad,
 # adaptive_conv_phases_reference and has_adaptive_conv_phases are importable by name: CPU helpers for
-# featup-core's JBU, with fallbacks elsewhere.
+# featup-core's JBU, with fallbacks elsewhere; so are jbu_stage_kernel and has_jbu_stage_kernel.
 __all__ = ["adaptive_conv", "adaptive_conv_reference", "build_info"]
 
 _C = load_extension()
@@ -128,6 +128,59 @@ def adaptive_conv_filter_grad(grad_out: torch.Tensor, input: torch.Tensor) -> to
             f"{list(grad_out.shape)} and input {list(input.shape)}"
         )
     return torch.ops.featup.adaptive_conv_backward(grad_out, input, input.new_zeros(b, h, w, k, k))[1]
+
+
+def has_jbu_stage_kernel(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`jbu_stage_kernel` runs compiled on ``device`` (this build has it and the device is the
+    CPU); elsewhere featup-core computes the kernels with torch ops."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.featup, "jbu_stage_kernel")
+
+
+def jbu_stage_kernel(
+    keys: torch.Tensor,
+    log_spatial: torch.Tensor,
+    temp: float,
+    *,
+    rgb: torch.Tensor | None = None,
+    classic_log_spatial: torch.Tensor | None = None,
+    classic_scale: float = 0.0,
+    gate: float | None = None,
+    guidance: torch.Tensor | None = None,
+    w1k: torch.Tensor | None = None,
+    w1g: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One JBU stage's per-pixel K x K kernels (featup-core's default layout) in one pass, pixel-major.
+
+    For pixel p and tap t (neighbour q): ``n = softmax_t(-temp |keys_p - keys_q|^2 + log_spatial)``; with
+    ``gate`` a base kernel ``c`` (Kopf's ``exp(classic_scale |rgb_p - rgb_q|^2 + classic_log_spatial)``
+    normalised, or the centre tap without ``rgb``); with the correction weights ``d = 0.05 (tanh(w2
+    gelu(w1k n + w1g g + b1) + b2) + mirror(...))`` minus its tap mean, the second term the same MLP on the
+    left-right mirrored taps; ``out = d + (1 - gate) c + gate n`` (without a gate ``n + d``). One pass over
+    tiles of pixels instead of the many full-size tensors the torch ops make. Inference only (no autograd):
+    CPU, float32 / float64; exp, erf and tanh are evaluated as torch's vectorised kernels do (polynomials),
+    so results equal the torch ops' to float rounding.
+
+    Raises:
+        ValueError: a shape, dtype or device that does not fit (naming the argument), or an incomplete set
+            of correction weights.
+        RuntimeError: a build without the op (see :func:`has_jbu_stage_kernel`).
+
+    Shape:
+        - keys: (B, D, H + 2r, W + 2r), already padded (K = 2r + 1)
+        - log_spatial, classic_log_spatial, b2: (K*K,)
+        - rgb: (B, 3, H + 2r, W + 2r), padded; guidance: (B, G, H, W)
+        - w1k: (Hd, K*K); w1g: (Hd, G); b1: (Hd,); w2: (K*K, Hd)
+        - output: (B, H, W, K*K)
+    """
+    if not hasattr(torch.ops.featup, "jbu_stage_kernel"):
+        raise RuntimeError("this featup-kernels build has no jbu_stage_kernel op; rebuild featup-kernels")
+    return torch.ops.featup.jbu_stage_kernel(
+        keys, rgb, guidance, log_spatial, classic_log_spatial, w1k, w1g, b1, w2, b2,
+        float(temp), float(classic_scale), None if gate is None else float(gate),
+    )  # fmt: skip
 
 
 def build_info() -> dict[str, Any]:

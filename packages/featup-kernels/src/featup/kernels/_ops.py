@@ -6,6 +6,7 @@ traceable by ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,6 +45,12 @@ def _adaptive_conv_phases_fake(
 def _filter_grad_fake(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     k = input.shape[2] - grad_out.shape[2] + 1
     return input.new_empty((grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], k, k))
+
+
+def _jbu_stage_kernel_fake(keys: torch.Tensor, *args: Any) -> torch.Tensor:
+    taps = args[2].shape[0]  # log_spatial
+    pad = 2 * (math.isqrt(taps) // 2)
+    return keys.new_empty((keys.shape[0], keys.shape[2] - pad, keys.shape[3] - pad, taps))
 
 
 def _filter_grad_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
@@ -158,4 +165,6 @@ def register() -> None:
         torch.library.register_autograd(
             "featup::adaptive_conv_phases", _phases_grad, setup_context=_phases_setup
         )
+    if hasattr(torch.ops.featup, "jbu_stage_kernel"):  # inference only: no autograd formula
+        torch.library.register_fake("featup::jbu_stage_kernel", _jbu_stage_kernel_fake)
     _registered = True
