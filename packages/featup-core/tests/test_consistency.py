@@ -184,3 +184,17 @@ def test_implicit_consistency_round_trips_and_old_configs_load_without_it(tmp_pa
     assert "consistency" not in _implicit(False).config()  # configs saved before it stay as they were
     with pytest.raises(TypeError, match="consistency"):
         ImplicitUpsampler(6, (8, 8), lr_size=(2, 2), consistency=1)
+
+
+def test_matrices_cached_under_inference_mode_serve_later_autograd_calls():
+    # regression: _lift cached its matrices as inference tensors when first built inside inference_mode, and a
+    # later call with autograd on the same sizes failed ("Inference tensors cannot be saved for backward")
+    from featup.core.consistency import _lift
+
+    _lift.cache_clear()
+    lr, hr = torch.randn(1, 2, 5, 7), torch.randn(1, 2, 37, 41)
+    with torch.inference_mode():
+        back_project(hr, lr)
+    hr = hr.clone().requires_grad_(True)
+    back_project(hr, lr).square().sum().backward()
+    assert hr.grad is not None and torch.isfinite(hr.grad).all()

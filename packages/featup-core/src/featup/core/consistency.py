@@ -33,11 +33,14 @@ def pool_to(hr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _lift(n: int, big: int, mode: str) -> torch.Tensor:
     """``U (D U)^-1`` along one axis, (big, n) float64 on the CPU: ``U`` resizes ``n -> big`` samples (the
-    resize of an identity, so borders are exactly ``F.interpolate``'s), ``D`` pools them back."""
-    eye = torch.eye(n, dtype=torch.float64).view(n, 1, n, 1)
-    resize = F.interpolate(eye, size=(big, 1), mode=mode, align_corners=False)[:, 0, :, 0].T  # (big, n)
-    pool = F.adaptive_avg_pool1d(torch.eye(big, dtype=torch.float64).view(big, 1, big), n)[:, 0, :].T
-    return resize @ torch.linalg.inv(pool @ resize)
+    resize of an identity, so borders are exactly ``F.interpolate``'s), ``D`` pools them back.
+
+    Built outside inference mode: the cached matrix is shared by later calls that need autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n, dtype=torch.float64).view(n, 1, n, 1)
+        resize = F.interpolate(eye, size=(big, 1), mode=mode, align_corners=False)[:, 0, :, 0].T  # (big, n)
+        pool = F.adaptive_avg_pool1d(torch.eye(big, dtype=torch.float64).view(big, 1, big), n)[:, 0, :].T
+        return resize @ torch.linalg.inv(pool @ resize)
 
 
 def back_project(
