@@ -192,7 +192,8 @@ def test_matrices_cached_under_inference_mode_serve_later_autograd_calls():
     from featup.core.consistency import _lift
 
     _lift.cache_clear()
-    lr, hr = torch.randn(1, 2, 5, 7), torch.randn(1, 2, 37, 41)
+    # float64: the cached matrices are used as they are (no dtype conversion makes a fresh tensor)
+    lr, hr = torch.randn(1, 2, 5, 7, dtype=torch.float64), torch.randn(1, 2, 37, 41, dtype=torch.float64)
     with torch.inference_mode():
         back_project(hr, lr)
     hr = hr.clone().requires_grad_(True)
