@@ -200,28 +200,18 @@ def run_synthetic(
     def apply(up: nn.Module) -> torch.Tensor:
         return torch.cat([up(f[None], x[None]) for f, x in zip(scorer.lr, evals.images)])
 
-    jbu_outs, jbu_s = _train_jbu_curve(
-        ext, train.images, grid, args.seed, apply, kernel_size=ext.stride, **_jbu_kw(args)
-    )
-    jbu = {s: scores(o) for s, o in sorted(jbu_outs.items())}
-    log(f"[synthetic] jbu ({jbu_s:.2f} s/step): {jbu}")
-
-    per_image = []
-    t0 = time.perf_counter()
-    for i in range(len(evals)):
-        per_image.append(
-            _fit_implicit_curve(
-                ext,
-                evals.images[i : i + 1],
-                grid,
-                args.seed + i,
-                lambda imp: imp.render(size),
-                **_imp_kw(args),
-            )
+    curves, per_step = {}, {}
+    if "jbu" in args.trained:
+        jbu_outs, per_step["jbu"] = _train_jbu_curve(
+            ext, train.images, grid, args.seed, apply, kernel_size=ext.stride, **_jbu_kw(args)
         )
-    imp_s = (time.perf_counter() - t0) / (len(evals) * max(grid))
-    implicit = {s: scores(torch.cat([p[s] for p in per_image])) for s in grid}
-    log(f"[synthetic] implicit ({imp_s:.2f} s/step/image): {implicit}")
+        curves["jbu"] = {s: scores(o) for s, o in sorted(jbu_outs.items())}
+        log(f"[synthetic] jbu ({per_step['jbu']:.2f} s/step): {curves['jbu']}")
+    if "implicit" in args.trained:
+        curves["implicit"], per_step["implicit"] = _implicit_curve(
+            ext, evals.images, grid, args, scores, lambda imp: imp.render(size)
+        )
+        log(f"[synthetic] implicit ({per_step['implicit']:.2f} s/step/image): {curves['implicit']}")
     return {
         "setup": {
             "size": list(size),
@@ -232,9 +222,28 @@ def run_synthetic(
             "feat_dim": ext.feat_dim,
         },
         "fixed": fixed,
-        "curves": {"jbu": jbu, "implicit": implicit},
-        "seconds_per_step": {"jbu": jbu_s, "implicit": imp_s},
+        "curves": curves,
+        "seconds_per_step": per_step,
     }
+
+
+def _implicit_curve(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    grid: Sequence[int],
+    args: argparse.Namespace,
+    scores: Callable[[torch.Tensor], dict[str, float]],
+    render: Callable[[nn.Module], torch.Tensor],
+) -> tuple[dict[int, dict[str, float]], float]:
+    """One ``fit_implicit`` fit per image scored at every grid step; and seconds per step and image."""
+    per_image = []
+    t0 = time.perf_counter()
+    for i in range(len(images)):
+        per_image.append(
+            _fit_implicit_curve(backbone, images[i : i + 1], grid, args.seed + i, render, **_imp_kw(args))
+        )
+    per_step = (time.perf_counter() - t0) / (len(images) * max(grid))
+    return {s: scores(torch.cat([p[s] for p in per_image])) for s in grid}, per_step
 
 
 # ------------------------------------------------------------------------------------------------------- real
@@ -269,26 +278,18 @@ def run_real(args: argparse.Namespace, grid: Sequence[int], log: Callable[[str],
         log(f"[real] {name}: {fixed[name]}")
 
     train = training_windows(tuple(args.real_train_photos or TRAIN_PHOTOS), args.real_train_size)
-    jbu_outs, jbu_s = _train_jbu_curve(bb, train, grid, args.seed, apply, kernel_size=stride, **_jbu_kw(args))
-    jbu = {s: scores(o) for s, o in sorted(jbu_outs.items())}
-    log(f"[real] jbu ({jbu_s:.2f} s/step): {jbu}")
-
-    per_image = []
-    t0 = time.perf_counter()
-    for i in range(len(labels)):
-        per_image.append(
-            _fit_implicit_curve(
-                bb,
-                images[i : i + 1],
-                grid,
-                args.seed + i,
-                lambda imp: imp.render((win, win)),
-                **_imp_kw(args),
-            )
+    curves, per_step = {}, {}
+    if "jbu" in args.trained:
+        jbu_outs, per_step["jbu"] = _train_jbu_curve(
+            bb, train, grid, args.seed, apply, kernel_size=stride, **_jbu_kw(args)
         )
-    imp_s = (time.perf_counter() - t0) / (len(labels) * max(grid))
-    implicit = {s: scores(torch.cat([p[s] for p in per_image])) for s in grid}
-    log(f"[real] implicit ({imp_s:.2f} s/step/image): {implicit}")
+        curves["jbu"] = {s: scores(o) for s, o in sorted(jbu_outs.items())}
+        log(f"[real] jbu ({per_step['jbu']:.2f} s/step): {curves['jbu']}")
+    if "implicit" in args.trained:
+        curves["implicit"], per_step["implicit"] = _implicit_curve(
+            bb, images, grid, args, scores, lambda imp: imp.render((win, win))
+        )
+        log(f"[real] implicit ({per_step['implicit']:.2f} s/step/image): {curves['implicit']}")
     return {
         "setup": {
             "backbone": "efficientnet_lite0 (stride 16)",
@@ -300,8 +301,8 @@ def run_real(args: argparse.Namespace, grid: Sequence[int], log: Callable[[str],
             "train_windows": int(train.shape[0]),
         },
         "fixed": fixed,
-        "curves": {"jbu": jbu, "implicit": implicit},
-        "seconds_per_step": {"jbu": jbu_s, "implicit": imp_s},
+        "curves": curves,
+        "seconds_per_step": per_step,
     }
 
 
@@ -312,8 +313,9 @@ def _imp_kw(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _jbu_kw(args: argparse.Namespace) -> dict[str, Any]:
-    """``train_jbu`` overrides beyond the kernel size: none, except under ``--quick`` (one small batch)."""
-    return {"batch_size": 1, "n_jitters": 1} if args.quick else {}
+    """``train_jbu`` overrides beyond the kernel size: ``--jbu-overrides``, and under ``--quick`` one small
+    batch."""
+    return {**args.jbu_overrides, **({"batch_size": 1, "n_jitters": 1} if args.quick else {})}
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -337,11 +339,11 @@ def format_table(result: dict[str, Any]) -> str:
     for name in FIXED:
         cells = [fmt(k, part["fixed"][name][k]) if name in part["fixed"] else "" for k, _, _, part in ms]
         lines.append(f"| {name} | - | " + " | ".join(cells) + " |")
-    steps = sorted({s for _, _, _, part in ms for s in part["curves"]["jbu"]})
-    for method in TRAINED:
+    steps = sorted({s for _, _, _, part in ms for c in part["curves"].values() for s in c})
+    for method in (m for m in TRAINED if any(m in part["curves"] for _, _, _, part in ms)):
         for step in steps:
             cells = [
-                fmt(k, part["curves"][method][step][k]) if step in part["curves"][method] else ""
+                fmt(k, part["curves"][method][step][k]) if step in part["curves"].get(method, {}) else ""
                 for k, _, _, part in ms
             ]
             lines.append(f"| {method} | {step} | " + " | ".join(cells) + " |")
@@ -365,13 +367,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         "jbu_classic+bp": "tab:olive",
     }
     for ax, (key, label, hi, part) in zip(axes[0], ms):
-        grid = sorted(part["curves"]["jbu"])
+        grid = sorted({s for c in part["curves"].values() for s in c})
         # log x cannot show 0: step 0 is drawn at half the first positive step, labelled "0"
         x0 = (grid[1] if len(grid) > 1 else 1) / 2
         xs = [x0 if s == 0 else s for s in grid]
         for name in (n for n in FIXED if n in part["fixed"]):
             ax.axhline(part["fixed"][name][key], color=colors[name], ls="--", lw=1, label=name)
-        for method, c in (("jbu", "tab:blue"), ("implicit", "tab:red")):
+        for method, c in (
+            (m, c) for m, c in (("jbu", "tab:blue"), ("implicit", "tab:red")) if m in part["curves"]
+        ):
             ax.plot(xs, [part["curves"][method][s][key] for s in grid], "o-", color=c, ms=3, label=method)
         ax.set_xscale("log")
         ax.set_xticks(xs)
@@ -415,6 +419,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-train-size", type=int, default=224)
     p.add_argument("--implicit-pca-dim", type=int, default=None, help="default: fit_implicit's preset")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained", default="jbu,implicit", help="comma-separated trained methods: jbu, implicit")
+    p.add_argument(
+        "--jbu-overrides",
+        default="{}",
+        help="train_jbu settings on top of the default preset, as JSON (e.g. '{\"lr\": 0.01}')",
+    )
     p.add_argument(
         "--from-json",
         type=Path,
@@ -436,6 +446,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not parts or bad:
         p.error(f"expected --parts from synthetic, real; got {args.parts!r}")
     args.parts = parts
+    trained = [s.strip() for s in args.trained.split(",") if s.strip()]
+    if not trained or any(t not in TRAINED for t in trained):
+        p.error(f"expected --trained from {', '.join(TRAINED)}; got {args.trained!r}")
+    args.trained = trained
+    try:
+        args.jbu_overrides = json.loads(args.jbu_overrides)
+    except json.JSONDecodeError as e:
+        p.error(f"expected --jbu-overrides as a JSON object, got {args.jbu_overrides!r} ({e})")
+    if not isinstance(args.jbu_overrides, dict):
+        p.error(f"expected --jbu-overrides as a JSON object, got {args.jbu_overrides!r}")
     return args
 
 

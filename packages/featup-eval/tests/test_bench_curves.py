@@ -83,3 +83,29 @@ def test_merge_saved_parts(tool, quick, tmp_path, capsys):
     assert "| jbu | 2 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="twice"):
         tool.merge([syn, syn])
+
+
+def test_jbu_only_with_overrides(tool, tmp_path):
+    """``--trained jbu`` skips the implicit fits; ``--jbu-overrides`` reaches ``train_jbu`` (a negative learning rate
+    is refused there, so an invalid override fails) and the table and plot still come out."""
+    out = tmp_path / "j.json"
+    result = tool.main(
+        [
+            "--quick",
+            "--parts",
+            "synthetic",
+            "--trained",
+            "jbu",
+            "--jbu-overrides",
+            '{"lr": 0.01, "p_flip": 0}',
+        ]
+        + ["--json", str(out), "--plot", str(tmp_path / "j.png")]
+    )
+    assert set(result["synthetic"]["curves"]) == {"jbu"}
+    assert "implicit" not in tool.format_table(result)
+    assert (tmp_path / "j.png").exists()
+    with pytest.raises(ValueError, match="lr"):
+        tool.main(["--quick", "--parts", "synthetic", "--trained", "jbu", "--jbu-overrides", '{"lr": -1}'])
+    for bad in (["--trained", "dip"], ["--jbu-overrides", "[1]"], ["--jbu-overrides", "{lr"]):
+        with pytest.raises(SystemExit):
+            tool.parse_args(["--quick", *bad])
