@@ -290,23 +290,23 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
 
 
 class _SlabPool(torch.autograd.Function):
-    """out[b,:,i,:] = hr[:, lo[b][i] : lo[b][i] + L, :].view(C, L*W) @ mats[b, i].view(L*W, w).
+    """out[b, i] = mats[b, i] @ hr[lo[b][i] * W : (lo[b][i] + L) * W] for pixel-major ``hr`` (H*W, C).
 
-    One GEMM per view and output row over the slab of source rows that row's windows read; backward
-    accumulates into one gradient buffer (no per-slice zero tensors).
+    One GEMM per view and output row over the slab of ``L`` consecutive source rows that row's windows read
+    (contiguous in the pixel-major layout); backward accumulates into one gradient buffer.
+
+    Shape: hr (H*W, C), mats (B, h, w, L*W) -> (B, h, w, C)
     """
 
     @staticmethod
-    def forward(ctx, hr, mats, lo):  # type: ignore[override]
-        c, _, in_w = hr.shape
-        b, h, length, _, w = mats.shape
-        out = hr.new_empty(b, c, h, w)
+    def forward(ctx, hr, mats, lo, in_w):  # type: ignore[override]
+        b, h, w, span = mats.shape
+        out = hr.new_empty(b, h, w, hr.shape[1])
         for bi in range(b):
             for i in range(h):
-                start = lo[bi][i]
-                slab = hr[:, start : start + length].reshape(c, length * in_w)
-                torch.mm(slab, mats[bi, i].view(length * in_w, w), out=out[bi, :, i])
-        ctx.lo = lo
+                start = lo[bi][i] * in_w
+                torch.mm(mats[bi, i], hr[start : start + span], out=out[bi, i])
+        ctx.lo, ctx.in_w = lo, in_w
         ctx.save_for_backward(hr, mats)
         return out
 
@@ -314,22 +314,20 @@ class _SlabPool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         hr, mats = ctx.saved_tensors
-        c, _, in_w = hr.shape
-        b, h, length, _, w = mats.shape
+        b, h, w, span = mats.shape
         need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hr = torch.zeros_like(hr) if need_hr else None
         grad_m = torch.empty_like(mats) if need_m else None
+        grad = grad.contiguous()
         for bi in range(b):
             for i in range(h):
-                start = ctx.lo[bi][i]
-                g = grad[bi, :, i]  # (C, w)
-                mat = mats[bi, i].view(length * in_w, w)
+                start = ctx.lo[bi][i] * ctx.in_w
+                g = grad[bi, i]  # (w, C)
                 if need_hr:
-                    grad_hr[:, start : start + length].view(c, length * in_w).addmm_(g, mat.T)
+                    grad_hr[start : start + span].addmm_(mats[bi, i].T, g)
                 if need_m:
-                    slab = hr[:, start : start + length].reshape(c, length * in_w)
-                    torch.mm(slab.T, g, out=grad_m[bi, i].view(length * in_w, w))
-        return grad_hr, grad_m, None
+                    torch.mm(g, hr[start : start + span].T, out=grad_m[bi, i])
+        return grad_hr, grad_m, None, None
 
 
 def fused_view_pool(
@@ -342,13 +340,15 @@ def fused_view_pool(
 ) -> torch.Tensor:
     """``window_pool(apply_jitter(hr, t_b), a_b)`` for every jitter ``t_b``, without any jittered map.
 
-    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: for
-    output row ``i`` of view ``b`` it reads a slab of ``L`` consecutive source rows, and the pooling weights
-    ``a_b`` are scattered through the jitter's bilinear taps into a (L*W, w) matrix. Outputs and gradients
-    equal the plain composition to float32 rounding; the cost is the pooling GEMMs alone.
+    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: output
+    row ``i`` of view ``b`` reads a slab of ``L`` consecutive source rows. Along each axis the jitter is a
+    two-tap resampling, written as small dense matrices (rows: ``Ay`` (L, k) per output row; columns: ``Ax``
+    (k, W) per output column); the pooling matrix of output pixel ``(i, j)`` is ``Ay a_ij Ax`` (L, W), formed
+    with batched matrix products (differentiable in ``a``), and one GEMM per (view, output row) applies them
+    to the pixel-major slab. Outputs and gradients equal the plain composition to float rounding.
 
     Args:
-        hr: high-resolution features of the one image.
+        hr: high-resolution features of the one image (channels-last memory avoids one copy).
         jitters: one per view.
         weights_fn: maps the jittered salience (B, H, W) (or None) to pooling weights (B or 1, h, w, k, k).
         salience: (1, 1, H, W) salience of ``hr`` (jittered here with the features' taps), or None.
@@ -363,34 +363,26 @@ def fused_view_pool(
     h, w = output_size
     k = kernel_size
     b = len(jitters)
-    taps = _jitter_taps(jitters, (in_h, in_w), hr.device)
+    dtype, device = hr.dtype, hr.device
+    taps = _jitter_taps(jitters, (in_h, in_w), device)
     iy, wy, ix, wx = taps
     sal_views = _jitter_map(salience, taps)[:, 0] if salience is not None else None
-    a = weights_fn(sal_views).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
-    rows, _ = window_indices(in_h, h, k, hr.device)  # (h, k), clamped (their weights are zero)
-    cols, _ = window_indices(in_w, w, k, hr.device)  # (w, k)
+    a = weights_fn(sal_views).to(dtype).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
+    rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
+    cols, _ = window_indices(in_w, w, k, device)  # (w, k)
     src_r = iy[:, rows]  # (B, h, k, 2)
-    w_r = wy[:, rows].to(hr.dtype)
-    src_c = ix[:, cols]  # (B, w, k, 2)
-    w_c = wx[:, cols].to(hr.dtype)
     lo = src_r.flatten(2).amin(2)  # (B, h)
-    length = int((src_r.flatten(2).amax(2) - lo).max()) + 1
-    length = min(length, in_h)
+    length = min(int((src_r.flatten(2).amax(2) - lo).max()) + 1, in_h)
     lo = lo.clamp(max=in_h - length)
-    off_r = src_r - lo[:, :, None, None]  # (B, h, k, 2) in [0, L)
-    # value and flat index of every (i, j, u, v, ty, tx) tap inside the (L, W, w) matrix of (b, i)
-    vals = (
-        a[:, :, :, :, :, None, None] * w_r[:, :, None, :, None, :, None] * w_c[:, None, :, None, :, None, :]
-    )  # (B, h, w, k, k, 2, 2)
-    j = torch.arange(w, device=hr.device).view(1, 1, w, 1, 1, 1, 1)
-    idx = (
-        off_r[:, :, None, :, None, :, None] * in_w + src_c[:, None, :, None, :, None, :]
-    ) * w + j  # (B, h, w, k, k, 2, 2)
-    mats = hr.new_zeros(b * h, length * in_w * w).scatter_add(
-        1, idx.reshape(b * h, -1), vals.reshape(b * h, -1)
-    )
-    mats = mats.view(b, h, length, in_w, w)
-    return _SlabPool.apply(hr[0], mats, lo.tolist())
+    # the jitter's two taps as dense per-window resampling matrices (constants: no gradient)
+    ay = hr.new_zeros(b, h, k, length).scatter_add_(3, src_r - lo[:, :, None, None], wy[:, rows].to(dtype))
+    ax = hr.new_zeros(b, w, k, in_w).scatter_add_(3, ix[:, cols], wx[:, cols].to(dtype))
+    # pooling matrix of output pixel (i, j): Ay_i^T a_ij Ax_j, (L, W), laid out as (B, h, w, L * W)
+    left = torch.matmul(ay.transpose(2, 3)[:, :, None], a)  # (B, h, w, L, k)
+    mats = torch.matmul(left, ax[:, None]).view(b, h, w, length * in_w)
+    flat = hr[0].permute(1, 2, 0).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
+    out = _SlabPool.apply(flat, mats, lo.tolist(), in_w)  # (B, h, w, C)
+    return out.permute(0, 3, 1, 2)
 
 
 def _attention_weights(
