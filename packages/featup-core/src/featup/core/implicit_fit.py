@@ -290,22 +290,22 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
 
 
 class _SlabPool(torch.autograd.Function):
-    """out[b, i] = mats[b, i] @ hr[lo[b][i] * W : (lo[b][i] + L) * W] for pixel-major ``hr`` (H*W, C).
+    """out[b, i] = mats[b, :, i] @ hr[lo[b][i] * W : (lo[b][i] + L) * W] for pixel-major ``hr`` (H*W, C).
 
     One GEMM per view and output row over the slab of ``L`` consecutive source rows that row's windows read
     (contiguous in the pixel-major layout); backward accumulates into one gradient buffer.
 
-    Shape: hr (H*W, C), mats (B, h, w, L*W) -> (B, h, w, C)
+    Shape: hr (H*W, C), mats (B, w, h, L*W) -> (B, h, w, C)
     """
 
     @staticmethod
     def forward(ctx, hr, mats, lo, in_w):  # type: ignore[override]
-        b, h, w, span = mats.shape
+        b, w, h, span = mats.shape
         out = hr.new_empty(b, h, w, hr.shape[1])
         for bi in range(b):
             for i in range(h):
                 start = lo[bi][i] * in_w
-                torch.mm(mats[bi, i], hr[start : start + span], out=out[bi, i])
+                torch.mm(mats[bi, :, i], hr[start : start + span], out=out[bi, i])
         ctx.lo, ctx.in_w = lo, in_w
         ctx.save_for_backward(hr, mats)
         return out
@@ -314,7 +314,7 @@ class _SlabPool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         hr, mats = ctx.saved_tensors
-        b, h, w, span = mats.shape
+        b, w, h, span = mats.shape
         need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hr = torch.zeros_like(hr) if need_hr else None
         grad_m = torch.empty_like(mats) if need_m else None
@@ -324,9 +324,9 @@ class _SlabPool(torch.autograd.Function):
                 start = ctx.lo[bi][i] * ctx.in_w
                 g = grad[bi, i]  # (w, C)
                 if need_hr:
-                    grad_hr[start : start + span].addmm_(mats[bi, i].T, g)
+                    grad_hr[start : start + span].addmm_(mats[bi, :, i].T, g)
                 if need_m:
-                    torch.mm(g, hr[start : start + span].T, out=grad_m[bi, i])
+                    grad_m[bi, :, i] = g @ hr[start : start + span].T
         return grad_hr, grad_m, None, None
 
 
@@ -377,10 +377,11 @@ def fused_view_pool(
     # the jitter's two taps as dense per-window resampling matrices (constants: no gradient)
     ay = hr.new_zeros(b, h, k, length).scatter_add_(3, src_r - lo[:, :, None, None], wy[:, rows].to(dtype))
     ax = hr.new_zeros(b, w, k, in_w).scatter_add_(3, ix[:, cols], wx[:, cols].to(dtype))
-    # pooling matrix of output pixel (i, j): Ay_i^T a_ij Ax_j, (L, W), laid out as (B, h, w, L * W)
-    left = torch.matmul(ay.transpose(2, 3)[:, :, None], a)  # (B, h, w, L, k)
-    mats = torch.matmul(left, ax[:, None]).view(b, h, w, length * in_w)
-    flat = hr[0].permute(1, 2, 0).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
+    # pooling matrix of output pixel (i, j): Ay_i^T a_ij Ax_j, (L, W), laid out as (B, w, h, L * W) so that
+    # both products are plain batched GEMMs (nothing broadcast to the big size)
+    left = torch.matmul(ay.transpose(2, 3)[:, None], a.transpose(1, 2))  # (B, w, h, L, k)
+    mats = torch.matmul(left.view(b, w, h * length, k), ax).view(b, w, h, length * in_w)
+    flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
     out = _SlabPool.apply(flat, mats, lo.tolist(), in_w)  # (B, h, w, C)
     return out.permute(0, 3, 1, 2)
 
@@ -398,6 +399,27 @@ def _attention_weights(
     s = s.view(b, h, k, w, k).permute(0, 1, 3, 2, 4)
     logits = s * down.weight.to(s.dtype) + down.bias.to(s.dtype)
     return _masked_softmax(logits, vr[:, None, :, None] & vc[None, :, None, :])
+
+
+def _salience(down: AttentionDownsampler, hr: torch.Tensor) -> torch.Tensor:
+    """``down.salience(hr)`` for one pixel-major (channels-last) map, as one matrix-vector product.
+
+    In training the dropout mask is drawn from 31 random bits per element (``keep = bits < (1 - p) 2^31``:
+    the same distribution as ``nn.Dropout``'s up to 2^-31, at a fifth of ``bernoulli_``'s cost on a CPU).
+
+    Shape:
+        - hr: (1, C, H, W)
+        - output: (1, 1, H, W)
+    """
+    drop, conv = down.salience_net[0], down.salience_net[1]
+    _, c, in_h, in_w = hr.shape
+    flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # a view of channels-last memory
+    weight = conv.weight.view(1, c).to(hr.dtype)
+    if down.training and drop.p > 0:
+        bits = torch.empty(flat.shape, dtype=torch.int32, device=flat.device).random_()
+        flat = torch.where(bits < round((1.0 - drop.p) * 2**31), flat, 0.0)
+        weight = weight / (1.0 - drop.p)
+    return (flat @ weight.T + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
 
 
 def pool_views(
@@ -425,7 +447,7 @@ def pool_views(
             return down(views, output_size)
         return window_pool(views, down.kernels(views[:, : hr.shape[1]], output_size), output_size)
     if attention:
-        sal = down.salience(hr)  # dropout + 1x1 conv once; jittered as one channel
+        sal = _salience(down, hr)  # dropout + 1x1 conv once; jittered as one channel
 
         def weights(s: torch.Tensor | None) -> torch.Tensor:
             return _attention_weights(down, s, in_size, output_size)  # type: ignore[arg-type]
