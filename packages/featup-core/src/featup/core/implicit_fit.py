@@ -289,45 +289,73 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
     return (gathered * wx.to(x.dtype).view(b, 1, 1, w, 2)).sum(-1)
 
 
-class _SlabPool(torch.autograd.Function):
-    """out[b, i] = mats[b, :, i] @ hr[lo[b][i] * W : (lo[b][i] + L) * W] for pixel-major ``hr`` (H*W, C).
+class _TilePool(torch.autograd.Function):
+    """out[n] = mats[n] . hr[rs + (0..Ls), cs + (0..Lt)] for windows ``n`` grouped by (row slab, column tile).
 
-    One GEMM per view and output row over the slab of ``L`` consecutive source rows that row's windows read
-    (contiguous in the pixel-major layout); backward accumulates into one gradient buffer.
+    ``hr`` is pixel-major (H*W, C). The column tiles ``hr[:, cs : cs + Lt]`` are copied once into contiguous
+    (H, Lt, C) blocks, so each group of windows is one GEMM ``(m, Ls*Lt) @ (Ls*Lt, C)`` over a contiguous
+    slab; backward accumulates into the tiles' gradients and adds them back into one buffer.
 
-    Shape: hr (H*W, C), mats (B, w, h, L*W) -> (B, h, w, C)
+    Shape: hr (H*W, C), mats (N, Ls*Lt) -> (N, C); ``plan`` lists (first, last + 1, tile, rs) per group.
     """
 
     @staticmethod
-    def forward(ctx, hr, mats, lo, in_w):  # type: ignore[override]
-        b, w, h, span = mats.shape
-        out = hr.new_empty(b, h, w, hr.shape[1])
-        for bi in range(b):
-            for i in range(h):
-                start = lo[bi][i] * in_w
-                torch.mm(mats[bi, :, i], hr[start : start + span], out=out[bi, i])
-        ctx.lo, ctx.in_w = lo, in_w
-        ctx.save_for_backward(hr, mats)
+    def forward(ctx, hr, mats, plan, size, tile_starts, slab):  # type: ignore[override]
+        in_h, in_w = size
+        rows_l, cols_l = slab
+        grid = hr.view(in_h, in_w, -1)
+        whole = len(tile_starts) == 1 and cols_l == in_w  # one tile: the map itself, no copy
+        tiles = [grid] if whole else [grid[:, c : c + cols_l].contiguous() for c in tile_starts]
+        out = hr.new_empty(mats.shape[0], hr.shape[1])
+        for first, last, t, rs in plan:
+            block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, -1)
+            torch.mm(mats[first:last], block, out=out[first:last])
+        ctx.plan, ctx.size, ctx.tile_starts, ctx.slab = plan, size, tile_starts, slab
+        ctx.save_for_backward(mats, *tiles)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        hr, mats = ctx.saved_tensors
-        b, w, h, span = mats.shape
+        mats, *tiles = ctx.saved_tensors
+        in_h, in_w = ctx.size
+        rows_l, cols_l = ctx.slab
+        c = tiles[0].shape[-1]
         need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hr = torch.zeros_like(hr) if need_hr else None
+        grad_tiles = [mats.new_zeros(in_h, cols_l, c) for _ in ctx.tile_starts] if need_hr else None
         grad_m = torch.empty_like(mats) if need_m else None
         grad = grad.contiguous()
-        for bi in range(b):
-            for i in range(h):
-                start = ctx.lo[bi][i] * ctx.in_w
-                g = grad[bi, i]  # (w, C)
-                if need_hr:
-                    grad_hr[start : start + span].addmm_(mats[bi, :, i].T, g)
-                if need_m:
-                    grad_m[bi, :, i] = g @ hr[start : start + span].T
-        return grad_hr, grad_m, None, None
+        for first, last, t, rs in ctx.plan:
+            g = grad[first:last]
+            if need_hr:
+                grad_tiles[t][rs : rs + rows_l].view(rows_l * cols_l, c).addmm_(mats[first:last].T, g)
+            if need_m:
+                block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, c)
+                torch.mm(g, block.T, out=grad_m[first:last])
+        grad_hr = None
+        if need_hr:
+            if len(ctx.tile_starts) == 1 and cols_l == in_w:
+                grad_hr = grad_tiles[0].view(in_h * in_w, c)
+            else:
+                acc = mats.new_zeros(in_h, in_w, c)
+                for s, gt in zip(ctx.tile_starts, grad_tiles):
+                    acc[:, s : s + cols_l] += gt
+                grad_hr = acc.view(in_h * in_w, c)
+        return grad_hr, grad_m, None, None, None, None
+
+
+def _blocks(lo: torch.Tensor, band: int, size: int, step: int) -> tuple[int, list[int], torch.Tensor]:
+    """Blocks of ``band + step - 1`` (at most ``size``) consecutive indices starting every ``step``: each
+    span ``lo .. lo + band - 1`` lies inside the block it is assigned. Returns (length, starts, assignment)."""
+    length = min(band + step - 1, size)
+    starts = sorted({min(s, size - length) for s in range(0, size - length + step, step)})
+    assign = torch.searchsorted(torch.tensor(starts, device=lo.device), lo, right=True) - 1
+    return length, starts, assign
+
+
+#: grid steps of the fused pooling's row slabs and column tiles (larger: fewer, bigger GEMMs over more zeros)
+POOL_ROW_STEP = 16
+POOL_COL_STEP = 64
 
 
 def fused_view_pool(
@@ -340,12 +368,13 @@ def fused_view_pool(
 ) -> torch.Tensor:
     """``window_pool(apply_jitter(hr, t_b), a_b)`` for every jitter ``t_b``, without any jittered map.
 
-    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: output
-    row ``i`` of view ``b`` reads a slab of ``L`` consecutive source rows. Along each axis the jitter is a
-    two-tap resampling, written as small dense matrices (rows: ``Ay`` (L, k) per output row; columns: ``Ax``
-    (k, W) per output column); the pooling matrix of output pixel ``(i, j)`` is ``Ay a_ij Ax`` (L, W), formed
-    with batched matrix products (differentiable in ``a``), and one GEMM per (view, output row) applies them
-    to the pixel-major slab. Outputs and gradients equal the plain composition to float rounding.
+    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: the
+    window of output pixel ``(i, j)`` of view ``b`` reads a band of consecutive source rows and columns. Along
+    each axis the jitter is a two-tap resampling, written as small dense matrices (``Ay`` (k, Ls) per output
+    row, ``Ax`` (k, Lt) per output column, local to the row slab and column tile the band lies in); the
+    window's pooling matrix is ``Ay^T a_ij Ax`` (Ls, Lt), formed with batched matrix products (differentiable
+    in ``a``). Windows are grouped by (row slab, column tile) and each group is one GEMM with the slab of the
+    pixel-major features. Outputs and gradients equal the plain composition to float rounding.
 
     Args:
         hr: high-resolution features of the one image (channels-last memory avoids one copy).
@@ -370,20 +399,36 @@ def fused_view_pool(
     a = weights_fn(sal_views).to(dtype).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
     rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
     cols, _ = window_indices(in_w, w, k, device)  # (w, k)
-    src_r = iy[:, rows]  # (B, h, k, 2)
-    lo = src_r.flatten(2).amin(2)  # (B, h)
-    length = min(int((src_r.flatten(2).amax(2) - lo).max()) + 1, in_h)
-    lo = lo.clamp(max=in_h - length)
-    # the jitter's two taps as dense per-window resampling matrices (constants: no gradient)
-    ay = hr.new_zeros(b, h, k, length).scatter_add_(3, src_r - lo[:, :, None, None], wy[:, rows].to(dtype))
-    ax = hr.new_zeros(b, w, k, in_w).scatter_add_(3, ix[:, cols], wx[:, cols].to(dtype))
-    # pooling matrix of output pixel (i, j): Ay_i^T a_ij Ax_j, (L, W), laid out as (B, w, h, L * W) so that
-    # both products are plain batched GEMMs (nothing broadcast to the big size)
-    left = torch.matmul(ay.transpose(2, 3)[:, None], a.transpose(1, 2))  # (B, w, h, L, k)
-    mats = torch.matmul(left.view(b, w, h * length, k), ax).view(b, w, h, length * in_w)
+    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
+    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
+    band_r = int((src_r.flatten(2).amax(2) - lo_r).max()) + 1
+    band_c = int((src_c.flatten(2).amax(2) - lo_c).max()) + 1
+    rows_l, row_starts, slab_of = _blocks(lo_r, band_r, in_h, POOL_ROW_STEP)
+    cols_l, col_starts, tile_of = _blocks(lo_c, band_c, in_w, POOL_COL_STEP)
+    rs = torch.tensor(row_starts, device=device)[slab_of]  # (B, h)
+    cs = torch.tensor(col_starts, device=device)[tile_of]  # (B, w)
+    # the jitter's two taps as dense matrices local to each slab / tile (constants: no gradient)
+    ay = hr.new_zeros(b, h, k, rows_l).scatter_add_(3, src_r - rs[:, :, None, None], wy[:, rows].to(dtype))
+    ax = hr.new_zeros(b, w, k, cols_l).scatter_add_(3, src_c - cs[:, :, None, None], wx[:, cols].to(dtype))
+    # windows sorted by (row slab, column tile): each group is one GEMM
+    key = slab_of[:, :, None] * len(col_starts) + tile_of[:, None, :]  # (B, h, w)
+    order = torch.argsort(key.flatten(), stable=True)
+    bi = torch.div(order, w, rounding_mode="floor")  # (view, row) index of each sorted window
+    bj = torch.div(order, h * w, rounding_mode="floor") * w + order % w  # (view, column) index
+    left = torch.matmul(ay.view(b * h, k, rows_l)[bi].transpose(1, 2), a.reshape(b * h * w, k, k)[order])
+    mats = torch.matmul(left, ax.view(b * w, k, cols_l)[bj]).view(-1, rows_l * cols_l)  # (N, Ls * Lt)
+    keys = key.flatten()[order].tolist()
+    slabs = rs.flatten()[bi].tolist()
+    plan, first = [], 0
+    for n in range(1, len(keys) + 1):
+        if n == len(keys) or keys[n] != keys[first]:
+            plan.append((first, n, keys[first] % len(col_starts), slabs[first]))
+            first = n
     flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
-    out = _SlabPool.apply(flat, mats, lo.tolist(), in_w)  # (B, h, w, C)
-    return out.permute(0, 3, 1, 2)
+    out = _TilePool.apply(flat, mats, plan, (in_h, in_w), col_starts, (rows_l, cols_l))  # (N, C) sorted
+    unsorted = torch.empty_like(order)
+    unsorted[order] = torch.arange(order.numel(), device=device)
+    return out[unsorted].view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _attention_weights(
