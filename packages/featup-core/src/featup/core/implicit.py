@@ -428,27 +428,33 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         cc, sc = torch.cos(ph_cos[2:]).flatten(), torch.sin(ph_cos[2:]).flatten()
         g_sin, g_cos = g[:, 2 * nf : 5 * nf], g[:, 7 * nf : 10 * nf]
         mat = torch.cat([(g_sin * cs - g_cos * sc).T, (g_sin * sn + g_cos * cc).T, g[:, 10 * nf :].T])
-        acc = first @ mat  # (N, H1): the colour half of LayerNorm-scaled e @ W^T
         ones = torch.ones(3, device=device, dtype=work)
-        s_c = first @ torch.cat([cs - sc, sn + cc, ones])  # sum of the colour features
+        v_c = torch.cat([cs - sc, sn + cc, ones])  # first @ v_c: the sum of the colour features
+        s_c = first @ v_c
         s2, c2 = torch.sin(2 * ph_sin[2:]).flatten(), torch.cos(2 * ph_sin[2:]).flatten()
         s2c, c2c = torch.sin(2 * ph_cos[2:]).flatten(), torch.cos(2 * ph_cos[2:]).flatten()
         q_c = second @ (0.5 * torch.cat([s2 - s2c, c2c - c2])) + (3 * nf) + rgb_sq  # their squares
+        # (e - mean) @ G^T = e @ G^T - mean g1, the mean's share folded into each term's own matrix
+        g1d = g1 / d_in
+        mat = mat - v_c[:, None] * g1d  # (6F + 3, H1)
+        a_y = a_y - s_y[:, None] * g1d
+        a_x = a_x - s_x[:, None] * g1d
         if start == 0 and stop == h * w:  # the whole grid: row and column terms broadcast
-            hidden = acc.shape[1]
+            hidden = mat.shape[1]
             mean = (s_c.view(h, w) + s_y[:, None] + s_x[None]) / d_in
             msq = (q_c.view(h, w) + q_y[:, None] + q_x[None]) / d_in
-            acc = acc.view(h, w, hidden) + a_y[:, None] + a_x[None]
+            rows_cols = a_y[:, None] + a_x[None]  # (H, W, H1)
+            acc = torch.baddbmm(rows_cols, first.view(h, w, -1), mat.expand(h, -1, -1))
             rstd = torch.rsqrt(msq - mean.square() + norm.eps)
-            y = torch.addcmul(c0, acc - mean[:, :, None] * g1, rstd[:, :, None]).view(h * w, hidden)
+            y = torch.addcmul(c0, acc, rstd[:, :, None]).view(h * w, hidden)
         else:
             idx = torch.arange(start, stop, device=device)
             ys, xs = torch.div(idx, w, rounding_mode="floor"), idx % w
             mean = (s_c + s_y[ys] + s_x[xs]) / d_in
             msq = (q_c + q_y[ys] + q_x[xs]) / d_in
-            acc = acc + a_y[ys] + a_x[xs]
+            acc = torch.addmm(a_y[ys] + a_x[xs], first, mat)
             rstd = torch.rsqrt(msq - mean.square() + norm.eps)
-            y = torch.addcmul(c0, acc - mean[:, None] * g1, rstd[:, None])
+            y = torch.addcmul(c0, acc, rstd[:, None])
         return self._layers(y, 3)
 
     def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
