@@ -345,6 +345,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             drop = i > 0 and isinstance(layers[i - 1], nn.Dropout) and self.training and self.dropout > 0
             if isinstance(layer, nn.Linear) and drop:
                 x = F.linear(x, self._channel_masked(layer), layer.bias)
+            elif isinstance(layer, nn.ReLU):
+                x = torch.relu_(x)  # x is a fresh output of this module whose backward does not need it
             else:
                 x = layer(x)
         return x

@@ -462,7 +462,7 @@ def _salience(down: AttentionDownsampler, hr: torch.Tensor) -> torch.Tensor:
     weight = conv.weight.view(1, c).to(hr.dtype)
     if down.training and drop.p > 0:
         bits = torch.empty(flat.shape, dtype=torch.int32, device=flat.device).random_()
-        flat = flat * (bits < round((1.0 - drop.p) * 2**31)).to(flat.dtype)
+        flat = flat * (bits < round((1.0 - drop.p) * 2**31))
         weight = weight / (1.0 - drop.p)
     return (flat @ weight.T + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
 
