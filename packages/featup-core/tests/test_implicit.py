@@ -280,7 +280,7 @@ def test_grid_field_equals_the_per_pixel_field_float64(mode, training):
 
 
 def test_grid_field_is_not_used_where_it_would_differ():
-    """Element dropout in training, gradients to the image and batches take the per-pixel path."""
+    """Element dropout in training, gradients to the image, batches and autocast take the per-pixel path."""
     model, image = make_model(n_freqs=3, dropout_mode="element")
     _, _, norm = _field_and_grads(model.train(), image, fast=True)
     assert norm
@@ -288,6 +288,8 @@ def test_grid_field_is_not_used_where_it_would_differ():
     assert model._grid_field_applies(image)
     assert not model._grid_field_applies(image.expand(2, -1, -1, -1))
     assert not model._grid_field_applies(image.clone().requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its variance (a difference of means) needs float32
+        assert not model._grid_field_applies(image)
 
 
 def test_grid_field_gradcheck_float64():

@@ -58,6 +58,14 @@ def pixel_coordinates(
     return torch.stack([ys, xs], 1)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for device types autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class ImplicitUpsampler(Upsampler, CheckpointMixin):
     """Per-image implicit feature field (eq. 7), queried at any resolution.
 
@@ -359,7 +367,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         return (
             self.fast_field
             and not (self.training and self.dropout > 0 and self.dropout_mode == "element")
-            and not torch.is_autocast_enabled(self.phases.device.type)  # its variance needs full precision
+            and not _autocast_enabled(self.phases.device.type)  # its variance needs full precision
             and isinstance(self.mlp[0], nn.LayerNorm)
             and self.mlp[0].elementwise_affine
         )

@@ -11,7 +11,13 @@ What makes a step cheap (the backbone is frozen and the views are known in advan
 - a seeded bank of ``bank_size`` jittered views and their PCA-compressed backbone features is computed once
   (as the original code does with 3000 views); each step draws ``n_jitters`` of them;
 - the jitter and the downsampler's window pooling are fused (:func:`fused_view_pool`): no jittered copy of
-  the high-resolution features is ever built, and the salience is computed once and jittered as one channel.
+  the high-resolution features is ever built, and the salience is computed once and jittered as one channel;
+  the windows are grouped so that each group is one GEMM over a contiguous slab of the pixel-major map;
+- the field is evaluated on the whole pixel grid without a per-pixel encoding
+  (``ImplicitUpsampler._grid_field``: separable coordinate terms, constant colour tables, LayerNorm folded
+  into the first layer), and stays pixel-major (channels-last) from the MLP to the pooling.
+
+Where a step's time goes and what each change bought: ``docs/notes/implfast.md``.
 """
 
 from __future__ import annotations
