@@ -327,3 +327,21 @@ def test_grid_field_float32_is_as_close_to_float64_as_the_per_pixel_field():
             model.fast_field = fast
             errors.append(float((model.forward_compressed(image).double() - truth).abs().max()))
     assert errors[1] <= 3 * errors[0] + 1e-6, errors
+
+
+def test_grid_field_colour_tables_follow_the_image():
+    """The per-image colour tables are cached, but another image or an in-place change is never served
+    stale tables."""
+    model, _ = make_model(n_freqs=4)
+    model.double().eval()  # float64: the paths agree to 1e-10 (float32: ~1e-3 at the top frequency)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _ in range(2):
+            image = torch.rand(1, 3, 9, 13, generator=gen, dtype=torch.float64)
+            for change in (False, True):
+                if change:
+                    image.mul_(0.5)  # same tensor, new values
+                model.fast_field = False
+                ref = model.forward_compressed(image)
+                model.fast_field = True
+                torch.testing.assert_close(model.forward_compressed(image), ref, rtol=0, atol=1e-10)

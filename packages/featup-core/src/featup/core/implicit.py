@@ -385,13 +385,14 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         """:meth:`_color_tables` of every pixel of ``image`` (1, 3, H, W), cached while the image is unchanged
         (fitting evaluates the same image every step)."""
         work = self.phases.dtype
-        key = (image.data_ptr(), image._version, tuple(image.shape), image.device, work, self.n_freqs)
+        # the image itself is part of the key (held, so its memory cannot be reused by another tensor)
+        key = (image._version, work, self.freqs.device, self.n_freqs)
         cached = getattr(self, "_color_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not image or cached[1] != key:
             rgb = image[0].detach().to(work).permute(1, 2, 0).reshape(-1, 3)
-            cached = (key, self._color_tables(rgb))
+            cached = (image, key, self._color_tables(rgb))
             self._color_cache = cached
-        return cached[1]
+        return cached[2]
 
     def _grid_field(
         self,
