@@ -18,8 +18,10 @@ Sections (a list of functions: each returns rows, the table prints them in order
   Reuses ``tools/bench_perf_training.py``.
 - ``fit_implicit``: one ``fit_implicit`` step at Table 7's settings (224 px, 384 channels, 10 jitters,
   attention downsampler, kernel 29, PCA 128): the plain step (``preset="paper"``: fresh views, jitter then
-  pool) against the fast path (view bank, fused jitter + pooling, channel dropout) and the default preset.
-  Reuses ``tools/bench_perf_implicit.py``.
+  pool) against the fast path (view bank, fused jitter + pooling grouped into slab GEMMs, channel dropout,
+  the whole-grid field without a per-pixel encoding) and the default preset; the row "fast path, per-pixel
+  field" is the fast path with ``ImplicitUpsampler.fast_field = False`` (what the grid field buys, same run).
+  Reuses ``tools/bench_perf_implicit.py``. Profile and history: ``docs/notes/implfast.md``.
 
 Every row has ``time_ratio`` = its time / its baseline's time in the same run (``time_vs`` names the
 baseline) and ``speedup`` = the inverse.
@@ -320,6 +322,8 @@ def fit_implicit_step(args: argparse.Namespace) -> list[Row]:
     import torch
 
     torch.set_num_threads(1)
+    from featup.core.implicit import ImplicitUpsampler
+
     implicit = _tool("bench_perf_implicit")
     size, channels, jitters = (64, 64, 4) if args.quick else (224, 384, 10)
     steps = 1 if args.quick else args.steps
@@ -330,12 +334,17 @@ def fit_implicit_step(args: argparse.Namespace) -> list[Row]:
     paths = {
         "plain (preset paper)": {"preset": "paper", **common},
         "fast path (bank, fused pooling, channel dropout)": fast,
+        "fast path, per-pixel field (fast_field=False)": fast,
         "default preset (own downsampler settings)": {"n_jitters": jitters, "pca_dim": 128},
     }
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(1 if args.quick else args.step_repeats):
         for name, settings in paths.items():
-            samples[name] += implicit.step_times(backbone, image, steps, settings)
+            ImplicitUpsampler.fast_field = "per-pixel field" not in name
+            try:
+                samples[name] += implicit.step_times(backbone, image, steps, settings)
+            finally:
+                ImplicitUpsampler.fast_field = True
     case = f"{size} px, {channels} ch, {jitters} jitters, attention k29, PCA 128"
     return _step_rows("fit_implicit", case, samples, "plain (preset paper)")
 

@@ -93,7 +93,8 @@ def test_chunked_render_equals_unchunked(size):
 def test_render_2048_is_bounded_by_chunks():
     model, _ = make_model(feat_dim=3, pca_dim=2, hidden_dim=4, n_freqs=2, size=(16, 16))
     seen: list[int] = []
-    handle = model.mlp[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    # the last layer sees every chunk on both paths (the grid path folds LayerNorm into the first layer)
+    handle = model.mlp[-1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
         out = model.render((2048, 2048), chunk_pixels=262144)
     finally:
@@ -233,3 +234,114 @@ def test_errors_before_fitting_and_bad_inputs():
     with pytest.raises(ValueError, match="image_size"):
         ImplicitUpsampler(6, (0, 4))
     assert math.isclose(model.dropout, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole-grid field (fitting's fast path) against the per-pixel field (the reference)
+
+
+def _perturbed(model: ImplicitUpsampler) -> ImplicitUpsampler:
+    """Random non-trivial LayerNorm affines (they start at 1 / 0, which would hide a mistake)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def _field_and_grads(model: ImplicitUpsampler, image: torch.Tensor, fast: bool):
+    model.fast_field = fast
+    calls: list[int] = []
+    handle = model.mlp[0].register_forward_hook(lambda m, args, out: calls.append(1))
+    try:
+        torch.manual_seed(3)  # the same channel-dropout draws on both paths
+        out = model.forward_compressed(image)
+    finally:
+        handle.remove()
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
+    grads = torch.autograd.grad((out * weight).sum(), list(model.parameters()))
+    return out.detach(), grads, bool(calls)
+
+
+@pytest.mark.parametrize("mode, training", [("channel", True), ("channel", False), ("element", False)])
+def test_grid_field_equals_the_per_pixel_field_float64(mode, training):
+    """Separable coordinate terms, colour angle sums and LayerNorm folded into the first layer compute the
+    per-pixel encoding + MLP: outputs and every parameter's gradient agree to float64 rounding, with the
+    same channel-dropout draws, at the default frequencies."""
+    model, _ = make_model(size=(11, 7), n_freqs=6, hidden_dim=12, dropout_mode=mode)
+    model = _perturbed(model.double()).train(training)
+    image = torch.rand(1, 3, 11, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref, ref_grads, ref_norm = _field_and_grads(model, image, fast=False)
+    out, grads, norm = _field_and_grads(model, image, fast=True)
+    assert ref_norm and not norm  # the reference ran LayerNorm per pixel; the grid path folded it
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_grid_field_is_not_used_where_it_would_differ():
+    """Element dropout in training, gradients to the image, batches and autocast take the per-pixel path."""
+    model, image = make_model(n_freqs=3, dropout_mode="element")
+    _, _, norm = _field_and_grads(model.train(), image, fast=True)
+    assert norm
+    model.eval()
+    assert model._grid_field_applies(image)
+    assert not model._grid_field_applies(image.expand(2, -1, -1, -1))
+    assert not model._grid_field_applies(image.clone().requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its variance (a difference of means) needs float32
+        assert not model._grid_field_applies(image)
+
+
+def test_grid_field_gradcheck_float64():
+    """Finite differences through the grid path for the parameters it restructures."""
+    model, _ = make_model(size=(4, 5), n_freqs=3, hidden_dim=6, log_freq_range=(-2.0, 2.0))
+    model = _perturbed(model.double()).eval()
+    image = torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    names = ["phases", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    params = dict(model.named_parameters())
+    start = tuple(params[n].detach().clone().requires_grad_() for n in names)
+    assert model._grid_field_applies(image)
+
+    def grid(*values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, values)), (image,), strict=False)
+
+    model.forward = model.forward_compressed  # functional_call goes through forward
+    try:
+        assert torch.autograd.gradcheck(grid, start)
+    finally:
+        del model.forward
+
+
+def test_grid_field_float32_is_as_close_to_float64_as_the_per_pixel_field():
+    """In float32 the two paths differ by ~1e-3 at the top frequency exp(10) (the rounding of ``f * t``
+    before the sine, not an error of either): both stay equally close to the float64 answer."""
+    model, _ = make_model(size=(24, 20), n_freqs=30, hidden_dim=32)
+    model = _perturbed(model).eval()
+    image = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.double()
+        truth = model.forward_compressed(image.double())
+        model.float()
+        errors = []
+        for fast in (False, True):
+            model.fast_field = fast
+            errors.append(float((model.forward_compressed(image).double() - truth).abs().max()))
+    assert errors[1] <= 3 * errors[0] + 1e-6, errors
+
+
+def test_grid_field_colour_tables_follow_the_image():
+    """The per-image colour tables are cached, but another image or an in-place change is never served
+    stale tables."""
+    model, _ = make_model(n_freqs=4)
+    model.double().eval()  # float64: the paths agree to 1e-10 (float32: ~1e-3 at the top frequency)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _ in range(2):
+            image = torch.rand(1, 3, 9, 13, generator=gen, dtype=torch.float64)
+            for change in (False, True):
+                if change:
+                    image.mul_(0.5)  # same tensor, new values
+                model.fast_field = False
+                ref = model.forward_compressed(image)
+                model.fast_field = True
+                torch.testing.assert_close(model.forward_compressed(image), ref, rtol=0, atol=1e-10)

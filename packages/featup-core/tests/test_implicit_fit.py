@@ -13,7 +13,14 @@ from featup.core import fit_implicit
 from featup.core.consistency import back_project
 from featup.core.downsamplers import create_downsampler
 from featup.core.implicit import ImplicitUpsampler
-from featup.core.implicit_fit import PRESETS, ImplicitFitConfig, lr_factor, pool_views
+from featup.core.implicit_fit import (
+    PRESETS,
+    ImplicitFitConfig,
+    _salience,
+    fused_view_pool,
+    lr_factor,
+    pool_views,
+)
 from featup.core.jitter import JitterParams, sample_jitter
 from featup.core.pca import PCA
 
@@ -105,6 +112,40 @@ def test_fast_fit_follows_the_plain_fit():
         runs.append((losses, imp.render()))
     torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-3, atol=1e-4)
+
+
+def test_fused_pooling_gradcheck_float64():
+    """Finite differences through the fused pooling, in the features and in the pooling weights."""
+    gen = torch.Generator().manual_seed(2)
+    jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(2)] + [JitterParams(flip=True)]
+    hr = torch.randn(1, 3, 12, 10, dtype=torch.float64, generator=gen).requires_grad_()
+    logits = torch.randn(1, 3, 2, 5, 5, dtype=torch.float64, generator=gen).requires_grad_()
+
+    def pool(x: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:
+        return fused_view_pool(x, jitters, lambda s: lg.flatten(-2).softmax(-1).view_as(lg), None, (3, 2), 5)
+
+    assert torch.autograd.gradcheck(pool, (hr, logits))
+
+
+def test_fused_salience_equals_the_module_and_drops_like_it():
+    """Eval: exactly ``down.salience``. Training: each (pixel, channel) kept with probability 1 - p and
+    rescaled by 1 / (1 - p), as ``nn.Dropout`` does (drawn from 31 random bits instead of bernoulli_)."""
+    torch.manual_seed(0)
+    down = create_downsampler("attention", 64, 5).double()
+    hr = torch.randn(1, 64, 40, 40, dtype=torch.float64)
+    torch.testing.assert_close(_salience(down.eval(), hr), down.salience(hr), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        down.salience_net[1].weight.fill_(1.0)
+        down.salience_net[1].bias.zero_()
+    ones = torch.ones(1, 64, 100, 100, dtype=torch.float64)
+    with torch.no_grad():
+        sal = _salience(down.train(), ones)  # sum over channels of the mask / (1 - p)
+    kept = sal * (1 - down.dropout)  # kept channels per pixel
+    assert torch.equal(kept.round(), kept.round().clamp(0, 64))
+    torch.testing.assert_close(kept.round(), kept, rtol=0, atol=1e-9)
+    rate = float(kept.mean()) / 64
+    assert abs(rate - (1 - down.dropout)) < 3e-3, rate  # 640 k draws: standard error 5e-4
+    assert float(sal.std()) > 0  # masks differ between pixels
 
 
 def test_bank_draws_are_seeded_and_allow_more_jitters_than_views():

@@ -58,6 +58,14 @@ def pixel_coordinates(
     return torch.stack([ys, xs], 1)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for device types autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class ImplicitUpsampler(Upsampler, CheckpointMixin):
     """Per-image implicit feature field (eq. 7), queried at any resolution.
 
@@ -92,6 +100,9 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
     """
 
     guided = False
+    #: evaluate the field on whole pixel grids with :meth:`_grid_field` (the same maths without the
+    #: per-pixel encoding); False: always the per-pixel path (the reference it is tested against)
+    fast_field = True
 
     def __init__(
         self,
@@ -291,7 +302,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 full = self._base_rows(tuple(size), 0, size[0]).view(size[0], size[1], self.pca_dim)
-                cached = (key, full.permute(2, 0, 1)[None].contiguous())
+                cached = (key, full.permute(2, 0, 1)[None])  # channels-last, like the field's output
             self._base_cache = cached
         return cached[1]
 
@@ -325,18 +336,137 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         x = self.encode(coords, colors)
         if self.dropout_mode == "element" or not self.training:
             return self.mlp(x)
-        # channel dropout: one mask per input channel of each linear layer, folded into its weights
+        return self._layers(x, 0)
+
+    def _channel_masked(self, layer: nn.Linear) -> torch.Tensor:
+        """The layer's weight with this step's channel-dropout mask folded in (one draw per input channel)."""
+        keep = torch.rand(layer.in_features, device=layer.weight.device) >= self.dropout
+        return layer.weight * (keep.to(layer.weight.dtype) / (1.0 - self.dropout))
+
+    def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``mlp[start:]`` with channel dropout (in training) folded into the linear layers' weights."""
         layers = list(self.mlp)
-        for i, layer in enumerate(layers):
+        for i in range(start, len(layers)):
+            layer = layers[i]
             if isinstance(layer, nn.Dropout):
                 continue
-            if isinstance(layer, nn.Linear) and isinstance(layers[i - 1], nn.Dropout) and self.dropout > 0:
-                keep = torch.rand(layer.in_features, device=x.device) >= self.dropout
-                scale = keep.to(layer.weight.dtype) / (1.0 - self.dropout)
-                x = F.linear(x, layer.weight * scale, layer.bias)
+            drop = i > 0 and isinstance(layers[i - 1], nn.Dropout) and self.training and self.dropout > 0
+            if isinstance(layer, nn.Linear) and drop:
+                x = F.linear(x, self._channel_masked(layer), layer.bias)
+            elif isinstance(layer, nn.ReLU):
+                x = torch.relu_(x)  # x is a fresh output of this module whose backward does not need it
             else:
                 x = layer(x)
         return x
+
+    # ------------------------------------------------------------------ the field on a whole pixel grid
+    def _grid_field_applies(self, image: torch.Tensor | None = None) -> bool:
+        """Whether :meth:`_grid_field` computes what ``field`` would (same maths, float rounding apart)."""
+        if image is not None and (image.shape[0] != 1 or (image.requires_grad and torch.is_grad_enabled())):
+            return False  # one image; its colour tables are constants (no gradient to the image)
+        return (
+            self.fast_field
+            and not (self.training and self.dropout > 0 and self.dropout_mode == "element")
+            and not _autocast_enabled(self.phases.device.type)  # its variance needs full precision
+            and isinstance(self.mlp[0], nn.LayerNorm)
+            and self.mlp[0].elementwise_affine
+        )
+
+    def _color_tables(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Constant per-pixel colour terms of the encoding of ``rgb`` (N, 3): ``[sin z, cos z, rgb]``
+        (N, 6F + 3), ``[sin 2z, cos 2z]`` (N, 6F) and ``sum rgb^2`` (N,), with ``z = rgb * freqs``."""
+        with torch.no_grad():
+            z = (rgb[:, :, None] * self.freqs.to(rgb.dtype)).flatten(1)  # (N, 3F)
+            first = torch.cat([torch.sin(z), torch.cos(z), rgb], 1)
+            second = torch.cat([torch.sin(2 * z), torch.cos(2 * z)], 1)
+            return first, second, rgb.square().sum(1)
+
+    def _image_tables(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_color_tables` of every pixel of ``image`` (1, 3, H, W), cached while the image is unchanged
+        (fitting evaluates the same image every step)."""
+        work = self.phases.dtype
+        # the image itself is part of the key (held, so its memory cannot be reused by another tensor)
+        key = (image._version, work, self.freqs.device, self.n_freqs)
+        cached = getattr(self, "_color_cache", None)
+        if cached is None or cached[0] is not image or cached[1] != key:
+            rgb = image[0].detach().to(work).permute(1, 2, 0).reshape(-1, 3)
+            cached = (image, key, self._color_tables(rgb))
+            self._color_cache = cached
+        return cached[2]
+
+    def _grid_field(
+        self,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        size: tuple[int, int],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """``field`` at pixels ``start .. stop-1`` (row-major) of an ``(H, W)`` grid whose colours have the
+        :meth:`_color_tables` ``tables``, without the per-pixel encoding. Shape: -> (stop - start, pca_dim).
+
+        The coordinate half of the encoding is separable (a row term plus a column term), the colour half is
+        ``sin(z + p) = sin z cos p + cos z sin p`` of constant ``sin z``, ``cos z``, and LayerNorm is affine
+        per pixel, so LayerNorm + (channel-dropout-masked) first linear layer reduce to one product of the
+        constant colour table with a small parameter-dependent matrix plus row and column terms; the per-pixel
+        mean and variance come from the same tables (``sin^2 = (1 - cos 2(z + p)) / 2``).
+        """
+        h, w = size
+        stop = h * w if stop is None else stop
+        work = self.phases.dtype
+        device = self.phases.device
+        nf = self.n_freqs
+        d_in = 10 * nf + 3
+        norm, lin = self.mlp[0], self.mlp[2]
+        weight = lin.weight
+        if self.training and self.dropout > 0:  # channel dropout, drawn first as ``field`` does
+            weight = self._channel_masked(lin)
+        g = weight * norm.weight  # (H1, D): LayerNorm's scale folded in
+        c0 = F.linear(norm.bias, weight, lin.bias)  # (H1,)
+        g1 = g.sum(1)
+        freqs, ph_sin, ph_cos = self.freqs.to(work), self.phases[0], self.phases[1]  # phases (5, F)
+
+        def axis(n: int, ch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            t = (2 * torch.arange(n, device=device, dtype=work) + 1) / n - 1
+            z = t[:, None] * freqs
+            e = torch.cat([torch.sin(z + ph_sin[ch]), torch.cos(z + ph_cos[ch])], 1)  # (n, 2F)
+            cols = torch.cat([g[:, ch * nf : (ch + 1) * nf], g[:, (5 + ch) * nf : (6 + ch) * nf]], 1)
+            return e @ cols.T, e.sum(1), e.square().sum(1)
+
+        a_y, s_y, q_y = axis(h, 0)
+        a_x, s_x, q_x = axis(w, 1)
+        first, second, rgb_sq = tables
+        cs, sn = torch.cos(ph_sin[2:]).flatten(), torch.sin(ph_sin[2:]).flatten()  # (3F,)
+        cc, sc = torch.cos(ph_cos[2:]).flatten(), torch.sin(ph_cos[2:]).flatten()
+        g_sin, g_cos = g[:, 2 * nf : 5 * nf], g[:, 7 * nf : 10 * nf]
+        mat = torch.cat([(g_sin * cs - g_cos * sc).T, (g_sin * sn + g_cos * cc).T, g[:, 10 * nf :].T])
+        ones = torch.ones(3, device=device, dtype=work)
+        v_c = torch.cat([cs - sc, sn + cc, ones])  # first @ v_c: the sum of the colour features
+        s_c = first @ v_c
+        s2, c2 = torch.sin(2 * ph_sin[2:]).flatten(), torch.cos(2 * ph_sin[2:]).flatten()
+        s2c, c2c = torch.sin(2 * ph_cos[2:]).flatten(), torch.cos(2 * ph_cos[2:]).flatten()
+        q_c = second @ (0.5 * torch.cat([s2 - s2c, c2c - c2])) + (3 * nf) + rgb_sq  # their squares
+        # (e - mean) @ G^T = e @ G^T - mean g1, the mean's share folded into each term's own matrix
+        g1d = g1 / d_in
+        mat = mat - v_c[:, None] * g1d  # (6F + 3, H1)
+        a_y = a_y - s_y[:, None] * g1d
+        a_x = a_x - s_x[:, None] * g1d
+        if start == 0 and stop == h * w:  # the whole grid: row and column terms broadcast
+            hidden = mat.shape[1]
+            mean = (s_c.view(h, w) + s_y[:, None] + s_x[None]) / d_in
+            msq = (q_c.view(h, w) + q_y[:, None] + q_x[None]) / d_in
+            rows_cols = a_y[:, None] + a_x[None]  # (H, W, H1)
+            acc = torch.baddbmm(rows_cols, first.view(h, w, -1), mat.expand(h, -1, -1))
+            rstd = torch.rsqrt(msq - mean.square() + norm.eps)
+            y = torch.addcmul(c0, acc, rstd[:, :, None]).view(h * w, hidden)
+        else:
+            idx = torch.arange(start, stop, device=device)
+            ys, xs = torch.div(idx, w, rounding_mode="floor"), idx % w
+            mean = (s_c + s_y[ys] + s_x[xs]) / d_in
+            msq = (q_c + q_y[ys] + q_x[xs]) / d_in
+            acc = torch.addmm(a_y[ys] + a_x[xs], first, mat)
+            rstd = torch.rsqrt(msq - mean.square() + norm.eps)
+            y = torch.addcmul(c0, acc, rstd[:, None])
+        return self._layers(y, 3)
 
     def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
         """Features in PCA space at every pixel of ``image`` (differentiable; used while fitting).
@@ -350,9 +480,12 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             raise ValueError(f"expected image (B,3,H,W) RGB in [0,1], got {got}")
         b, _, h, w = image.shape
         dtype = self.phases.dtype
-        coords = pixel_coordinates((h, w), device=image.device, dtype=dtype).repeat(b, 1)
-        colors = image.to(dtype).permute(0, 2, 3, 1).reshape(-1, 3)
-        out = self.field(coords, colors)  # (B*H*W, k)
+        if self._grid_field_applies(image):
+            out = self._grid_field(self._image_tables(image), (h, w))
+        else:
+            coords = pixel_coordinates((h, w), device=image.device, dtype=dtype).repeat(b, 1)
+            colors = image.to(dtype).permute(0, 2, 3, 1).reshape(-1, 3)
+            out = self.field(coords, colors)  # (B*H*W, k)
         out = out.view(b, h, w, self.pca_dim).permute(0, 3, 1, 2)
         return out + self.base_at((h, w)) if self.residual else out
 
@@ -426,10 +559,14 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         mean = self.pca.mean.to(work)
         channels = self.pca_dim if compressed else self.feat_dim
         out = torch.empty(channels, h * w, device=device, dtype=dtype or work)
+        grid = self._grid_field_applies()  # the same arithmetic as forward_compressed while fitting
         for start in range(0, h * w, chunk):
             stop = min(start + chunk, h * w)
-            coords = pixel_coordinates(size, start, stop, device=device, dtype=work)
-            z = self.field(coords, colors[start:stop])  # (n, k)
+            if grid:
+                z = self._grid_field(self._color_tables(colors[start:stop]), size, start, stop)
+            else:
+                coords = pixel_coordinates(size, start, stop, device=device, dtype=work)
+                z = self.field(coords, colors[start:stop])  # (n, k)
             if self.residual:
                 row0, row1 = start // w, (stop - 1) // w + 1
                 z = z + self._base_rows(size, row0, row1)[start - row0 * w : stop - row0 * w]

@@ -11,7 +11,13 @@ What makes a step cheap (the backbone is frozen and the views are known in advan
 - a seeded bank of ``bank_size`` jittered views and their PCA-compressed backbone features is computed once
   (as the original code does with 3000 views); each step draws ``n_jitters`` of them;
 - the jitter and the downsampler's window pooling are fused (:func:`fused_view_pool`): no jittered copy of
-  the high-resolution features is ever built, and the salience is computed once and jittered as one channel.
+  the high-resolution features is ever built, and the salience is computed once and jittered as one channel;
+  the windows are grouped so that each group is one GEMM over a contiguous slab of the pixel-major map;
+- the field is evaluated on the whole pixel grid without a per-pixel encoding
+  (``ImplicitUpsampler._grid_field``: separable coordinate terms, constant colour tables, LayerNorm folded
+  into the first layer), and stays pixel-major (channels-last) from the MLP to the pooling.
+
+Where a step's time goes and what each change bought: ``docs/notes/implfast.md``.
 """
 
 from __future__ import annotations
@@ -289,47 +295,73 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
     return (gathered * wx.to(x.dtype).view(b, 1, 1, w, 2)).sum(-1)
 
 
-class _SlabPool(torch.autograd.Function):
-    """out[b,:,i,:] = hr[:, lo[b][i] : lo[b][i] + L, :].view(C, L*W) @ mats[b, i].view(L*W, w).
+class _TilePool(torch.autograd.Function):
+    """out[n] = mats[n] . hr[rs + (0..Ls), cs + (0..Lt)] for windows ``n`` grouped by (row slab, column tile).
 
-    One GEMM per view and output row over the slab of source rows that row's windows read; backward
-    accumulates into one gradient buffer (no per-slice zero tensors).
+    ``hr`` is pixel-major (H*W, C). The column tiles ``hr[:, cs : cs + Lt]`` are copied once into contiguous
+    (H, Lt, C) blocks, so each group of windows is one GEMM ``(m, Ls*Lt) @ (Ls*Lt, C)`` over a contiguous
+    slab; backward accumulates into the tiles' gradients and adds them back into one buffer.
+
+    Shape: hr (H*W, C), mats (N, Ls*Lt) -> (N, C); ``plan`` lists (first, last + 1, tile, rs) per group.
     """
 
     @staticmethod
-    def forward(ctx, hr, mats, lo):  # type: ignore[override]
-        c, _, in_w = hr.shape
-        b, h, length, _, w = mats.shape
-        out = hr.new_empty(b, c, h, w)
-        for bi in range(b):
-            for i in range(h):
-                start = lo[bi][i]
-                slab = hr[:, start : start + length].reshape(c, length * in_w)
-                torch.mm(slab, mats[bi, i].view(length * in_w, w), out=out[bi, :, i])
-        ctx.lo = lo
-        ctx.save_for_backward(hr, mats)
+    def forward(ctx, hr, mats, plan, size, tile_starts, slab):  # type: ignore[override]
+        in_h, in_w = size
+        rows_l, cols_l = slab
+        grid = hr.view(in_h, in_w, -1)
+        whole = len(tile_starts) == 1 and cols_l == in_w  # one tile: the map itself, no copy
+        tiles = [grid] if whole else [grid[:, c : c + cols_l].contiguous() for c in tile_starts]
+        out = hr.new_empty(mats.shape[0], hr.shape[1])
+        for first, last, t, rs in plan:
+            block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, -1)
+            torch.mm(mats[first:last], block, out=out[first:last])
+        ctx.plan, ctx.size, ctx.tile_starts, ctx.slab = plan, size, tile_starts, slab
+        ctx.save_for_backward(mats, *tiles)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        hr, mats = ctx.saved_tensors
-        c, _, in_w = hr.shape
-        b, h, length, _, w = mats.shape
+        mats, *tiles = ctx.saved_tensors
+        in_h, in_w = ctx.size
+        rows_l, cols_l = ctx.slab
+        c = tiles[0].shape[-1]
         need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hr = torch.zeros_like(hr) if need_hr else None
+        grad_tiles = [mats.new_zeros(in_h, cols_l, c) for _ in ctx.tile_starts] if need_hr else None
         grad_m = torch.empty_like(mats) if need_m else None
-        for bi in range(b):
-            for i in range(h):
-                start = ctx.lo[bi][i]
-                g = grad[bi, :, i]  # (C, w)
-                mat = mats[bi, i].view(length * in_w, w)
-                if need_hr:
-                    grad_hr[:, start : start + length].view(c, length * in_w).addmm_(g, mat.T)
-                if need_m:
-                    slab = hr[:, start : start + length].reshape(c, length * in_w)
-                    torch.mm(slab.T, g, out=grad_m[bi, i].view(length * in_w, w))
-        return grad_hr, grad_m, None
+        grad = grad.contiguous()
+        for first, last, t, rs in ctx.plan:
+            g = grad[first:last]
+            if need_hr:
+                grad_tiles[t][rs : rs + rows_l].view(rows_l * cols_l, c).addmm_(mats[first:last].T, g)
+            if need_m:
+                block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, c)
+                torch.mm(g, block.T, out=grad_m[first:last])
+        grad_hr = None
+        if need_hr:
+            if len(ctx.tile_starts) == 1 and cols_l == in_w:
+                grad_hr = grad_tiles[0].view(in_h * in_w, c)
+            else:
+                acc = mats.new_zeros(in_h, in_w, c)
+                for s, gt in zip(ctx.tile_starts, grad_tiles):
+                    acc[:, s : s + cols_l] += gt
+                grad_hr = acc.view(in_h * in_w, c)
+        return grad_hr, grad_m, None, None, None, None
+
+
+def _blocks(lo: torch.Tensor, band: int, size: int, step: int) -> tuple[int, list[int], torch.Tensor]:
+    """Blocks of ``band + step - 1`` (at most ``size``) consecutive indices starting every ``step``: each
+    span ``lo .. lo + band - 1`` lies inside the block it is assigned. Returns (length, starts, assignment)."""
+    length = min(band + step - 1, size)
+    starts = sorted({min(s, size - length) for s in range(0, size - length + step, step)})
+    assign = torch.searchsorted(torch.tensor(starts, device=lo.device), lo, right=True) - 1
+    return length, starts, assign
+
+
+#: grid steps of the fused pooling's row slabs and column tiles (larger: fewer, bigger GEMMs over more zeros)
+POOL_ROW_STEP = 16
+POOL_COL_STEP = 64
 
 
 def fused_view_pool(
@@ -342,13 +374,16 @@ def fused_view_pool(
 ) -> torch.Tensor:
     """``window_pool(apply_jitter(hr, t_b), a_b)`` for every jitter ``t_b``, without any jittered map.
 
-    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: for
-    output row ``i`` of view ``b`` it reads a slab of ``L`` consecutive source rows, and the pooling weights
-    ``a_b`` are scattered through the jitter's bilinear taps into a (L*W, w) matrix. Outputs and gradients
-    equal the plain composition to float32 rounding; the cost is the pooling GEMMs alone.
+    Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: the
+    window of output pixel ``(i, j)`` of view ``b`` reads a band of consecutive source rows and columns. Along
+    each axis the jitter is a two-tap resampling, written as small dense matrices (``Ay`` (k, Ls) per output
+    row, ``Ax`` (k, Lt) per output column, local to the row slab and column tile the band lies in); the
+    window's pooling matrix is ``Ay^T a_ij Ax`` (Ls, Lt), formed with batched matrix products (differentiable
+    in ``a``). Windows are grouped by (row slab, column tile) and each group is one GEMM with the slab of the
+    pixel-major features. Outputs and gradients equal the plain composition to float rounding.
 
     Args:
-        hr: high-resolution features of the one image.
+        hr: high-resolution features of the one image (channels-last memory avoids one copy).
         jitters: one per view.
         weights_fn: maps the jittered salience (B, H, W) (or None) to pooling weights (B or 1, h, w, k, k).
         salience: (1, 1, H, W) salience of ``hr`` (jittered here with the features' taps), or None.
@@ -363,34 +398,43 @@ def fused_view_pool(
     h, w = output_size
     k = kernel_size
     b = len(jitters)
-    taps = _jitter_taps(jitters, (in_h, in_w), hr.device)
+    dtype, device = hr.dtype, hr.device
+    taps = _jitter_taps(jitters, (in_h, in_w), device)
     iy, wy, ix, wx = taps
     sal_views = _jitter_map(salience, taps)[:, 0] if salience is not None else None
-    a = weights_fn(sal_views).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
-    rows, _ = window_indices(in_h, h, k, hr.device)  # (h, k), clamped (their weights are zero)
-    cols, _ = window_indices(in_w, w, k, hr.device)  # (w, k)
-    src_r = iy[:, rows]  # (B, h, k, 2)
-    w_r = wy[:, rows].to(hr.dtype)
-    src_c = ix[:, cols]  # (B, w, k, 2)
-    w_c = wx[:, cols].to(hr.dtype)
-    lo = src_r.flatten(2).amin(2)  # (B, h)
-    length = int((src_r.flatten(2).amax(2) - lo).max()) + 1
-    length = min(length, in_h)
-    lo = lo.clamp(max=in_h - length)
-    off_r = src_r - lo[:, :, None, None]  # (B, h, k, 2) in [0, L)
-    # value and flat index of every (i, j, u, v, ty, tx) tap inside the (L, W, w) matrix of (b, i)
-    vals = (
-        a[:, :, :, :, :, None, None] * w_r[:, :, None, :, None, :, None] * w_c[:, None, :, None, :, None, :]
-    )  # (B, h, w, k, k, 2, 2)
-    j = torch.arange(w, device=hr.device).view(1, 1, w, 1, 1, 1, 1)
-    idx = (
-        off_r[:, :, None, :, None, :, None] * in_w + src_c[:, None, :, None, :, None, :]
-    ) * w + j  # (B, h, w, k, k, 2, 2)
-    mats = hr.new_zeros(b * h, length * in_w * w).scatter_add(
-        1, idx.reshape(b * h, -1), vals.reshape(b * h, -1)
-    )
-    mats = mats.view(b, h, length, in_w, w)
-    return _SlabPool.apply(hr[0], mats, lo.tolist())
+    a = weights_fn(sal_views).to(dtype).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
+    rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
+    cols, _ = window_indices(in_w, w, k, device)  # (w, k)
+    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
+    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
+    band_r = int((src_r.flatten(2).amax(2) - lo_r).max()) + 1
+    band_c = int((src_c.flatten(2).amax(2) - lo_c).max()) + 1
+    rows_l, row_starts, slab_of = _blocks(lo_r, band_r, in_h, POOL_ROW_STEP)
+    cols_l, col_starts, tile_of = _blocks(lo_c, band_c, in_w, POOL_COL_STEP)
+    rs = torch.tensor(row_starts, device=device)[slab_of]  # (B, h)
+    cs = torch.tensor(col_starts, device=device)[tile_of]  # (B, w)
+    # the jitter's two taps as dense matrices local to each slab / tile (constants: no gradient)
+    ay = hr.new_zeros(b, h, k, rows_l).scatter_add_(3, src_r - rs[:, :, None, None], wy[:, rows].to(dtype))
+    ax = hr.new_zeros(b, w, k, cols_l).scatter_add_(3, src_c - cs[:, :, None, None], wx[:, cols].to(dtype))
+    # windows sorted by (row slab, column tile): each group is one GEMM
+    key = slab_of[:, :, None] * len(col_starts) + tile_of[:, None, :]  # (B, h, w)
+    order = torch.argsort(key.flatten(), stable=True)
+    bi = torch.div(order, w, rounding_mode="floor")  # (view, row) index of each sorted window
+    bj = torch.div(order, h * w, rounding_mode="floor") * w + order % w  # (view, column) index
+    left = torch.matmul(ay.view(b * h, k, rows_l)[bi].transpose(1, 2), a.reshape(b * h * w, k, k)[order])
+    mats = torch.matmul(left, ax.view(b * w, k, cols_l)[bj]).view(-1, rows_l * cols_l)  # (N, Ls * Lt)
+    keys = key.flatten()[order].tolist()
+    slabs = rs.flatten()[bi].tolist()
+    plan, first = [], 0
+    for n in range(1, len(keys) + 1):
+        if n == len(keys) or keys[n] != keys[first]:
+            plan.append((first, n, keys[first] % len(col_starts), slabs[first]))
+            first = n
+    flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
+    out = _TilePool.apply(flat, mats, plan, (in_h, in_w), col_starts, (rows_l, cols_l))  # (N, C) sorted
+    unsorted = torch.empty_like(order)
+    unsorted[order] = torch.arange(order.numel(), device=device)
+    return out[unsorted].view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _attention_weights(
@@ -406,6 +450,27 @@ def _attention_weights(
     s = s.view(b, h, k, w, k).permute(0, 1, 3, 2, 4)
     logits = s * down.weight.to(s.dtype) + down.bias.to(s.dtype)
     return _masked_softmax(logits, vr[:, None, :, None] & vc[None, :, None, :])
+
+
+def _salience(down: AttentionDownsampler, hr: torch.Tensor) -> torch.Tensor:
+    """``down.salience(hr)`` for one pixel-major (channels-last) map, as one matrix-vector product.
+
+    In training the dropout mask is drawn from 31 random bits per element (``keep = bits < (1 - p) 2^31``:
+    the same distribution as ``nn.Dropout``'s up to 2^-31, at a fifth of ``bernoulli_``'s cost on a CPU).
+
+    Shape:
+        - hr: (1, C, H, W)
+        - output: (1, 1, H, W)
+    """
+    drop, conv = down.salience_net[0], down.salience_net[1]
+    _, c, in_h, in_w = hr.shape
+    flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # a view of channels-last memory
+    weight = conv.weight.view(1, c).to(hr.dtype)
+    if down.training and drop.p > 0:
+        bits = torch.empty(flat.shape, dtype=torch.int32, device=flat.device).random_()
+        flat = flat * (bits < round((1.0 - drop.p) * 2**31))
+        weight = weight / (1.0 - drop.p)
+    return (flat @ weight.T + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
 
 
 def pool_views(
@@ -433,7 +498,7 @@ def pool_views(
             return down(views, output_size)
         return window_pool(views, down.kernels(views[:, : hr.shape[1]], output_size), output_size)
     if attention:
-        sal = down.salience(hr)  # dropout + 1x1 conv once; jittered as one channel
+        sal = _salience(down, hr)  # dropout + 1x1 conv once; jittered as one channel
 
         def weights(s: torch.Tensor | None) -> torch.Tensor:
             return _attention_weights(down, s, in_size, output_size)  # type: ignore[arg-type]
