@@ -21,7 +21,7 @@ Sections (a list of functions: each returns rows, the table prints them in order
   pool) against the fast path (view bank, fused jitter + pooling grouped into slab GEMMs, channel dropout,
   the whole-grid field without a per-pixel encoding) and the default preset; the row "fast path, per-pixel
   field" is the fast path with ``ImplicitUpsampler.fast_field = False`` (what the grid field buys, same run).
-  Reuses ``tools/bench_perf_implicit.py``. Profile and history: ``docs/notes/implfast.md``.
+  Reuses ``tools/bench_perf_implicit.py``. Profile and history: ``docs/decisions.md#implicit-grid``.
 
 Every row has ``time_ratio`` = its time / its baseline's time in the same run (``time_vs`` names the
 baseline) and ``speedup`` = the inverse.

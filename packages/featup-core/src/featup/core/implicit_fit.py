@@ -17,7 +17,7 @@ What makes a step cheap (the backbone is frozen and the views are known in advan
   (``ImplicitUpsampler._grid_field``: separable coordinate terms, constant colour tables, LayerNorm folded
   into the first layer), and stays pixel-major (channels-last) from the MLP to the pooling.
 
-Where a step's time goes and what each change bought: ``docs/notes/implfast.md``.
+Where a step's time goes and what each change bought: ``docs/decisions.md#implicit-grid``.
 """
 
 from __future__ import annotations

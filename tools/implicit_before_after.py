@@ -1,9 +1,9 @@
 """Quality of fit_implicit before (main 1526939) and after (h/implfast): synthetic scorer and real photos.
 
-Scratch harness of docs/notes/implfast.md, section 5 (not a tool: run from the repository root)::
+The harness of docs/decisions.md#implicit-grid (run from the repository root)::
 
     mkdir -p /tmp/before && git archive 1526939 packages | tar -x -C /tmp/before
-    python docs/notes/implfast_quality.py --code before|after --bench syn|real --setting default|attention
+    python tools/implicit_before_after.py --code before|after --bench syn|real --setting default|attention
 
 Prints one JSON line per seed.
 """
