@@ -54,3 +54,30 @@ def interrupt_at(step: int):
             raise Interrupt
 
     return callback
+
+
+def assert_fused_gradients_equal_plain(
+    up: nn.Module, x: torch.Tensor, image: torch.Tensor, before_forward=None
+) -> dict[str, torch.Tensor]:
+    """Run a ``JBUStack`` plain then fused on the same inputs and assert equal outputs and gradients (of the
+    input, the image and every parameter); ``before_forward(x, image)`` runs before each forward (a seed,
+    an extra check). Returns the plain path's parameter gradients."""
+    runs = []
+    for fused in (False, True):
+        up.fused = fused
+        up.zero_grad()
+        xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
+        if before_forward is not None:
+            before_forward(xi, ii)
+        out = up(xi, ii)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        params = {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), xi.grad, ii.grad, params))
+    (o0, x0, i0, p0), (o1, x1, i1, p1) = runs
+    torch.testing.assert_close(o1, o0)
+    torch.testing.assert_close(x1, x0)
+    torch.testing.assert_close(i1, i0)
+    assert p0.keys() == p1.keys()
+    for name in p0:
+        torch.testing.assert_close(p1[name], p0[name], msg=name)
+    return p0

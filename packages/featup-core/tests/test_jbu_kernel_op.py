@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_toys import assert_fused_gradients_equal_plain
 
 import featup.core.jbu as jbu_module
 from featup.core import JBUStack
@@ -121,28 +122,11 @@ def test_gradients_are_those_of_the_torch_ops():
     up = _randomize(JBUStack(feat_dim=3, radius=2, key_dim=6), seed=23).double()
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     image = _photo_like(2, 40, 29, seed=2).double()
-    grads = []
-    for fused in (False, True):
-        up.fused = fused
-        up.zero_grad()
-        xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
-        assert not up.up1.kernel_op_applies(up.guidance(ii)[:, :, :10, :8])
-        out = up(xi, ii)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
-        grads.append(
-            (
-                out.detach(),
-                xi.grad,
-                ii.grad,
-                {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None},
-            )
-        )
-    (o0, x0, i0, p0), (o1, x1, i1, p1) = grads
-    torch.testing.assert_close(o1, o0)
-    torch.testing.assert_close(x1, x0)
-    torch.testing.assert_close(i1, i0)
-    for name in p0:
-        torch.testing.assert_close(p1[name], p0[name], msg=name)
+
+    def op_not_used(_x: torch.Tensor, image: torch.Tensor) -> None:
+        assert not up.up1.kernel_op_applies(up.guidance(image)[:, :, :10, :8])
+
+    assert_fused_gradients_equal_plain(up, x, image, op_not_used)
 
 
 @pytest.mark.parametrize("base_kernel", ["classic", "delta"])
