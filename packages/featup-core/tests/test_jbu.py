@@ -566,6 +566,25 @@ def test_short_training_moves_away_from_the_safe_start_and_improves_it():
     assert err_trained < 0.6 * err_start
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_100_steps_of_the_default_preset_improve_on_the_safe_start(seed):
+    """``train_jbu`` with its defaults (only the downsampler kernel set to the toy backbone's stride)."""
+    from featup.core.training import train_jbu
+
+    backbone = PooledPointwise()
+    train, held_out = _regions(8, 32, seed=1), _regions(6, 32, seed=2)
+    up = train_jbu(backbone, train, steps=100, kernel_size=4, progress=False, seed=seed)
+    start = JBUStack().eval()
+    with torch.no_grad():
+        lr, truth = backbone(held_out), backbone.hr_features(held_out)
+        err_trained = float((up(lr, held_out) - truth).square().mean())
+        err_start = float((start(lr, held_out) - truth).square().mean())
+    views_trained, views_start = _view_loss(up, backbone, held_out), _view_loss(start, backbone, held_out)
+    # measured for seeds 0 / 1 / 2: MSE 0.46 / 0.53 / 0.53 of the start's, held-out views 0.65 / 0.79 / 0.79
+    assert err_trained < 0.7 * err_start
+    assert views_trained < 0.9 * views_start
+
+
 def test_configs_saved_before_the_safe_start_load_as_saved(tmp_path):
     # a stack saved by the release before ``safe_start`` (every other option present)
     up = _randomize(JBUStack(key_dim=8, safe_start=False), seed=10)
