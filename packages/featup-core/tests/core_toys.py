@@ -81,3 +81,21 @@ def assert_fused_gradients_equal_plain(
     for name in p0:
         torch.testing.assert_close(p1[name], p0[name], msg=name)
     return p0
+
+
+def randomize_jbu(module: nn.Module, seed: int = 0, gate: float = 1.0) -> nn.Module:
+    """Give every parameter of a JBU stack / stage non-trivial values (a trained-looking stack) without
+    changing the layout; safe-start gates are set to ``gate`` (1: the bilateral kernel fully on, as far from
+    the safe start as training goes). Returns the module in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(".gate"):
+                p.fill_(gate)
+            elif name.endswith("sigma_spatial"):
+                p.copy_(0.5 + torch.rand((), generator=g))
+            elif name.endswith("range_temp"):
+                p.copy_(torch.rand((), generator=g) - 0.5)
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module.eval()

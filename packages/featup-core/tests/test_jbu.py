@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from core_toys import PooledPointwise, assert_fused_gradients_equal_plain
+from core_toys import PooledPointwise, assert_fused_gradients_equal_plain, randomize_jbu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,22 +22,7 @@ torch.set_num_threads(1)
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial values (a trained-looking stack) without changing the layout.
-
-    A safe-start gate is set to 1: the bilateral kernel fully on, as far from the safe start as training goes.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(".gate"):
-                p.fill_(1.0)
-            elif name.endswith("sigma_spatial"):
-                p.copy_(0.5 + torch.rand((), generator=g))
-            elif name.endswith("range_temp"):
-                p.copy_(torch.rand((), generator=g) - 0.5)
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return module.eval()
+    return randomize_jbu(module, seed)
 
 
 def test_stage_sizes_plans():

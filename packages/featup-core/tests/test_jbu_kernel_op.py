@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_toys import assert_fused_gradients_equal_plain
+from core_toys import assert_fused_gradients_equal_plain, randomize_jbu
 
 import featup.core.jbu as jbu_module
 from featup.core import JBUStack
@@ -21,18 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _randomize(module: torch.nn.Module, seed: int, gate: float = 0.7) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(".gate"):
-                p.fill_(gate)
-            elif name.endswith("sigma_spatial"):
-                p.copy_(0.5 + torch.rand((), generator=g))
-            elif name.endswith("range_temp"):
-                p.copy_(torch.rand((), generator=g) - 0.5)
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return module.eval()
+    return randomize_jbu(module, seed, gate)
 
 
 def _photo_like(n: int, h: int, w: int, seed: int) -> torch.Tensor:
