@@ -56,19 +56,17 @@ def interrupt_at(step: int):
     return callback
 
 
-def assert_fused_gradients_equal_plain(
-    up: nn.Module, x: torch.Tensor, image: torch.Tensor, before_forward=None
+def assert_two_runs_equal(
+    up: nn.Module, x: torch.Tensor, image: torch.Tensor, configure
 ) -> dict[str, torch.Tensor]:
-    """Run a ``JBUStack`` plain then fused on the same inputs and assert equal outputs and gradients (of the
-    input, the image and every parameter); ``before_forward(x, image)`` runs before each forward (a seed,
-    an extra check). Returns the plain path's parameter gradients."""
+    """Run ``up`` twice on the same inputs, ``configure(run, x, image)`` (run 0, then 1) setting each run up
+    just before its forward, and assert equal outputs and gradients (of the input, the image and every
+    parameter). Returns the first run's parameter gradients."""
     runs = []
-    for fused in (False, True):
-        up.fused = fused
+    for run in (0, 1):
         up.zero_grad()
         xi, ii = x.clone().requires_grad_(True), image.clone().requires_grad_(True)
-        if before_forward is not None:
-            before_forward(xi, ii)
+        configure(run, xi, ii)
         out = up(xi, ii)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         params = {n: p.grad.clone() for n, p in up.named_parameters() if p.grad is not None}
@@ -81,6 +79,20 @@ def assert_fused_gradients_equal_plain(
     for name in p0:
         torch.testing.assert_close(p1[name], p0[name], msg=name)
     return p0
+
+
+def assert_fused_gradients_equal_plain(
+    up: nn.Module, x: torch.Tensor, image: torch.Tensor, before_forward=None
+) -> dict[str, torch.Tensor]:
+    """:func:`assert_two_runs_equal` of a ``JBUStack``'s plain path (run 0) and fused path (run 1);
+    ``before_forward(x, image)`` runs before each forward (a seed, an extra check)."""
+
+    def configure(run: int, xi: torch.Tensor, ii: torch.Tensor) -> None:
+        up.fused = bool(run)
+        if before_forward is not None:
+            before_forward(xi, ii)
+
+    return assert_two_runs_equal(up, x, image, configure)
 
 
 def randomize_jbu(module: nn.Module, seed: int = 0, gate: float = 1.0) -> nn.Module:
