@@ -172,8 +172,7 @@ def learning_rate_factor(schedule: str, step: int, steps: int, warmup_steps: int
 #: named presets: field values on top of the Table 7 defaults of :class:`JBUTrainConfig`
 JBU_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    # Table 7 kept: on real photos the synthetic benchmark's settings (lr 1e-2, box-initialised downsampler,
-    # plain MSE, no flips, zoom <= 1.2) drift below the safe start with steps, Table 7 stays within 0.0006 of
-    # it (3 seeds; docs/decisions.md#jbu-default)
+    # Table 7 kept: it wins on real photos, where the synthetic benchmark's settings drift below the safe
+    # start (docs/decisions.md#jbu-default)
     "default": {},
 }
