@@ -357,6 +357,30 @@ def test_magnitude_and_blur_pin_terms_are_logged_and_optional():
     assert logs[0]["mag_loss"] == 0 and logs[0]["blur_pin_loss"] == 0
 
 
+def test_tv_and_magnitude_equal_the_plain_ones_with_their_gradients():
+    """The one-pass backward of the channel norm gives tv_loss's and vector_norm's values and gradients
+    (float64), zero-norm pixels included; finite differences agree."""
+    from featup.core.implicit_fit import _magnitude, _tv
+    from featup.core.losses import tv_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64, generator=gen)
+    x[0, :, 2, 3] = 0  # a zero-norm pixel: vector_norm's gradient there is zero
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(2, 1, 9, 7, dtype=torch.float64, generator=gen)
+    for fast, plain in ((_tv, tv_loss), (lambda t: (_magnitude(t) * w).sum(), None)):
+        if plain is None:
+            plain = lambda t: (torch.linalg.vector_norm(t, dim=1, keepdim=True) * w).sum()  # noqa: E731
+        ref, got = plain(x), fast(x)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        (g_ref,), (g_got,) = torch.autograd.grad(ref, x), torch.autograd.grad(got, x)
+        torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-12)
+        assert float(g_got[0, :, 2, 3].abs().max()) == 0
+    y = torch.randn(1, 3, 5, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(_tv, (y,))
+    assert torch.autograd.gradcheck(_magnitude, (y,))
+
+
 def test_blur_pin_is_zero_for_constant_features():
     from featup.core.implicit_fit import _gaussian_blur
 

@@ -454,10 +454,12 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             hidden = mat.shape[1]
             mean = (s_c.view(h, w) + s_y[:, None] + s_x[None]) / d_in
             msq = (q_c.view(h, w) + q_y[:, None] + q_x[None]) / d_in
-            rows_cols = a_y[:, None] + a_x[None]  # (H, W, H1)
-            acc = torch.baddbmm(rows_cols, first.view(h, w, -1), mat.expand(h, -1, -1))
-            rstd = torch.rsqrt(msq - mean.square() + norm.eps)
-            y = torch.addcmul(c0, acc, rstd[:, :, None]).view(h * w, hidden)
+            rows_cols = (a_y[:, None] + a_x[None]).view(h * w, hidden)  # (H*W, H1)
+            # one GEMM over all pixels (its backward: one (6F + 3, H*W) @ (H*W, H1) product for ``mat``)
+            acc = torch.addmm(rows_cols, first, mat)
+            rstd = torch.rsqrt(msq - mean.square() + norm.eps).view(h * w, 1)
+            # a fresh tensor, not a view: the in-place ReLU after it needs no CopySlices in backward
+            y = torch.addcmul(c0, acc, rstd)
         else:
             idx = torch.arange(start, stop, device=device)
             ys, xs = torch.div(idx, w, rounding_mode="floor"), idx % w
