@@ -302,6 +302,27 @@ def test_grid_field_feeds_the_hidden_layers_a_fresh_tensor():
     assert not names & {"CopySlices", "AsStridedBackward0", "BaddbmmBackward0"}, names
 
 
+def test_scale_rows_equals_addcmul_with_its_gradients():
+    """The grid field's ``c0 + acc * rstd`` with its cheaper backward: addcmul's values and gradients
+    (float64), and finite differences."""
+    from featup.core.implicit import _ScaleRows
+
+    gen = torch.Generator().manual_seed(6)
+    args = (
+        torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.randn(7, 5, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.rand(7, 1, dtype=torch.float64, generator=gen).add(0.5).requires_grad_(),
+    )
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    out, ref = _ScaleRows.apply(*args), torch.addcmul(*args)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    for a, b in zip(
+        torch.autograd.grad((out * weight).sum(), args), torch.autograd.grad((ref * weight).sum(), args)
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(_ScaleRows.apply, args)
+
+
 def test_grid_field_is_not_used_where_it_would_differ():
     """Element dropout in training, gradients to the image, batches and autocast take the per-pixel path."""
     model, image = make_model(n_freqs=3, dropout_mode="element")

@@ -69,6 +69,22 @@ SMALL = dict(n_jitters=4, kernel_size=4, progress=False, upsampler_kwargs={"hidd
 @pytest.mark.parametrize("shape", [(32, 40, 8, 10, 4), (56, 56, 4, 4, 29), (30, 26, 5, 4, 7)])
 def test_fused_pooling_equals_jitter_then_downsample(kind, shape):
     """Outputs and every gradient (features, downsampler) equal the plain composition (eval: no dropout)."""
+    _check_fused_against_plain(kind, shape)
+
+
+@pytest.mark.parametrize("steps", [(4, 8), (8, 16), (3, 5)])
+def test_fused_pooling_with_many_overlapping_slabs_and_tiles(monkeypatch, steps):
+    """Small slab and tile steps: many column tiles whose gradients overlap and are summed back into one
+    map (at the test sizes above one tile is the whole map); still equal to the plain composition."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_ROW_STEP", steps[0])
+    monkeypatch.setattr(fit_mod, "POOL_COL_STEP", steps[1])
+    _check_fused_against_plain("attention", (40, 52, 5, 6, 9))
+    _check_fused_against_plain("simple", (33, 47, 4, 5, 11))
+
+
+def _check_fused_against_plain(kind: str, shape: tuple[int, int, int, int, int]) -> None:
     in_h, in_w, h, w, k = shape
     torch.manual_seed(0)
     down = create_downsampler(kind, 6, k).double().eval()

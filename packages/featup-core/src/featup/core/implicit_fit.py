@@ -342,9 +342,21 @@ class _TilePool(torch.autograd.Function):
             if len(ctx.tile_starts) == 1 and cols_l == in_w:
                 grad_hr = grad_tiles[0].view(in_h * in_w, c)
             else:
-                acc = mats.new_zeros(in_h, in_w, c)
-                for s, gt in zip(ctx.tile_starts, grad_tiles):
-                    acc[:, s : s + cols_l] += gt
+                # the tiles' gradients side by side: copied where one tile covers a column, added where
+                # two overlap (no zero-filled buffer, no full-width additions)
+                acc = mats.new_empty(in_h, in_w, c)
+                done = 0  # columns [0, done) hold their final sums
+                for s, gt in sorted(zip(ctx.tile_starts, grad_tiles), key=lambda st: st[0]):
+                    if s > done:
+                        acc[:, done:s].zero_()
+                    overlap = max(0, min(done, s + cols_l) - s)
+                    if overlap:
+                        acc[:, s : s + overlap] += gt[:, :overlap]
+                    if s + cols_l > done:
+                        acc[:, s + overlap : s + cols_l] = gt[:, overlap:]
+                        done = s + cols_l
+                if done < in_w:
+                    acc[:, done:].zero_()
                 grad_hr = acc.view(in_h * in_w, c)
         return grad_hr, grad_m, None, None, None, None
 
