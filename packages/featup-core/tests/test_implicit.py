@@ -279,6 +279,50 @@ def test_grid_field_equals_the_per_pixel_field_float64(mode, training):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes ``out`` was computed through."""
+    seen, names, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_grid_field_feeds_the_hidden_layers_a_fresh_tensor():
+    """The whole-grid first layer is one GEMM and its output is no view, so the in-place ReLU after it
+    costs no CopySlices (a full clone and copy of the gradient) in backward."""
+    model, image = make_model(size=(11, 7), n_freqs=4, dropout_mode="channel")
+    model.train()
+    names = _graph_nodes(model.forward_compressed(image))
+    assert "AddmmBackward0" in names and "ReluBackward0" in names
+    assert not names & {"CopySlices", "AsStridedBackward0", "BaddbmmBackward0"}, names
+
+
+def test_scale_rows_equals_addcmul_with_its_gradients():
+    """The grid field's ``c0 + acc * rstd`` with its cheaper backward: addcmul's values and gradients
+    (float64), and finite differences."""
+    from featup.core.implicit import _ScaleRows
+
+    gen = torch.Generator().manual_seed(6)
+    args = (
+        torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.randn(7, 5, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.rand(7, 1, dtype=torch.float64, generator=gen).add(0.5).requires_grad_(),
+    )
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    out, ref = _ScaleRows.apply(*args), torch.addcmul(*args)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    for a, b in zip(
+        torch.autograd.grad((out * weight).sum(), args), torch.autograd.grad((ref * weight).sum(), args)
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(_ScaleRows.apply, args)
+
+
 def test_grid_field_is_not_used_where_it_would_differ():
     """Element dropout in training, gradients to the image, batches and autocast take the per-pixel path."""
     model, image = make_model(n_freqs=3, dropout_mode="element")

@@ -69,6 +69,22 @@ SMALL = dict(n_jitters=4, kernel_size=4, progress=False, upsampler_kwargs={"hidd
 @pytest.mark.parametrize("shape", [(32, 40, 8, 10, 4), (56, 56, 4, 4, 29), (30, 26, 5, 4, 7)])
 def test_fused_pooling_equals_jitter_then_downsample(kind, shape):
     """Outputs and every gradient (features, downsampler) equal the plain composition (eval: no dropout)."""
+    _check_fused_against_plain(kind, shape)
+
+
+@pytest.mark.parametrize("steps", [(4, 8), (8, 16), (3, 5)])
+def test_fused_pooling_with_many_overlapping_slabs_and_tiles(monkeypatch, steps):
+    """Small slab and tile steps: many column tiles whose gradients overlap and are summed back into one
+    map (at the test sizes above one tile is the whole map); still equal to the plain composition."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_ROW_STEP", steps[0])
+    monkeypatch.setattr(fit_mod, "POOL_COL_STEP", steps[1])
+    _check_fused_against_plain("attention", (40, 52, 5, 6, 9))
+    _check_fused_against_plain("simple", (33, 47, 4, 5, 11))
+
+
+def _check_fused_against_plain(kind: str, shape: tuple[int, int, int, int, int]) -> None:
     in_h, in_w, h, w, k = shape
     torch.manual_seed(0)
     down = create_downsampler(kind, 6, k).double().eval()
@@ -355,6 +371,30 @@ def test_magnitude_and_blur_pin_terms_are_logged_and_optional():
     logs.clear()
     fit_implicit(backbone, image, 1, callback=lambda s, l: logs.append(l), **SMALL)
     assert logs[0]["mag_loss"] == 0 and logs[0]["blur_pin_loss"] == 0
+
+
+def test_tv_and_magnitude_equal_the_plain_ones_with_their_gradients():
+    """The one-pass backward of the channel norm gives tv_loss's and vector_norm's values and gradients
+    (float64), zero-norm pixels included; finite differences agree."""
+    from featup.core.implicit_fit import _magnitude, _tv
+    from featup.core.losses import tv_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64, generator=gen)
+    x[0, :, 2, 3] = 0  # a zero-norm pixel: vector_norm's gradient there is zero
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(2, 1, 9, 7, dtype=torch.float64, generator=gen)
+    for fast, plain in ((_tv, tv_loss), (lambda t: (_magnitude(t) * w).sum(), None)):
+        if plain is None:
+            plain = lambda t: (torch.linalg.vector_norm(t, dim=1, keepdim=True) * w).sum()  # noqa: E731
+        ref, got = plain(x), fast(x)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        (g_ref,), (g_got,) = torch.autograd.grad(ref, x), torch.autograd.grad(got, x)
+        torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-12)
+        assert float(g_got[0, :, 2, 3].abs().max()) == 0
+    y = torch.randn(1, 3, 5, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(_tv, (y,))
+    assert torch.autograd.gradcheck(_magnitude, (y,))
 
 
 def test_blur_pin_is_zero_for_constant_features():

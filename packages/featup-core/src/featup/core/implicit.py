@@ -66,6 +66,29 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+class _ScaleRows(torch.autograd.Function):
+    """``bias + acc * scale`` (``torch.addcmul``) whose backward makes one pass over the gradient for ``acc``
+    and one fused row-wise dot product for ``scale`` (addcmul's backward: four full-size passes).
+
+    Shape: bias (D,), acc (N, D), scale (N, 1) -> (N, D).
+    """
+
+    @staticmethod
+    def forward(ctx, bias, acc, scale):  # type: ignore[override]
+        ctx.save_for_backward(acc, scale)
+        return torch.addcmul(bias, acc, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        acc, scale = ctx.saved_tensors
+        need_bias, need_acc, need_scale = ctx.needs_input_grad
+        grad_bias = grad.sum(0) if need_bias else None
+        grad_acc = grad * scale if need_acc else None
+        grad_scale = torch.bmm(grad.unsqueeze(1), acc.unsqueeze(2)).view(-1, 1) if need_scale else None
+        return grad_bias, grad_acc, grad_scale
+
+
 class ImplicitUpsampler(Upsampler, CheckpointMixin):
     """Per-image implicit feature field (eq. 7), queried at any resolution.
 
@@ -454,10 +477,12 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             hidden = mat.shape[1]
             mean = (s_c.view(h, w) + s_y[:, None] + s_x[None]) / d_in
             msq = (q_c.view(h, w) + q_y[:, None] + q_x[None]) / d_in
-            rows_cols = a_y[:, None] + a_x[None]  # (H, W, H1)
-            acc = torch.baddbmm(rows_cols, first.view(h, w, -1), mat.expand(h, -1, -1))
-            rstd = torch.rsqrt(msq - mean.square() + norm.eps)
-            y = torch.addcmul(c0, acc, rstd[:, :, None]).view(h * w, hidden)
+            rows_cols = (a_y[:, None] + a_x[None]).view(h * w, hidden)  # (H*W, H1)
+            # one GEMM over all pixels (its backward: one (6F + 3, H*W) @ (H*W, H1) product for ``mat``)
+            acc = torch.addmm(rows_cols, first, mat)
+            rstd = torch.rsqrt(msq - mean.square() + norm.eps).view(h * w, 1)
+            # a fresh tensor, not a view: the in-place ReLU after it needs no CopySlices in backward
+            y = _ScaleRows.apply(c0, acc, rstd)
         else:
             idx = torch.arange(start, stop, device=device)
             ys, xs = torch.div(idx, w, rounding_mode="floor"), idx % w

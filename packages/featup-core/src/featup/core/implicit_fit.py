@@ -45,7 +45,6 @@ from featup.core.downsamplers import (
 )
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.jitter import JitterParams, apply_jitter
-from featup.core.losses import tv_loss
 from featup.core.pca import PCA
 from featup.core.precision import check_training_precision, full_precision, mixed_precision, to_float32
 
@@ -343,9 +342,21 @@ class _TilePool(torch.autograd.Function):
             if len(ctx.tile_starts) == 1 and cols_l == in_w:
                 grad_hr = grad_tiles[0].view(in_h * in_w, c)
             else:
-                acc = mats.new_zeros(in_h, in_w, c)
-                for s, gt in zip(ctx.tile_starts, grad_tiles):
-                    acc[:, s : s + cols_l] += gt
+                # the tiles' gradients side by side: copied where one tile covers a column, added where
+                # two overlap (no zero-filled buffer, no full-width additions)
+                acc = mats.new_empty(in_h, in_w, c)
+                done = 0  # columns [0, done) hold their final sums
+                for s, gt in sorted(zip(ctx.tile_starts, grad_tiles), key=lambda st: st[0]):
+                    if s > done:
+                        acc[:, done:s].zero_()
+                    overlap = max(0, min(done, s + cols_l) - s)
+                    if overlap:
+                        acc[:, s : s + overlap] += gt[:, :overlap]
+                    if s + cols_l > done:
+                        acc[:, s + overlap : s + cols_l] = gt[:, overlap:]
+                        done = s + cols_l
+                if done < in_w:
+                    acc[:, done:].zero_()
                 grad_hr = acc.view(in_h * in_w, c)
         return grad_hr, grad_m, None, None, None, None
 
@@ -523,8 +534,36 @@ def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(y, (2, 2, 0, 0), mode=pad_mode), g.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
 
 
+class _ChannelNorm(torch.autograd.Function):
+    """``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` whose backward is one pass over ``x``
+    (``x * (grad / norm)``, zero where the norm is zero) instead of vector_norm's three (divide, mask,
+    multiply). Shape: (B, C, H, W) -> (B, 1, H, W)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        ctx.save_for_backward(x, norm)
+        return norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, norm = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))
+        return x * scale
+
+
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    """Per-pixel L2 norm over channels. Shape: (B, C, H, W) -> (B, 1, H, W)."""
+    return _ChannelNorm.apply(x)
+
+
+def _tv(hr: torch.Tensor) -> torch.Tensor:
+    """:func:`featup.core.losses.tv_loss` (eq. 8) on :func:`_magnitude` (its cheaper backward). Scalar."""
+    mag = _magnitude(hr)[:, 0]
+    dy = (mag[:, 1:, :] - mag[:, :-1, :]).square().sum()
+    dx = (mag[:, :, 1:] - mag[:, :, :-1]).square().sum()
+    return (dy + dx) / mag.numel()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -855,7 +894,7 @@ def _objective(
         hr, pooled = to_float32(hr), to_float32(pooled)
         zero = hr.new_zeros(())
         rec = mv.view_loss(pooled[:, :k], targets, log_scale)
-        tv = tv_loss(hr) if cfg.tv_weight > 0 else zero
+        tv = _tv(hr) if cfg.tv_weight > 0 else zero
         mag = (pooled[:, k:] - _magnitude(targets)).square().mean() if cfg.mag_weight > 0 else zero
         pin = (_gaussian_blur(hr) - hr).square().mean() if cfg.blur_pin > 0 else zero
         loss = rec + cfg.tv_weight * tv + cfg.mag_weight * mag + cfg.blur_pin * pin
