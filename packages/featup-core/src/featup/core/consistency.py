@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACK_PROJECTION_MODES", "back_project", "pool_to"]
+__all__ = ["BACK_PROJECTION_MODES", "back_project", "block_mean", "pool_to"]
 
 #: how the low-res correction is resized to the output
 BACK_PROJECTION_MODES = ("bicubic", "bilinear")
@@ -26,8 +26,30 @@ def pool_to(hr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Area average of ``hr`` (B, C, H, W) onto a ``size`` grid (the cell means when the sizes divide)."""
     (hh, hw), (h, w) = hr.shape[-2:], size
     if hh % h == 0 and hw % w == 0:
-        return F.avg_pool2d(hr, (hh // h, hw // w))
+        return block_mean(hr, hh // h, hw // w)
     return F.adaptive_avg_pool2d(hr, size)
+
+
+def block_mean(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
+    """Means of the ``fy x fx`` blocks of ``x`` (``F.avg_pool2d(x, (fy, fx))`` to float rounding), as two
+    sums over views: the rows of each block first (whole contiguous rows added), then the columns of the
+    (fy times smaller) result. Several times faster than ``avg_pool2d``'s per-window loop on large maps.
+
+    Shape:
+        - x: (..., H, W) with fy dividing H and fx dividing W (at least 3 dims unless contiguous)
+        - output: (..., H / fy, W / fx)
+
+    Raises:
+        ValueError: a block size that does not divide the map.
+    """
+    hh, hw = x.shape[-2:]
+    if fy < 1 or fx < 1 or hh % fy or hw % fx:
+        raise ValueError(f"expected block sizes dividing the map {(hh, hw)}, got {(fy, fx)}")
+    if not x.is_contiguous() and x.dim() in (3, 4):  # a reshape would copy the map: pool it in place
+        return F.avg_pool2d(x, (fy, fx))
+    lead = x.shape[:-2]
+    rows = x.reshape(*lead, hh // fy, fy, hw).sum(-2)
+    return rows.reshape(*lead, hh // fy, hw // fx, fx).sum(-1).div_(fy * fx)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin
-from featup.core.consistency import back_project
+from featup.core.consistency import back_project, block_mean
 from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
@@ -694,7 +694,11 @@ def _pooled_guidances(
                 if h % size[0] == 0 and w % size[1] == 0:
                     source = pooled
                     break
-        out[size] = pool_guidance(source, size)
+        sh, sw = source.shape[-2:]
+        if size[0] <= sh and size[1] <= sw and sh % size[0] == 0 and sw % size[1] == 0:
+            out[size] = block_mean(source, sh // size[0], sw // size[1])  # adaptive pooling's means, faster
+        else:
+            out[size] = pool_guidance(source, size)
         if full[0] % size[0] == 0 and full[1] % size[1] == 0:  # block means of the full map: a valid source
             done.append((size, out[size]))
     return out
@@ -1288,12 +1292,14 @@ class JBUStack(Upsampler, CheckpointMixin):
         rgb = image.to(guidance.dtype) if self.base_kernel == "classic" else None
         padding = None  # zero margins around x, written by the previous fused stage for this one
         pooled = _pooled_guidances(guidance, sizes) if self.fused else {}
+        pooled_rgb = _pooled_guidances(rgb, sizes) if self.fused and rgb is not None else {}
         for k, stage_size in enumerate(sizes):
             stage = stages[min(k, len(stages) - 1)]
-            stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
             if not self.fused:
+                stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
                 x = stage(x, pool_guidance(guidance, stage_size), image=stage_rgb, fused=False)
                 continue
+            stage_rgb = pooled_rgb.get(tuple(stage_size))
             next_padding = None
             if k + 1 < len(sizes):
                 following = stages[min(k + 1, len(stages) - 1)]
