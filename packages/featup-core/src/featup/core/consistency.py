@@ -72,6 +72,7 @@ def back_project(
     mode: str = "bicubic",
     inplace: bool = False,
     chunk_channels: int = 64,
+    hr_means: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``hr`` corrected so that its area average onto ``lr``'s grid is ``lr``; see the module docstring.
 
@@ -82,6 +83,8 @@ def back_project(
         inplace: add into ``hr``, ``chunk_channels`` channels at a time (working memory of one chunk instead
             of a second output); only without autograd.
         chunk_channels: channels per chunk with ``inplace``.
+        hr_means: ``pool_to(hr, lr.shape[-2:])`` if the caller already has it (the JBU's last stage takes it
+            as it writes ``hr``): saves a pass over ``hr``. Trusted as given (only its shape is checked).
 
     Shape:
         - hr: (B, C, H, W) with H >= h and W >= w
@@ -111,7 +114,11 @@ def back_project(
     # the second accumulates onto hr inside the GEMM (docs/decisions.md#perf-kernel-op)
     lift_y = _lift(lr_size[0], size[0], mode).to(hr.device, hr.dtype)
     lift_x = _lift(lr_size[1], size[1], mode).to(hr.device, hr.dtype)
-    rows = (lr.to(hr.dtype) - pool_to(hr, lr_size)) @ lift_x.T  # (B, C, h, W)
+    if hr_means is None:
+        hr_means = pool_to(hr, lr_size)
+    elif hr_means.shape != lr.shape:
+        raise ValueError(f"expected hr_means of lr's shape {tuple(lr.shape)}, got {tuple(hr_means.shape)}")
+    rows = (lr.to(hr.dtype) - hr_means.to(hr.dtype)) @ lift_x.T  # (B, C, h, W)
     (n_b, n_c), (big_h, big_w), h = hr.shape[:2], size, lr_size[0]
     if not inplace:
         # one batched GEMM accumulating onto hr (beta = 1): no separate correction map to add
