@@ -34,8 +34,9 @@ def test_the_output_pools_back_to_lr_exactly(mode, lr_size, size):
     assert one.dtype == torch.float32 and _pooled_error(one, lr.float()) < 1e-4
 
 
+@pytest.mark.parametrize("blocks", [(16, 6), (2, 2), (3, 1), (1, 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
-def test_block_mean_is_avg_pool2d(layout):
+def test_block_mean_is_avg_pool2d(layout, blocks):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 48, 30, generator=g, dtype=torch.float64)
     if layout == "channels_last":
@@ -43,15 +44,15 @@ def test_block_mean_is_avg_pool2d(layout):
     elif layout == "3d":
         x = x[0]
     x.requires_grad_(True)
-    out = block_mean(x, 16, 6)
-    ref = F.avg_pool2d(x, (16, 6))
+    out = block_mean(x, *blocks)
+    ref = F.avg_pool2d(x, blocks)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     weights = torch.randn(out.shape, generator=g, dtype=out.dtype)
     (grad,) = torch.autograd.grad((out * weights).sum(), x)
     (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
-    torch.testing.assert_close(block_mean(x.float(), 16, 6), ref.float(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(pool_to(x, (3, 5)), ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(block_mean(x.float(), *blocks), ref.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pool_to(x, (48 // blocks[0], 30 // blocks[1])), ref, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="dividing the map"):
         block_mean(x, 5, 6)
 

@@ -49,7 +49,13 @@ def block_mean(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
         return F.avg_pool2d(x, (fy, fx))
     lead = x.shape[:-2]
     rows = x.reshape(*lead, hh // fy, fy, hw).sum(-2)
-    return rows.reshape(*lead, hh // fy, hw // fx, fx).sum(-1).div_(fy * fx)
+    cols = rows.reshape(*lead, hh // fy, hw // fx, fx)
+    if fx > 4:
+        return cols.sum(-1).div_(fy * fx)
+    out = cols[..., 0].clone()  # a sum over a short innermost dim is slow in torch: add strided views
+    for k in range(1, fx):
+        out += cols[..., k]
+    return out.div_(fy * fx)
 
 
 @functools.lru_cache(maxsize=64)
