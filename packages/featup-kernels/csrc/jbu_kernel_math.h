@@ -266,7 +266,7 @@ FEATUP_HD void stage_kernel_segment(const StageKernelArgs<T>& a, index_t b, inde
         for (int q = 0; q < NV; ++q) acc0[q] = acc1[q] = jload(u + o * S + m0 + q * L);
         const T* w = a.w1k + o * taps;
         // taps t = i * K + j in order, the mirrored tap i * K + (K - 1 - j) without a division in the loop
-        // (mirror_tap's t / K and t % K with a run-time K were an integer division per 8 FMAs)
+        // (the mirror as (t / K) * K + K - 1 - t % K with a run-time K cost an integer division per 8 FMAs)
         for (int i = 0, t = 0; i < K; ++i) {
           const T* wrow = w + i * K;
           for (int j = 0; j < K; ++j, ++t) {
