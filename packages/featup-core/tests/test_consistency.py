@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from core_toys import assert_fused_gradients_equal_plain, randomize_jbu
 
+import featup.core.jbu as jbu_module
 from featup.core import JBUStack, create_upsampler
-from featup.core.consistency import back_project, pool_to
+from featup.core.consistency import back_project, block_mean, pool_to
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.pca import PCA
 
@@ -30,6 +32,29 @@ def test_the_output_pools_back_to_lr_exactly(mode, lr_size, size):
     assert _pooled_error(back_project(hr, lr, mode=mode), lr) < 1e-10
     one = back_project(hr.float(), lr.float(), mode=mode)
     assert one.dtype == torch.float32 and _pooled_error(one, lr.float()) < 1e-4
+
+
+@pytest.mark.parametrize("blocks", [(16, 6), (2, 2), (3, 1), (1, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
+def test_block_mean_is_avg_pool2d(layout, blocks):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 48, 30, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "3d":
+        x = x[0]
+    x.requires_grad_(True)
+    out = block_mean(x, *blocks)
+    ref = F.avg_pool2d(x, blocks)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    weights = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(block_mean(x.float(), *blocks), ref.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pool_to(x, (48 // blocks[0], 30 // blocks[1])), ref, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="dividing the map"):
+        block_mean(x, 5, 6)
 
 
 def test_a_consistent_map_is_left_unchanged():
@@ -115,6 +140,66 @@ def test_jbu_consistency_is_back_projection_of_the_stack_without_it():
         torch.testing.assert_close(with_c(x, image), back_project(without(x, image), x))
         # a target smaller than the features: no back-projection (it would be a downsampling)
         torch.testing.assert_close(with_c(x, image, (3, 4)), without(x, image, (3, 4)))
+
+
+def test_back_project_takes_given_cell_means():
+    g = torch.Generator().manual_seed(5)
+    hr = torch.randn(2, 3, 48, 40, generator=g, dtype=torch.float64)
+    lr = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    given = back_project(hr, lr, hr_means=F.avg_pool2d(hr, 8))
+    torch.testing.assert_close(given, back_project(hr, lr), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="hr_means of lr's shape"):
+        back_project(hr, lr, hr_means=F.avg_pool2d(hr, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("lr_size", "size", "kwargs", "pooled_in_op"),
+    [
+        ((7, 5), (112, 80), {}, True),  # 16x: the last stage's op takes the cell means
+        ((6, 9), (24, 18), {"n_stages": 2}, True),  # 4x and 2x: one stage is 1x along the columns
+        ((7, 5), (109, 83), {}, False),  # cells do not tile the output: pooled afterwards
+        ((7, 5), (112, 80), {"feat_dim": 4}, False),  # a projection follows the last stage
+    ],
+)
+def test_jbu_back_projection_with_the_means_of_the_last_stages_op(
+    monkeypatch, dtype, lr_size, size, kwargs, pooled_in_op
+):
+    if not jbu_module.has_adaptive_conv_phases_pooled("cpu"):
+        pytest.skip("this featup-kernels build predates adaptive_conv_phases_pooled")
+    up = randomize_jbu(JBUStack(**kwargs), seed=2, gate=0.8).to(dtype)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, *lr_size, generator=g, dtype=dtype)
+    image = torch.rand(2, 3, *size, generator=g, dtype=dtype)
+    calls = []
+    op = jbu_module.adaptive_conv_phases_pooled
+    monkeypatch.setattr(jbu_module, "adaptive_conv_phases_pooled", lambda *a: calls.append(1) or op(*a))
+    with torch.no_grad():
+        out = up(x, image)
+        assert len(calls) == int(pooled_in_op)
+        monkeypatch.setattr(jbu_module, "has_adaptive_conv_phases_pooled", lambda device="cpu": False)
+        without_op = up(x, image)
+        up.fused = False
+        plain = up(x, image)
+    scale = float(plain.abs().max())
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, without_op, atol=1e-10, rtol=0)
+        torch.testing.assert_close(out, plain, atol=1e-10, rtol=0)
+    else:  # only the order of the cell sums differs (the fused path against the plain one: test_jbu*.py)
+        torch.testing.assert_close(out, without_op, atol=1e-6 * scale, rtol=0)
+    assert _pooled_error(out, x) < (1e-10 if dtype == torch.float64 else 1e-5 * scale)
+
+
+def test_jbu_back_projection_takes_no_op_means_when_a_gradient_is_needed(monkeypatch):
+    calls = []
+    op = jbu_module.adaptive_conv_phases_pooled
+    monkeypatch.setattr(jbu_module, "adaptive_conv_phases_pooled", lambda *a: calls.append(1) or op(*a))
+    up = randomize_jbu(JBUStack(n_stages=2, key_dim=4), seed=3, gate=0.6).double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, 5, 4, generator=g, dtype=torch.float64)
+    image = torch.rand(1, 3, 20, 16, generator=g, dtype=torch.float64)
+    assert_fused_gradients_equal_plain(up, x, image)
+    assert not calls  # the op has no backward: the features' means are pooled by differentiable ops
 
 
 def test_jbu_consistency_is_differentiable_in_training():

@@ -9,6 +9,10 @@ TORCH_LIBRARY(featup, m) {
   // CPU only (the JBU's 2x stages; other devices run one adaptive_conv per phase): see cpu/adaptive_conv_cpu.cpp
   m.def("adaptive_conv_phases(Tensor input, Tensor filters, int[] out_padding) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // CPU only, no autograd: adaptive_conv_phases plus each inner output row's sums over runs of cell_w columns
+  // (the JBU's back-projection pools the last stage's output without another pass over it)
+  m.def("adaptive_conv_phases_pooled(Tensor input, Tensor filters, int[] out_padding, int cell_w) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
   // CPU only: adaptive_conv_backward's filter gradient without its input gradient (the JBU's neighbourhood
   // inner products; other devices take it from adaptive_conv_backward)
   m.def("adaptive_conv_filter_grad(Tensor grad_out, Tensor input) -> Tensor", {at::Tag::pt2_compliant_tag});

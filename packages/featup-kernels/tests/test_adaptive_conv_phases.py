@@ -1,5 +1,6 @@
-"""featup.kernels.adaptive_conv_phases (the output phases of a resampling in one pass) and
-adaptive_conv_filter_grad (the filter gradient alone).
+"""featup.kernels.adaptive_conv_phases (the output phases of a resampling in one pass),
+adaptive_conv_phases_pooled (the same plus the output rows' cell sums) and adaptive_conv_filter_grad (the
+filter gradient alone).
 
 Checked against its definition (one ``adaptive_conv`` per phase, interleaved into a zero-margined output),
 bit for bit, on both CPU kernel builds; its gradients (twice) and argument checks.
@@ -14,8 +15,10 @@ from featup.kernels import (
     adaptive_conv,
     adaptive_conv_filter_grad,
     adaptive_conv_phases,
+    adaptive_conv_phases_pooled,
     adaptive_conv_phases_reference,
     has_adaptive_conv_phases,
+    has_adaptive_conv_phases_pooled,
 )
 
 # (B, C, H, W, K, Py, Px, out_padding [left, right, top, bottom])
@@ -98,6 +101,59 @@ def test_bad_arguments_say_what_was_expected():
         adaptive_conv_phases(x[..., 1:, :], f)
     with pytest.raises(ValueError, match="dtype mismatch"):
         adaptive_conv_phases(x, f.double())
+
+
+# adaptive_conv_phases_pooled: the output and its rows' sums over runs of cell_w columns
+
+
+def _row_cell_sums(out, pad, py, h, px, w, cell_w):
+    left, _, top, _ = pad
+    inner = out[..., top : top + py * h, left : left + px * w]
+    return inner.unflatten(-1, (px * w // cell_w, cell_w)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("case", "cell_w"), [(CASES[0], 7), (CASES[1], 5), (CASES[3], 3), (CASES[4], 11)])
+def test_pooled_output_is_the_phases_output_and_its_cell_sums(cpu_isa, case, cell_w, dtype):
+    assert has_adaptive_conv_phases_pooled("cpu") and not has_adaptive_conv_phases_pooled("meta")
+    x, f = _inputs(case, dtype)
+    pad = case[-1]
+    py, px, h, w = f.shape[1:5]
+    out, sums = torch.ops.featup.adaptive_conv_phases_pooled(x, f, pad, cell_w)
+    assert torch.equal(out, adaptive_conv_phases_reference(x, f, pad))  # the same op: bit for bit
+    ref = _row_cell_sums(out.double(), pad, py, h, px, w, cell_w)
+    assert sums.dtype == dtype and sums.shape == ref.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(sums.double(), ref, rtol=0, atol=tol * max(1.0, float(ref.abs().max())))
+
+
+def test_pooled_falls_back_without_the_compiled_op(monkeypatch):
+    import featup.kernels as kernels
+
+    x, f = _inputs(CASES[1], torch.float64)
+    pad = CASES[1][-1]
+    out, sums = adaptive_conv_phases_pooled(x, f, pad, 5)
+    monkeypatch.setattr(kernels, "has_adaptive_conv_phases_pooled", lambda device="cpu": False)
+    out_ref, sums_ref = kernels.adaptive_conv_phases_pooled(x, f, pad, 5)
+    assert torch.equal(out, out_ref)
+    torch.testing.assert_close(sums, sums_ref, rtol=0, atol=1e-12)
+
+
+def test_pooled_reduced_precision_opcheck_and_errors():
+    x, f = _inputs(CASES[1], torch.float32)
+    pad = CASES[1][-1]
+    out, sums = torch.ops.featup.adaptive_conv_phases_pooled(x.bfloat16(), f.bfloat16(), pad, 10)
+    assert out.dtype == sums.dtype == torch.bfloat16
+    ref = adaptive_conv_phases_reference(x.bfloat16().float(), f.bfloat16().float(), pad)
+    torch.testing.assert_close(sums.float(), _row_cell_sums(ref, pad, 2, 9, 2, 5, 10), rtol=2e-2, atol=5e-2)
+    x64, f64 = _inputs(CASES[0], torch.float64)
+    torch.library.opcheck(torch.ops.featup.adaptive_conv_phases_pooled.default, (x64, f64, [1, 0, 2, 1], 2))
+    with pytest.raises(ValueError, match="cell_w"):
+        adaptive_conv_phases_pooled(x, f, pad, 3)  # 10 output columns
+    with pytest.raises(ValueError, match="cell_w"):
+        torch.ops.featup.adaptive_conv_phases_pooled(x, f, pad, 0)
+    with pytest.raises(ValueError, match="out_padding"):
+        adaptive_conv_phases_pooled(x, f, [0, 0, -1, 0], 5)
 
 
 # adaptive_conv_filter_grad: the filter gradient alone

@@ -151,6 +151,19 @@ void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvSha
   });
 }
 
+// The sum of x[0, n) with 8 independent partial sums (vectorisable without reassociating: each lane is one
+// partial sum), added in a fixed order: the same value for any thread count.
+template <typename T>
+T run_sum(const T* x, index_t n) {
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += x[i + l];
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += x[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // The output phases of a resampling stage in one pass: out[b, c, top + h * Py + p, left + w * Px + q] =
 // conv(in[b], tile(filters[b, p, q]))[c, h, w]; the margins (top, bottom, left, right) of `out` are zeroed.
 //
@@ -162,9 +175,14 @@ void run_forward(const T* in, const T* filters, T* out, int64_t B, const ConvSha
 // Each row's left and right margins are zeroed as it is written (top and bottom rows by the caller).
 // Every output element is computed by one conv_rows call in run_forward's tap order, so the result equals
 // the separate convolutions bit for bit, for any thread count.
+//
+// With `sums` (cell_w > 0 dividing Px * W), each output row's sums over consecutive runs of cell_w columns of its
+// inner region are also written, while the row is in cache: sums[b, c, y, x] (B, C, Py * H, Px * W / cell_w),
+// y the inner row (the JBU's back-projection pools the last stage's output; this saves it a pass over it).
 template <typename T>
 void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s, index_t Py,
-                        index_t Px, index_t top, index_t left, index_t out_rows, index_t out_cols) {
+                        index_t Px, index_t top, index_t left, index_t out_rows, index_t out_cols, T* sums = nullptr,
+                        index_t cell_w = 0) {
   const Kernels<T> k = kernels<T>();
   const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K, P = Py * Px;
   const index_t in_cols = s.cols + s.K - 1;
@@ -226,6 +244,11 @@ void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const 
                   for (index_t w = 0; w < s.cols; ++w) {
                     for (index_t q = 0; q < Px; ++q) dst[w * Px + q] = src[q * scratch_phase + w];
                   }
+                }
+                if (sums != nullptr) {
+                  const index_t cells = Px * s.cols / cell_w;
+                  T* row_sums = sums + ((b * s.channels + c + cc) * Py * s.rows + (h0 + r) * Py + p) * cells;
+                  for (index_t x = 0; x < cells; ++x) row_sums[x] = run_sum(dst + x * cell_w, cell_w);
                 }
               }
             }
@@ -400,6 +423,31 @@ at::Tensor adaptive_conv_phases_cpu(const at::Tensor& input, const at::Tensor& f
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> adaptive_conv_phases_pooled_cpu(const at::Tensor& input, const at::Tensor& filters,
+                                                                   at::IntArrayRef out_padding, int64_t cell_w) {
+  const AdaptiveConvPhaseSizes z = check_adaptive_conv_phases(input, filters, out_padding);
+  TORCH_CHECK_VALUE(cell_w > 0 && (z.Px * z.W) % cell_w == 0, "adaptive_conv_phases_pooled: expected cell_w > 0 "
+                    "dividing the output width ", z.Px * z.W, ", got ", cell_w);
+  if (is_reduced_float(input)) {
+    auto [out, sums] =
+        adaptive_conv_phases_pooled_cpu(input.to(at::kFloat), filters.to(at::kFloat), out_padding, cell_w);
+    return {out.to(input.scalar_type()), sums.to(input.scalar_type())};
+  }
+  const at::Tensor x = input.contiguous(), f = filters.contiguous();
+  const int64_t rows = z.top + z.Py * z.H + z.bottom, cols = z.left + z.Px * z.W + z.right;
+  at::Tensor out = at::empty({z.B, z.C, rows, cols}, x.options());
+  at::Tensor sums = at::empty({z.B, z.C, z.Py * z.H, z.Px * z.W / cell_w}, x.options());
+  if (z.top) out.narrow(2, 0, z.top).zero_();
+  if (z.bottom) out.narrow(2, rows - z.bottom, z.bottom).zero_();
+  const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_phases_pooled_cpu", [&] {
+    run_forward_phases<scalar_t>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), z.B, s, z.Py, z.Px, z.top, z.left, rows, cols,
+                                 sums.mutable_data_ptr<scalar_t>(), cell_w);
+  });
+  return {out, sums};
+}
+
 // ---- featup::jbu_stage_kernel: a JBU stage's per-pixel kernels in one pass (jbu_kernel_math.h) ----------------
 
 template <typename T>
@@ -545,6 +593,7 @@ TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("adaptive_conv", &adaptive_conv_cpu);
   m.impl("adaptive_conv_backward", &adaptive_conv_backward_cpu);
   m.impl("adaptive_conv_phases", &adaptive_conv_phases_cpu);
+  m.impl("adaptive_conv_phases_pooled", &adaptive_conv_phases_pooled_cpu);
   m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
   m.impl("jbu_stage_kernel", &jbu_stage_kernel_cpu);
 }

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin
-from featup.core.consistency import back_project
+from featup.core.consistency import back_project, block_mean
 from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
@@ -43,6 +43,15 @@ except ImportError:  # pragma: no cover - depends on the installed kernels build
         return False
 
     adaptive_conv_phases = adaptive_conv_filter_grad = None  # type: ignore[assignment]
+
+try:  # featup-kernels builds before this op: the back-projection pools the output afterwards
+    from featup.kernels import adaptive_conv_phases_pooled, has_adaptive_conv_phases_pooled
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_adaptive_conv_phases_pooled(device: Any = "cpu") -> bool:
+        return False
+
+    adaptive_conv_phases_pooled = None  # type: ignore[assignment]
 
 try:  # featup-kernels builds before this op: the stage kernels are computed with torch ops
     from featup.kernels import has_jbu_stage_kernel, jbu_stage_kernel
@@ -539,7 +548,8 @@ def apply_kernel_fused(
     pad_mode: str = "reflect",
     source_padding: Sequence[int] | None = None,
     out_padding: Sequence[int] | None = None,
-) -> torch.Tensor:
+    cell_means: Sequence[int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`apply_kernel` without materialising the resized, padded source (same result to rounding).
 
     Resize, padding and the per-pixel kernel are all linear, so each output pixel is a ``W x W`` kernel on
@@ -552,6 +562,9 @@ def apply_kernel_fused(
         source_padding: ``source`` already carries zero margins [l, r, t, b] around the (h, w) map (the
             previous stage wrote it so; saves a padded copy).
         out_padding: write the output into a buffer with zero margins [l, r, t, b] and return the buffer.
+        cell_means: (cell_h, cell_w): return ``(output, means)`` with ``means`` the output's means over
+            cell_h x cell_w cells (B, C, H / cell_h, W / cell_w), taken by the compiled op as it writes the
+            output (saves the back-projection a pass over it), or None where the op does not apply.
 
     Shape:
         - source: (B, C, h, w), or (B, C, t + h + b, l + w + r) with ``source_padding``
@@ -570,7 +583,8 @@ def apply_kernel_fused(
         geometry = _fused_geometry(h, w, big_h, big_w, radius, resize_mode, pad_mode, kernel.dtype)
     if geometry is None:
         out = apply_kernel(source, kernel, radius, resize_mode=resize_mode, pad_mode=pad_mode)
-        return F.pad(out, list(out_padding)) if out_padding is not None else out
+        out = F.pad(out, list(out_padding)) if out_padding is not None else out
+        return out if cell_means is None else (out, None)
     fy, fx, (ay, oy, iy, sy), (ax, ox, ix, sx), width, pad = geometry
     dev, plan_dtype = kernel.device, ay.dtype
     ay, iy = F.pad(ay, [0, width - ay.shape[-1]]).to(dev), F.pad(iy, [0, width - iy.shape[-1]]).to(dev)
@@ -586,8 +600,15 @@ def apply_kernel_fused(
     del source
     if has_adaptive_conv_phases(src.device) and not torch.is_autocast_enabled(src.device.type):
         # every phase's composite filters in one tensor, the phases written by one pass of the op
-        filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width)
-        return adaptive_conv_phases(src, filters.to(src.dtype), list(out_padding or (0, 0, 0, 0)))
+        filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width).to(src.dtype)
+        if cell_means is not None and _pools_in_op(src, filters, big_h, big_w, cell_means, out_padding):
+            # the output's cell means from the row sums the op takes as it writes each row
+            cell_h, cell_w = cell_means
+            out, sums = adaptive_conv_phases_pooled(src, filters, [0, 0, 0, 0], cell_w)
+            means = sums.unflatten(-2, (big_h // cell_h, cell_h)).sum(-2).div_(cell_h * cell_w)
+            return out, means
+        out = adaptive_conv_phases(src, filters, list(out_padding or (0, 0, 0, 0)))
+        return out if cell_means is None else (out, None)
     out: torch.Tensor | None = None
     result: torch.Tensor | None = None
     for p in range(fy):
@@ -595,13 +616,33 @@ def apply_kernel_fused(
             filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width, (p, q))[:, 0, 0]
             res = adaptive_conv(src, filters.to(src.dtype))
             if fy == fx == 1 and out_padding is None:
-                return res
+                return res if cell_means is None else (res, None)
             if out is None:  # the op's output dtype (the autocast dtype under autocast)
                 result, out = _output_buffer(res, big_h, big_w, out_padding)
                 out = out.view(b, channels, h, fy, w, fx)
             out[:, :, :, p, :, q] = res
     assert result is not None
-    return result
+    return result if cell_means is None else (result, None)
+
+
+def _pools_in_op(
+    src: torch.Tensor,
+    filters: torch.Tensor,
+    big_h: int,
+    big_w: int,
+    cell_means: Sequence[int],
+    out_padding: Sequence[int] | None,
+) -> bool:
+    """Whether the compiled op can also return the output's (cell_h, cell_w) cell sums: a build and device
+    that have it, cells tiling the output, no margins, no gradient needed (the op has no backward)."""
+    cell_h, cell_w = (int(v) for v in cell_means)
+    if out_padding is not None and any(out_padding):
+        return False
+    if cell_h < 1 or cell_w < 1 or big_h % cell_h or big_w % cell_w:
+        return False
+    if torch.is_grad_enabled() and (src.requires_grad or filters.requires_grad):
+        return False
+    return has_adaptive_conv_phases_pooled(src.device)
 
 
 def _phase_filters(
@@ -694,7 +735,13 @@ def _pooled_guidances(
                 if h % size[0] == 0 and w % size[1] == 0:
                     source = pooled
                     break
-        out[size] = pool_guidance(source, size)
+        sh, sw = source.shape[-2:]
+        if size == (sh, sw):
+            out[size] = source
+        elif size[0] <= sh and size[1] <= sw and sh % size[0] == 0 and sw % size[1] == 0:
+            out[size] = block_mean(source, sh // size[0], sw // size[1])  # adaptive pooling's means, faster
+        else:
+            out[size] = pool_guidance(source, size)
         if full[0] % size[0] == 0 and full[1] % size[1] == 0:  # block means of the full map: a valid source
             done.append((size, out[size]))
     return out
@@ -1002,9 +1049,11 @@ class JBUStage(nn.Module):
         fused: bool = True,
         source_padding: Sequence[int] | None = None,
         out_padding: Sequence[int] | None = None,
-    ) -> torch.Tensor:
+        cell_means: Sequence[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Apply this stage; ``fused=False`` runs the plain path (:meth:`kernel_plain`, :func:`apply_kernel`).
         ``image``: the RGB image at the guidance's size (needed with ``base_kernel="classic"``).
+        ``cell_means``: return ``(output, its cell means or None)`` (see :func:`apply_kernel_fused`).
 
         The kernels are computed in the parameters' precision even under autocast (the squared distances
         cancel, and their rounding error is multiplied by the range temperature); only the adaptive
@@ -1016,9 +1065,10 @@ class JBUStage(nn.Module):
                 image = _to_param_precision(image, self.range_temp)
             kernel = self.kernel(guidance, image) if fused else self.kernel_plain(guidance, image)
         if not fused:
-            return apply_kernel(
+            out = apply_kernel(
                 source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
             )
+            return out if cell_means is None else (out, None)
         return apply_kernel_fused(
             source,
             kernel,
@@ -1027,6 +1077,7 @@ class JBUStage(nn.Module):
             pad_mode=self.pad_mode,
             source_padding=source_padding,
             out_padding=out_padding,
+            cell_means=cell_means,
         )
 
     def extra_repr(self) -> str:
@@ -1287,13 +1338,20 @@ class JBUStack(Upsampler, CheckpointMixin):
         sizes = stage_sizes(lr_feats.shape[-2:], size)
         rgb = image.to(guidance.dtype) if self.base_kernel == "classic" else None
         padding = None  # zero margins around x, written by the previous fused stage for this one
+        (lr_h, lr_w), hr_means = lr_feats.shape[-2:], None
+        back_projects = self.consistency and size[0] >= lr_h and size[1] >= lr_w
+        pool_cells = None
+        if back_projects and self.fixup_proj is None and size[0] % lr_h == 0 and size[1] % lr_w == 0:
+            pool_cells = (size[0] // lr_h, size[1] // lr_w)
         pooled = _pooled_guidances(guidance, sizes) if self.fused else {}
+        pooled_rgb = _pooled_guidances(rgb, sizes) if self.fused and rgb is not None else {}
         for k, stage_size in enumerate(sizes):
             stage = stages[min(k, len(stages) - 1)]
-            stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
             if not self.fused:
+                stage_rgb = None if rgb is None else pool_guidance(rgb, stage_size)
                 x = stage(x, pool_guidance(guidance, stage_size), image=stage_rgb, fused=False)
                 continue
+            stage_rgb = pooled_rgb.get(tuple(stage_size))
             next_padding = None
             if k + 1 < len(sizes):
                 following = stages[min(k + 1, len(stages) - 1)]
@@ -1302,20 +1360,25 @@ class JBUStack(Upsampler, CheckpointMixin):
                     following.pad_mode, guidance.dtype,
                 )  # fmt: skip
                 next_padding = None if geometry is None else geometry[-1]
+            # the last stage also returns the cell means the back-projection needs, where the op can
+            cells = pool_cells if k + 1 == len(sizes) else None
             x = stage(
                 x,
                 pooled[tuple(stage_size)],
                 image=stage_rgb,
                 source_padding=padding,
                 out_padding=next_padding,
+                cell_means=cells,
             )
+            if cells is not None:
+                x, hr_means = x
             padding = next_padding
         if self.fixup_proj is not None:
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
-        if self.consistency and size[0] >= lr_feats.shape[-2] and size[1] >= lr_feats.shape[-1]:
+        if back_projects:
             inplace = not (torch.is_grad_enabled() and x.requires_grad)
-            x = back_project(x, lr_feats, inplace=inplace)
+            x = back_project(x, lr_feats, inplace=inplace, hr_means=hr_means)
         return x
 
     @classmethod

@@ -104,6 +104,46 @@ def adaptive_conv_phases(
     return adaptive_conv_phases_reference(input, filters, pad)
 
 
+def has_adaptive_conv_phases_pooled(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`adaptive_conv_phases_pooled` runs compiled on ``device`` (this build has it, and the
+    device is the CPU; elsewhere it pools the output of :func:`adaptive_conv_phases` afterwards)."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.featup, "adaptive_conv_phases_pooled")
+
+
+def adaptive_conv_phases_pooled(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: Sequence[int], cell_w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adaptive_conv_phases` and, for every row of its inner (unpadded) region, the sums over
+    consecutive runs of ``cell_w`` columns, computed as each row is written (no second pass over the output:
+    the JBU's back-projection pools its last stage's output onto the low-res grid).
+
+    ``sums[b, c, y, x] = out[b, c, top + y, left + x * cell_w : left + (x + 1) * cell_w].sum()``. Not
+    differentiable (the JBU's inference path). Compiled on the CPU; elsewhere (or with a build that predates
+    it) the sums are taken from the output afterwards (same values to float rounding).
+
+    Raises:
+        ValueError: the checks of :func:`adaptive_conv_phases`, or ``cell_w`` not dividing ``Px * W``.
+
+    Shape:
+        - input: (B, C, H + K - 1, W + K - 1)
+        - filters: (B, Py, Px, H, W, K, K)
+        - output: (B, C, top + Py * H + bottom, left + Px * W + right) and (B, C, Py * H, Px * W / cell_w)
+    """
+    pad = [int(v) for v in out_padding]
+    _, _, h, w, _, py, px = check_adaptive_conv_phases(input, filters, pad)
+    cell_w = int(cell_w)
+    if cell_w < 1 or (px * w) % cell_w:
+        raise ValueError(
+            f"adaptive_conv_phases_pooled: expected cell_w > 0 dividing the output width {px * w}, got {cell_w}"
+        )
+    if has_adaptive_conv_phases_pooled(input.device) and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.featup.adaptive_conv_phases_pooled(input, filters, pad, cell_w)
+    out = adaptive_conv_phases(input, filters, pad)
+    left, _, top, _ = pad
+    inner = out[..., top : top + py * h, left : left + px * w]
+    return out, inner.unflatten(-1, (px * w // cell_w, cell_w)).sum(-1)
+
+
 def adaptive_conv_filter_grad(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """The filter gradient of :func:`adaptive_conv` alone (its input gradient is not computed).
 

@@ -42,6 +42,15 @@ def _adaptive_conv_phases_fake(
     return input.new_empty((b, c, top + py * h + bottom, left + px * w + right))
 
 
+def _adaptive_conv_phases_pooled_fake(
+    input: torch.Tensor, filters: torch.Tensor, out_padding: list[int], cell_w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c, h, w, _, py, px = check_adaptive_conv_phases(input, filters, out_padding)
+    left, right, top, bottom = out_padding
+    out = input.new_empty((b, c, top + py * h + bottom, left + px * w + right))
+    return out, input.new_empty((b, c, py * h, px * w // cell_w))
+
+
 def _filter_grad_fake(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     k = input.shape[2] - grad_out.shape[2] + 1
     return input.new_empty((grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], k, k))
@@ -165,6 +174,8 @@ def register() -> None:
         torch.library.register_autograd(
             "featup::adaptive_conv_phases", _phases_grad, setup_context=_phases_setup
         )
+    if hasattr(torch.ops.featup, "adaptive_conv_phases_pooled"):  # inference only: no autograd formula
+        torch.library.register_fake("featup::adaptive_conv_phases_pooled", _adaptive_conv_phases_pooled_fake)
     if hasattr(torch.ops.featup, "jbu_stage_kernel"):  # inference only: no autograd formula
         torch.library.register_fake("featup::jbu_stage_kernel", _jbu_stage_kernel_fake)
     _registered = True
