@@ -172,3 +172,9 @@ def test_bench_real_quick_cli(tmp_path, capsys):
 def test_bench_real_options_need_real(tmp_path, capsys):
     assert main(["bench", "--methods", "nearest", "--json", str(tmp_path / "x.json")]) == 2
     assert "--methods needs --real" in capsys.readouterr().err
+
+
+def test_the_implicit_row_uses_fit_implicits_default_steps():
+    from featup.core.implicit_fit import ImplicitFitConfig
+
+    assert RealBenchConfig().implicit_steps == ImplicitFitConfig().steps

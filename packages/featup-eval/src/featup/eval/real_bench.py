@@ -263,7 +263,7 @@ def training_windows(names: Sequence[str], size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- config
 @dataclass
 class RealBenchConfig:
-    """Settings of ``featup bench --real`` (defaults sized for a few tens of minutes on 2 CPU cores).
+    """Settings of ``featup bench --real`` (defaults: about an hour on 2 CPU cores, most of it the implicit fits).
 
     Attributes:
         window: evaluation window side in pixels (a multiple of 32).
@@ -273,7 +273,8 @@ class RealBenchConfig:
         train_size: side of the training windows.
         train_steps: ``train_jbu`` steps of every trained method.
         batch_size: training windows per step.
-        implicit_steps: ``fit_implicit`` steps per window and layer (0 skips the implicit row).
+        implicit_steps: ``fit_implicit`` steps per window and layer (0 skips the implicit row); default
+            ``fit_implicit``'s own, so the row is the implicit upsampler as a user gets it.
         implicit_jitters: jittered views per implicit step.
         confidence: least top-1 softmax confidence of a window used for CAM faithfulness.
         methods: names from :data:`REAL_METHODS`.
@@ -289,7 +290,7 @@ class RealBenchConfig:
     train_size: int = 160
     train_steps: int = 100
     batch_size: int = 2
-    implicit_steps: int = 100
+    implicit_steps: int = 300
     implicit_jitters: int = 4
     confidence: float = 0.4
     methods: tuple[str, ...] = tuple(REAL_METHODS)
