@@ -45,6 +45,7 @@ from featup.core.downsamplers import (
 )
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.jitter import JitterParams, apply_jitter
+from featup.core.losses import tv_loss
 from featup.core.pca import PCA
 from featup.core.precision import check_training_precision, full_precision, mixed_precision, to_float32
 
@@ -558,6 +559,11 @@ def _magnitude(x: torch.Tensor) -> torch.Tensor:
     return _ChannelNorm.apply(x)
 
 
+def _plain_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_magnitude` with torch's own backward (the plain path's)."""
+    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
 def _tv(hr: torch.Tensor) -> torch.Tensor:
     """:func:`featup.core.losses.tv_loss` (eq. 8) on :func:`_magnitude` (its cheaper backward). Scalar."""
     mag = _magnitude(hr)[:, 0]
@@ -884,9 +890,11 @@ def _objective(
     device = image.device
     out_size = (int(targets.shape[-2]), int(targets.shape[-1]))
     k = int(targets.shape[1])
+    # the fast path's one-pass backwards; the plain path keeps the plain ops (bitwise its reference)
+    magnitude, tv_of = (_magnitude, _tv) if cfg.fused else (_plain_magnitude, tv_loss)
     with mixed_precision(precision, device):
         hr = imp.forward_compressed(image)
-        extra = _magnitude(hr) if cfg.mag_weight > 0 else None
+        extra = magnitude(hr) if cfg.mag_weight > 0 else None
         pooled = pool_views(down, hr, extra, jitters, out_size, fused=cfg.fused)
         log_scale = head(targets) if head is not None else None
     # under mixed precision the loss is still computed in float32
@@ -894,8 +902,8 @@ def _objective(
         hr, pooled = to_float32(hr), to_float32(pooled)
         zero = hr.new_zeros(())
         rec = mv.view_loss(pooled[:, :k], targets, log_scale)
-        tv = _tv(hr) if cfg.tv_weight > 0 else zero
-        mag = (pooled[:, k:] - _magnitude(targets)).square().mean() if cfg.mag_weight > 0 else zero
+        tv = tv_of(hr) if cfg.tv_weight > 0 else zero
+        mag = (pooled[:, k:] - magnitude(targets)).square().mean() if cfg.mag_weight > 0 else zero
         pin = (_gaussian_blur(hr) - hr).square().mean() if cfg.blur_pin > 0 else zero
         loss = rec + cfg.tv_weight * tv + cfg.mag_weight * mag + cfg.blur_pin * pin
     return {"loss": loss, "rec_loss": rec, "tv_loss": tv, "mag_loss": mag, "blur_pin_loss": pin}
