@@ -114,12 +114,13 @@ def test_cam_faithfulness_rewards_a_cam_on_the_evidence():
 
 def test_measure_call_reports_time_and_peak():
     def work():
-        x = torch.ones(25_000_000)  # 100 MB, touched
-        return float(x.sum())
+        return torch.ones(25_000_000)  # 100 MB, touched, alive at return (as an upsampler's output)
 
     out, seconds, peak = measure_call(work)
-    assert out == 25_000_000.0 and seconds > 0
+    assert float(out.sum()) == 25_000_000.0 and seconds > 0
     if peak is not None:  # Linux with /proc/self/clear_refs
+        # a temporary freed inside the call counts only where the kernel updates the mark on its release (in
+        # one full CI run a freed 100 MB temporary read as 0); the live output always counts
         assert peak > 80
 
 
