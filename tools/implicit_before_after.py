@@ -51,6 +51,7 @@ def syn(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         t0, outs = time.perf_counter(), []
         for i in range(len(evals)):
+            # spelled out, not a BenchConfig helper: --code before imports an older featup.eval
             kw = dict(
                 steps=cfg.implicit_steps,
                 n_jitters=cfg.implicit_jitters,

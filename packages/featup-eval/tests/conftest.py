@@ -1,9 +1,14 @@
-"""Fixtures shared by the evaluation tests."""
+"""Fixtures shared by the evaluation tests; makes ``eval_tools`` importable under ``--import-mode=importlib``."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from eval_tools import load_tool
 from PIL import Image
-
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "bench_curves.py"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("bench_curves", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_curves")
 
 
 def test_step_grid(tool):

@@ -3,22 +3,15 @@ run takes minutes)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "cam_windows.py"
+from eval_tools import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("cam_windows", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("cam_windows")
 
 
 def test_windows_are_real_distinct_crops_and_mirrors(tool):

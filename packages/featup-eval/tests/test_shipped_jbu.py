@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from eval_tools import load_tool
 from PIL import Image
 
 from featup.core import JBUStack
@@ -21,8 +20,6 @@ from featup.eval.pretrained import (
     load_shipped_jbu,
     shipped_jbu_path,
 )
-
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "train_shipped_jbu.py"
 
 
 def test_shipped_jbu_is_small_encoder_agnostic_and_documented():
@@ -78,9 +75,7 @@ def test_upsample_cli_with_pretrained_efficientnet(tmp_path, capsys):
 
 
 def test_training_script_at_tiny_scale(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_shipped_jbu", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("train_shipped_jbu")
     out = tmp_path / "jbu"
     assert tool.main(["--steps", "1", "--size", "48", "--out", str(out), "--no-progress"]) == 0
     jbu = JBUStack.load(out.with_suffix(".safetensors"))
