@@ -194,8 +194,9 @@ def measure_call(fn: Callable[[], Any]) -> tuple[Any, float, float | None]:
 
     The peak is the kernel's high-water mark (``VmHWM``) after resetting it to the current RSS
     (``/proc/self/clear_refs``, Linux), minus the RSS before the call; ``None`` where that is unavailable.
-    The result of ``fn`` is alive when the mark is read, so it always counts; temporaries freed inside the
-    call count where the kernel updates the mark on their release (``munmap``).
+    It counts pages the call made resident: memory the allocator serves from freed blocks that are still
+    resident does not count, and temporaries freed inside the call count where the kernel updates the mark
+    on their release (``munmap``).
     """
     try:
         Path("/proc/self/clear_refs").write_text("5")
