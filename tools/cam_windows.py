@@ -65,15 +65,15 @@ def windows(
     return labels, torch.cat(out)
 
 
-def upsampler(name: str, back_projection: bool = True) -> nn.Module:
-    """The method ``name`` in eval mode; with ``back_projection=False`` the same method without its final
-    back-projection step."""
-    from featup.core import create_upsampler
+def upsampler(name: str, back_projection: bool = True, checkpoint: Path | None = None) -> nn.Module:
+    """The method ``name`` in eval mode (a saved ``JBUStack`` if ``checkpoint`` is given); with
+    ``back_projection=False`` the same method without its final back-projection step."""
+    from featup.core import JBUStack, create_upsampler
     from featup.eval.pretrained import load_shipped_jbu
 
-    if name == "jbu_shipped":
-        up = load_shipped_jbu()
-        up.consistency = back_projection
+    if checkpoint is not None or name == "jbu_shipped":
+        up = load_shipped_jbu() if checkpoint is None else JBUStack.load(checkpoint)
+        up.consistency = up.consistency and back_projection
         return up.eval()
     if not back_projection and name in BACK_PROJECTED:
         return create_upsampler(BACK_PROJECTED[name]).eval()
@@ -164,6 +164,22 @@ def parse_floats(text: str, what: str, p: argparse.ArgumentParser) -> list[float
     return values
 
 
+def parse_checkpoints(items: Sequence[str], p: argparse.ArgumentParser) -> dict[str, Path]:
+    """``["label=path", ...]`` -> ``{label: path}``; each path must name an existing checkpoint."""
+    out: dict[str, Path] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            p.error(f"expected --checkpoint as LABEL=PATH, got {item!r}")
+        if label in METHODS or label in out:
+            p.error(f"expected a new label for --checkpoint, got {label!r} twice or a method's name")
+        weights = Path(path).with_suffix(".safetensors")
+        if not weights.is_file():
+            p.error(f"expected --checkpoint {label}'s weights at {weights}, found no file")
+        out[label] = Path(path)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
@@ -173,8 +189,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--confidence", type=float, default=0.4)
     p.add_argument("--blend", default=None, help="back-projection strengths a in [0, 1] (comma-separated)")
     p.add_argument("--held-out", action="store_true", help="also the bench's held-out views measure")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also a saved JBUStack (JBUStack.save's path), reported as LABEL; repeatable",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    checkpoints = parse_checkpoints(args.checkpoint, p)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
@@ -211,12 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     held_out = HeldOut(names) if args.held_out else None
     runs: list[tuple[str, str, float | None, Callable]] = []
-    for name in methods:
-        up = upsampler(name)
+    for name in [*methods, *checkpoints]:
+        up = upsampler(name, checkpoint=checkpoints.get(name))
         runs.append((name, name, None, up))
-        if alphas and name in BACK_PROJECTED:
-            pre = upsampler(name, back_projection=False)
-            runs.extend((f"{name} a={a:g}", name, a, blended(pre, a)) for a in alphas if a != 1.0)
+        if alphas and (name in BACK_PROJECTED or name in checkpoints):
+            pre = upsampler(name, back_projection=False, checkpoint=checkpoints.get(name))
+            done = {1.0} if getattr(up, "consistency", True) else {0.0}  # the method's own row
+            runs.extend((f"{name} a={a:g}", name, a, blended(pre, a)) for a in alphas if a not in done)
     if "bilinear" not in methods:
         runs.append(("bilinear", "bilinear", None, upsampler("bilinear")))
     runs.sort(key=lambda run: run[0] != "bilinear")  # the reference of the paired differences comes first

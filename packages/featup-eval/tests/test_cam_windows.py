@@ -75,6 +75,26 @@ def test_shipped_jbu_without_back_projection_is_its_pre_step_output(tool):
     assert on.consistency and not off.consistency
 
 
+def test_a_saved_jbu_loads_as_saved_and_without_its_back_projection(tool, tmp_path):
+    from featup.core import JBUStack
+
+    torch.manual_seed(0)
+    saved = JBUStack(consistency=False)
+    with torch.no_grad():  # not a fresh stack: the loaded weights must be the saved ones
+        for w in saved.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    path = saved.save(tmp_path / "jbu")
+    p = tool.argparse.ArgumentParser()
+    checkpoints = tool.parse_checkpoints([f"mine={path.with_suffix('')}"], p)
+    assert checkpoints == {"mine": path.with_suffix("")}
+    up = tool.upsampler("mine", checkpoint=checkpoints["mine"])
+    off = tool.upsampler("mine", back_projection=False, checkpoint=checkpoints["mine"])
+    assert not up.consistency and not off.consistency and not up.training
+    x, image = torch.randn(1, 4, 7, 7), torch.rand(1, 3, 56, 56)
+    with torch.inference_mode():
+        torch.testing.assert_close(up(x, image), saved.eval()(x, image))
+
+
 class _Head:
     """The CAM of a linear 'backbone head': class weights dotted with each cell (as EfficientNet's)."""
 
@@ -107,6 +127,9 @@ def test_linearity_check_passes_for_linear_methods_and_catches_a_nonlinear_one(t
         ["--blend", "0.5,2"],
         ["--blend", "half"],
         ["--photos", "test"],
+        ["--checkpoint", "no-equals-sign"],
+        ["--checkpoint", "bilinear=/tmp"],
+        ["--checkpoint", "x=/nonexistent/jbu"],
     ],
 )
 def test_bad_arguments_are_refused(tool, argv):
