@@ -167,6 +167,8 @@ def test_jbu_back_projection_with_the_means_of_the_last_stages_op(
 ):
     if not jbu_module.has_adaptive_conv_phases_pooled("cpu"):
         pytest.skip("this featup-kernels build predates adaptive_conv_phases_pooled")
+    # the pooled means are the path without the fused back-projection (test_jbu_lifted.py tests that one)
+    monkeypatch.setattr(jbu_module, "has_adaptive_conv_phases_lifted", lambda device="cpu": False)
     up = randomize_jbu(JBUStack(**kwargs), seed=2, gate=0.8).to(dtype)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 4, *lr_size, generator=g, dtype=dtype)

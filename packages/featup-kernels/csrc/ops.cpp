@@ -13,6 +13,16 @@ TORCH_LIBRARY(featup, m) {
   // (the JBU's back-projection pools the last stage's output without another pass over it)
   m.def("adaptive_conv_phases_pooled(Tensor input, Tensor filters, int[] out_padding, int cell_w) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // CPU only, no autograd: adaptive_conv_phases (no margins) plus a per-row correction added as each output row is
+  // written, out[b, c, y, :] += sum_t row_weights[y, t] * rows[b, c, row_start[y] + t, :] (the JBU's
+  // back-projection fused into its last stage: the output is written once)
+  m.def("adaptive_conv_phases_lifted(Tensor input, Tensor filters, Tensor rows, Tensor row_start, Tensor row_weights) "
+        "-> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // CPU only, no autograd: out[b, c, i, j] = sum_uv weights[b, i, j, u, v] * input[b, c, sy * i + u, sx * j + v]
+  // (the JBU's last-stage cell means from its input, before the output exists)
+  m.def("footprint_sums(Tensor input, Tensor weights, int stride_y, int stride_x) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // CPU only: adaptive_conv_backward's filter gradient without its input gradient (the JBU's neighbourhood
   // inner products; other devices take it from adaptive_conv_backward)
   m.def("adaptive_conv_filter_grad(Tensor grad_out, Tensor input) -> Tensor", {at::Tag::pt2_compliant_tag});

@@ -43,6 +43,8 @@ struct Kernels {
   void (*grad_input_tile)(const T*, const ConvShape&, index_t, index_t, T*, T*);
   void (*conv_rows)(const T*, index_t, const T*, T*, index_t, const ConvShape&, index_t, index_t);
   void (*grad_filters_row)(const T*, const T*, T*, const ConvShape&, index_t, T*);
+  void (*add_weighted_rows)(T*, index_t, const T*, index_t, const T*, index_t);
+  void (*footprint_accumulate)(const T*, index_t, const T*, index_t, index_t, index_t, T*);
   int tile_rows;
   int channel_block;
 };
@@ -51,12 +53,14 @@ template <typename T>
 Kernels<T> kernels() {
 #if FEATUP_HAVE_AVX2_FILE
   if (isa_state().load() == Isa::Avx2) {
-    return {AVX2::forward_tile, AVX2::grad_input_tile, AVX2::conv_rows, AVX2::grad_filters_row,
-            AVX2::max_tile_rows(), AVX2::channel_block()};
+    return {AVX2::forward_tile,      AVX2::grad_input_tile,     AVX2::conv_rows,
+            AVX2::grad_filters_row,  AVX2::add_weighted_rows,   AVX2::footprint_accumulate,
+            AVX2::max_tile_rows(),   AVX2::channel_block()};
   }
 #endif
-  return {DEFAULT::forward_tile, DEFAULT::grad_input_tile, DEFAULT::conv_rows, DEFAULT::grad_filters_row,
-          DEFAULT::max_tile_rows(), DEFAULT::channel_block()};
+  return {DEFAULT::forward_tile,     DEFAULT::grad_input_tile,   DEFAULT::conv_rows,
+          DEFAULT::grad_filters_row, DEFAULT::add_weighted_rows, DEFAULT::footprint_accumulate,
+          DEFAULT::max_tile_rows(),  DEFAULT::channel_block()};
 }
 
 // Runs `worker(next)` on up to get_num_threads() threads; `next()` hands out the tasks [0, total) one at a
@@ -164,6 +168,17 @@ T run_sum(const T* x, index_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// A correction added to every inner output row y of run_forward_phases as it is written (the JBU's
+// back-projection, fused into its last stage): out[b, c, y, :] += sum_t weights[y, t] * rows[b, c, start[y] + t, :],
+// rows (B, C, n, Px * W), weights (Py * H, taps), start (Py * H) with start[y] + taps <= n.
+template <typename T>
+struct RowLift {
+  const T* rows;
+  const int64_t* start;
+  const T* weights;
+  index_t taps, n;
+};
+
 // The output phases of a resampling stage in one pass: out[b, c, top + h * Py + p, left + w * Px + q] =
 // conv(in[b], tile(filters[b, p, q]))[c, h, w]; the margins (top, bottom, left, right) of `out` are zeroed.
 //
@@ -182,7 +197,7 @@ T run_sum(const T* x, index_t n) {
 template <typename T>
 void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const ConvShape& s, index_t Py,
                         index_t Px, index_t top, index_t left, index_t out_rows, index_t out_cols, T* sums = nullptr,
-                        index_t cell_w = 0) {
+                        index_t cell_w = 0, const RowLift<T>* lift = nullptr) {
   const Kernels<T> k = kernels<T>();
   const index_t R = k.tile_rows, CB = k.channel_block, KK = index_t(s.K) * s.K, P = Py * Px;
   const index_t in_cols = s.cols + s.K - 1;
@@ -244,6 +259,11 @@ void run_forward_phases(const T* in, const T* filters, T* out, int64_t B, const 
                   for (index_t w = 0; w < s.cols; ++w) {
                     for (index_t q = 0; q < Px; ++q) dst[w * Px + q] = src[q * scratch_phase + w];
                   }
+                }
+                if (lift != nullptr) {  // the row's correction, added while the row is in cache
+                  const index_t y = (h0 + r) * Py + p, inner = Px * s.cols;
+                  const T* base = lift->rows + ((b * s.channels + c + cc) * lift->n + lift->start[y]) * inner;
+                  k.add_weighted_rows(dst, inner, base, inner, lift->weights + y * lift->taps, lift->taps);
                 }
                 if (sums != nullptr) {
                   const index_t cells = Px * s.cols / cell_w;
@@ -448,6 +468,134 @@ std::tuple<at::Tensor, at::Tensor> adaptive_conv_phases_pooled_cpu(const at::Ten
   return {out, sums};
 }
 
+at::Tensor adaptive_conv_phases_lifted_cpu(const at::Tensor& input, const at::Tensor& filters, const at::Tensor& rows,
+                                           const at::Tensor& row_start, const at::Tensor& row_weights) {
+  const AdaptiveConvPhaseSizes z = check_adaptive_conv_phases(input, filters, std::vector<int64_t>{0, 0, 0, 0});
+  const int64_t out_h = z.Py * z.H, out_w = z.Px * z.W;
+  TORCH_CHECK_VALUE(rows.dim() == 4 && rows.size(0) == z.B && rows.size(1) == z.C && rows.size(2) > 0 &&
+                        rows.size(3) == out_w,
+                    "adaptive_conv_phases_lifted: expected rows (B, C, n, ", out_w, ") with B=", z.B, ", C=", z.C,
+                    ", got ", rows.sizes());
+  TORCH_CHECK_VALUE(row_weights.dim() == 2 && row_weights.size(0) == out_h && row_weights.size(1) > 0,
+                    "adaptive_conv_phases_lifted: expected row_weights (", out_h, ", taps), got ", row_weights.sizes());
+  TORCH_CHECK_VALUE(row_start.dim() == 1 && row_start.size(0) == out_h && row_start.scalar_type() == at::kLong,
+                    "adaptive_conv_phases_lifted: expected row_start (", out_h, ") int64, got ", row_start.sizes(),
+                    " ", row_start.scalar_type());
+  TORCH_CHECK_VALUE(rows.scalar_type() == input.scalar_type() && row_weights.scalar_type() == input.scalar_type(),
+                    "adaptive_conv_phases_lifted: expected rows and row_weights in the input's dtype ",
+                    input.scalar_type(), ", got ", rows.scalar_type(), " and ", row_weights.scalar_type());
+  TORCH_CHECK_VALUE(rows.device() == input.device() && row_start.device() == input.device() &&
+                        row_weights.device() == input.device(),
+                    "adaptive_conv_phases_lifted: expected every tensor on the input's device ", input.device());
+  const int64_t taps = row_weights.size(1), n = rows.size(2);
+  const at::Tensor start = row_start.contiguous();
+  const int64_t* sp = start.const_data_ptr<int64_t>();
+  for (int64_t y = 0; y < out_h; ++y) {
+    TORCH_CHECK_VALUE(sp[y] >= 0 && sp[y] + taps <= n, "adaptive_conv_phases_lifted: expected 0 <= row_start[y] and ",
+                      "row_start[y] + taps <= n = ", n, ", got row_start[", y, "] = ", sp[y], " with taps = ", taps);
+  }
+  if (is_reduced_float(input)) {
+    return adaptive_conv_phases_lifted_cpu(input.to(at::kFloat), filters.to(at::kFloat), rows.to(at::kFloat), start,
+                                           row_weights.to(at::kFloat))
+        .to(input.scalar_type());
+  }
+  const at::Tensor x = input.contiguous(), f = filters.contiguous(), rw = rows.contiguous();
+  const at::Tensor wt = row_weights.contiguous();
+  at::Tensor out = at::empty({z.B, z.C, out_h, out_w}, x.options());
+  const ConvShape s{z.C, z.H, z.W, static_cast<int>(z.K), tile_stride_for(z.W)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_conv_phases_lifted_cpu", [&] {
+    const RowLift<scalar_t> lift{rw.const_data_ptr<scalar_t>(), sp, wt.const_data_ptr<scalar_t>(), taps, n};
+    run_forward_phases<scalar_t>(x.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), z.B, s, z.Py, z.Px, 0, 0, out_h, out_w, nullptr, 0,
+                                 &lift);
+  });
+  return out;
+}
+
+// featup::footprint_sums: out[b, c, i, j] = sum_{u < Fy, v < Fx} weights[b, i, j, u, v] * input[b, c, sy * i + u,
+// sx * j + v]. Tasks of channel runs; per output the Fy rows of the footprint are accumulated lane-wise over v
+// (independent partial sums, vectorisable without reassociation), then added in a fixed order: the same value
+// for any thread count.
+//
+// The footprints of one row of cells overlap (Fx > sx): the footprint's columns are cut into nb = ceil(Fx / sx)
+// blocks of sx, and block k of every cell j is laid out as one input-row-long weight row (column sx (j + k) + v
+// holds weights[b, i, j, u, k sx + v]), so a cell row is nb * Fy long multiply-adds over input rows (vectorised
+// lane-wise partial sums, no reassociation) and the cell sums are read off the accumulators in a fixed order.
+template <typename T>
+void run_footprint_sums(const T* in, const T* wts, T* out, int64_t B, index_t C, index_t Hi, index_t Wi, index_t Ch,
+                        index_t Cw, index_t Fy, index_t Fx, index_t sy, index_t sx) {
+  const Kernels<T> k = kernels<T>();
+  const index_t nb = (Fx + sx - 1) / sx, L = sx * (Cw - 1) + Fx;  // L <= Wi: the columns any footprint reads
+  // rows[b][i][kb][u][col], zero outside the footprints
+  std::vector<T> rows(static_cast<size_t>(B * Ch * nb * Fy * L), T(0));
+  for (index_t b = 0; b < B; ++b) {
+    for (index_t i = 0; i < Ch; ++i) {
+      for (index_t kb = 0; kb < nb; ++kb) {
+        for (index_t u = 0; u < Fy; ++u) {
+          T* row = rows.data() + (((b * Ch + i) * nb + kb) * Fy + u) * L;
+          for (index_t j = 0; j < Cw; ++j) {
+            const T* w = wts + (((b * Ch + i) * Cw + j) * Fy + u) * Fx;
+            for (index_t v = kb * sx; v < std::min(Fx, (kb + 1) * sx); ++v) row[sx * j + v] = w[v];
+          }
+        }
+      }
+    }
+  }
+  const index_t cpt = items_per_task(C, B);
+  const index_t chunks = (C + cpt - 1) / cpt;
+  parallel_tasks(B * chunks, [&](const auto& next) {
+    std::vector<T> acc(static_cast<size_t>(nb * L));
+    for (int64_t t; (t = next()) >= 0;) {
+      const index_t b = t / chunks, c0 = (t % chunks) * cpt, c1 = std::min(C, c0 + cpt);
+      for (index_t c = c0; c < c1; ++c) {
+        const T* x = in + (b * C + c) * Hi * Wi;
+        T* o = out + (b * C + c) * Ch * Cw;
+        for (index_t i = 0; i < Ch; ++i) {
+          k.footprint_accumulate(x + sy * i * Wi, Wi, rows.data() + (b * Ch + i) * nb * Fy * L, Fy, nb, L,
+                                 acc.data());
+          for (index_t j = 0; j < Cw; ++j) {
+            T total = T(0);
+            for (index_t kb = 0; kb < nb; ++kb) {
+              const T* a = acc.data() + kb * L + sx * j;
+              for (index_t v = kb * sx; v < std::min(Fx, (kb + 1) * sx); ++v) total += a[v];
+            }
+            o[i * Cw + j] = total;
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor footprint_sums_cpu(const at::Tensor& input, const at::Tensor& weights, int64_t stride_y, int64_t stride_x) {
+  TORCH_CHECK_VALUE(input.dim() == 4 && weights.dim() == 5 && input.numel() > 0 && weights.numel() > 0,
+                    "footprint_sums: expected input (B,C,Hi,Wi) and weights (B,Ch,Cw,Fy,Fx), non-empty, got ",
+                    input.sizes(), " and ", weights.sizes());
+  const int64_t B = input.size(0), C = input.size(1), Hi = input.size(2), Wi = input.size(3);
+  const int64_t Ch = weights.size(1), Cw = weights.size(2), Fy = weights.size(3), Fx = weights.size(4);
+  TORCH_CHECK_VALUE(weights.size(0) == B, "footprint_sums: batch mismatch, input has B=", B, " but weights has B=",
+                    weights.size(0));
+  TORCH_CHECK_VALUE(stride_y > 0 && stride_x > 0 && stride_y * (Ch - 1) + Fy <= Hi && stride_x * (Cw - 1) + Fx <= Wi,
+                    "footprint_sums: expected strides > 0 with stride * (cells - 1) + footprint <= input size, got "
+                    "strides (", stride_y, ", ", stride_x, "), weights ", weights.sizes(), ", input ", input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()) && input.scalar_type() == weights.scalar_type(),
+                    "footprint_sums: expected floating-point input and weights of one dtype, got ", input.scalar_type(),
+                    " and ", weights.scalar_type());
+  TORCH_CHECK_VALUE(input.device() == weights.device(), "footprint_sums: device mismatch, input is on ",
+                    input.device(), " but weights is on ", weights.device());
+  if (is_reduced_float(input)) {
+    return footprint_sums_cpu(input.to(at::kFloat), weights.to(at::kFloat), stride_y, stride_x)
+        .to(input.scalar_type());
+  }
+  const at::Tensor x = input.contiguous(), w = weights.contiguous();
+  at::Tensor out = at::empty({B, C, Ch, Cw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "footprint_sums_cpu", [&] {
+    run_footprint_sums<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), B, C, Hi, Wi, Ch, Cw, Fy, Fx, stride_y, stride_x);
+  });
+  return out;
+}
+
 // ---- featup::jbu_stage_kernel: a JBU stage's per-pixel kernels in one pass (jbu_kernel_math.h) ----------------
 
 template <typename T>
@@ -594,6 +742,8 @@ TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("adaptive_conv_backward", &adaptive_conv_backward_cpu);
   m.impl("adaptive_conv_phases", &adaptive_conv_phases_cpu);
   m.impl("adaptive_conv_phases_pooled", &adaptive_conv_phases_pooled_cpu);
+  m.impl("adaptive_conv_phases_lifted", &adaptive_conv_phases_lifted_cpu);
+  m.impl("footprint_sums", &footprint_sums_cpu);
   m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
   m.impl("jbu_stage_kernel", &jbu_stage_kernel_cpu);
 }

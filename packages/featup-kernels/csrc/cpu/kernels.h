@@ -52,7 +52,14 @@ static inline index_t tile_stride_for(index_t cols) {
                         T* scratch);                                                                        \
   /* One row h of batch element b of a JBU stage's per-pixel kernels (jbu_kernel_math.h); scratch holds  */ \
   /* jbu::segment_scratch(K*K, Hd) elements.                                                            */ \
-  void jbu_stage_kernel_row(const jbu::StageKernelArgs<T>& args, index_t b, index_t h, T* scratch);
+  void jbu_stage_kernel_row(const jbu::StageKernelArgs<T>& args, index_t b, index_t h, T* scratch);        \
+  /* dst[x] += sum_{t < taps} w[t] * rows[t * stride + x] for x < n (a row of the JBU's fused            */ \
+  /* back-projection: the lifted correction added to an output row). dst does not overlap rows.         */ \
+  void add_weighted_rows(T* dst, index_t n, const T* rows, index_t stride, const T* w, index_t taps);      \
+  /* acc[k][x] = sum_{u < rows} w[k][u][x] * in[u * in_row + x] for k < nb, x < L (w: nb x rows x L,     */ \
+  /* acc: nb x L): footprint_sums' lane-wise partial sums over one row of cells, u added in order.      */ \
+  void footprint_accumulate(const T* in, index_t in_row, const T* w, index_t rows, index_t nb, index_t L,   \
+                            T* acc);
 
 #define FEATUP_DECLARE_CPU_ISA(ISA)                                                                         \
   namespace ISA {                                                                                           \

@@ -483,6 +483,93 @@ void grad_filters_row_impl(const T* g, const T* in, T* gf, const ConvShape& s, i
   }
 }
 
+// dst[x] += sum_t w[t] * rows[t * stride + x]: one pass over dst for up to 4 taps (the bicubic lift), the taps
+// added in order t = 0, 1, ... to the row's value; more taps in passes of 4.
+template <typename T>
+void add_weighted_rows_impl(T* __restrict dst, index_t n, const T* __restrict rows, index_t stride,
+                            const T* __restrict w, index_t taps) {
+  for (index_t t0 = 0; t0 < taps; t0 += 4) {
+    const T* __restrict r0 = rows + t0 * stride;
+    const index_t nt = taps - t0 < 4 ? taps - t0 : 4;
+    if (nt == 4) {
+      const T* __restrict r1 = r0 + stride;
+      const T* __restrict r2 = r1 + stride;
+      const T* __restrict r3 = r2 + stride;
+      const T w0 = w[t0], w1 = w[t0 + 1], w2 = w[t0 + 2], w3 = w[t0 + 3];
+      for (index_t x = 0; x < n; ++x) dst[x] = (((dst[x] + w0 * r0[x]) + w1 * r1[x]) + w2 * r2[x]) + w3 * r3[x];
+    } else {
+      for (index_t t = 0; t < nt; ++t) {
+        const T* __restrict r = r0 + t * stride;
+        const T wt = w[t0 + t];
+        for (index_t x = 0; x < n; ++x) dst[x] += wt * r[x];
+      }
+    }
+  }
+}
+
+// NB column blocks of footprint weights on CBK vectors of columns (starts c0[0..CBK)), accumulated over the
+// rows in registers (CBK * NB independent chains), then stored.
+template <typename T, int NB, int CBK>
+FEATUP_INLINE void footprint_vectors(const T* in, index_t in_row, const T* w, index_t rows, index_t L,
+                                     const index_t* c0, T* acc) {
+  using V = vec_t<T>;
+  V a[CBK][NB];
+#pragma GCC unroll 4
+  for (int cb = 0; cb < CBK; ++cb) {
+#pragma GCC unroll 4
+    for (int kb = 0; kb < NB; ++kb) a[cb][kb] = V{} - V{};
+  }
+  for (index_t u = 0; u < rows; ++u) {
+#pragma GCC unroll 4
+    for (int cb = 0; cb < CBK; ++cb) {
+      const V xv = loadu(in + u * in_row + c0[cb]);
+#pragma GCC unroll 4
+      for (int kb = 0; kb < NB; ++kb) a[cb][kb] += loadu(w + (kb * rows + u) * L + c0[cb]) * xv;
+    }
+  }
+#pragma GCC unroll 4
+  for (int cb = 0; cb < CBK; ++cb) {
+#pragma GCC unroll 4
+    for (int kb = 0; kb < NB; ++kb) storeu(acc + kb * L + c0[cb], a[cb][kb]);
+  }
+}
+
+template <typename T, int NB>
+void footprint_accumulate_nb(const T* in, index_t in_row, const T* w, index_t rows, index_t L, T* acc) {
+  constexpr index_t N = VecOf<T>::lanes;
+  const index_t blocks = (L + N - 1) / N;
+  index_t k = 0;
+  for (; k + 2 <= blocks; k += 2) {  // the last vector overlaps the one before: it rewrites the same values
+    const index_t c0[2] = {k * N < L - N ? k * N : L - N, (k + 1) * N < L - N ? (k + 1) * N : L - N};
+    footprint_vectors<T, NB, 2>(in, in_row, w, rows, L, c0, acc);
+  }
+  if (k < blocks) {
+    const index_t c0[1] = {k * N < L - N ? k * N : L - N};
+    footprint_vectors<T, NB, 1>(in, in_row, w, rows, L, c0, acc);
+  }
+}
+
+template <typename T>
+void footprint_accumulate_impl(const T* in, index_t in_row, const T* w, index_t rows, index_t nb, index_t L,
+                               T* acc) {
+  if (L >= VecOf<T>::lanes) {
+    switch (nb) {
+      case 1: return footprint_accumulate_nb<T, 1>(in, in_row, w, rows, L, acc);
+      case 2: return footprint_accumulate_nb<T, 2>(in, in_row, w, rows, L, acc);
+      case 3: return footprint_accumulate_nb<T, 3>(in, in_row, w, rows, L, acc);
+      case 4: return footprint_accumulate_nb<T, 4>(in, in_row, w, rows, L, acc);
+      default: break;
+    }
+  }
+  for (index_t kb = 0; kb < nb; ++kb) {  // narrow rows or wide footprints: the same sums, one lane at a time
+    for (index_t x = 0; x < L; ++x) {
+      T a = T(0);
+      for (index_t u = 0; u < rows; ++u) a += w[(kb * rows + u) * L + x] * in[u * in_row + x];
+      acc[kb * L + x] = a;
+    }
+  }
+}
+
 }  // namespace
 
 // ---- the entry points declared in kernels.h ----------------------------------------------------------------
@@ -504,6 +591,13 @@ int channel_block() { return kChannelBlock; }
   void grad_filters_row(const T* grad_out, const T* in, T* grad_f, const ConvShape& s, index_t h,         \
                         T* scratch) {                                                                       \
     grad_filters_row_impl<T>(grad_out, in, grad_f, s, h, scratch);                                          \
+  }                                                                                                         \
+  void add_weighted_rows(T* dst, index_t n, const T* rows, index_t stride, const T* w, index_t taps) {     \
+    add_weighted_rows_impl<T>(dst, n, rows, stride, w, taps);                                               \
+  }                                                                                                         \
+  void footprint_accumulate(const T* in, index_t in_row, const T* w, index_t rows, index_t nb, index_t L,   \
+                            T* acc) {                                                                       \
+    footprint_accumulate_impl<T>(in, in_row, w, rows, nb, L, acc);                                          \
   }
 
 FEATUP_DEFINE_CPU_KERNELS(float)

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACK_PROJECTION_MODES", "back_project", "block_mean", "pool_to"]
+__all__ = ["BACK_PROJECTION_MODES", "back_project", "block_mean", "lift_rows", "pool_to"]
 
 #: how the low-res correction is resized to the output
 BACK_PROJECTION_MODES = ("bicubic", "bilinear")
@@ -59,16 +59,75 @@ def block_mean(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _lift(n: int, big: int, mode: str) -> torch.Tensor:
-    """``U (D U)^-1`` along one axis, (big, n) float64 on the CPU: ``U`` resizes ``n -> big`` samples (the
-    resize of an identity, so borders are exactly ``F.interpolate``'s), ``D`` pools them back.
+def _lift_factors(n: int, big: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, (D U)^-1)`` along one axis, (big, n) and (n, n) float64 on the CPU: ``U`` resizes ``n -> big``
+    samples (the resize of an identity, so borders are exactly ``F.interpolate``'s), ``D`` pools them back.
 
-    Built outside inference mode: the cached matrix is shared by later calls that need autograd."""
+    Built outside inference mode: the cached matrices are shared by later calls that need autograd."""
     with torch.inference_mode(False), torch.no_grad():
         eye = torch.eye(n, dtype=torch.float64).view(n, 1, n, 1)
         resize = F.interpolate(eye, size=(big, 1), mode=mode, align_corners=False)[:, 0, :, 0].T  # (big, n)
         pool = F.adaptive_avg_pool1d(torch.eye(big, dtype=torch.float64).view(big, 1, big), n)[:, 0, :].T
-        return resize @ torch.linalg.inv(pool @ resize)
+        return resize, torch.linalg.inv(pool @ resize)
+
+
+@functools.lru_cache(maxsize=64)
+def _lift(n: int, big: int, mode: str) -> torch.Tensor:
+    """``U (D U)^-1`` along one axis, (big, n) float64 on the CPU (see :func:`_lift_factors`)."""
+    with torch.inference_mode(False), torch.no_grad():
+        resize, inverse = _lift_factors(n, big, mode)
+        return resize @ inverse
+
+
+@functools.lru_cache(maxsize=64)
+def _lift_taps(n: int, big: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U`` of :func:`_lift_factors` as taps: row ``y`` of ``U`` is ``weights[y]`` on the ``taps``
+    consecutive samples from ``start[y]`` (every other entry of the row is zero). float64 weights (big, taps),
+    int64 start (big,)."""
+    with torch.inference_mode(False), torch.no_grad():
+        resize = _lift_factors(n, big, mode)[0]
+        cols = torch.arange(n)
+        nonzero = resize.ne(0)
+        lo = torch.where(nonzero, cols, n).min(1).values.clamp(max=n - 1)
+        hi = torch.where(nonzero, cols, -1).max(1).values
+        taps = max(1, int((hi - lo + 1).max()))
+        start = lo.clamp(max=n - taps)
+        weights = resize.gather(1, start[:, None] + torch.arange(taps))
+        return weights, start
+
+
+def lift_rows(
+    residual: torch.Tensor, size: tuple[int, int], mode: str = "bicubic"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The back-projection's correction ``U_y M_y^-1 r M_x^-T U_x^T`` (see :func:`back_project`) in a form
+    added row by row: ``correction[..., y, :] = sum_t weights[y, t] * rows[..., start[y] + t, :]``, with ``U_y``'s
+    few taps per row (4 for bicubic). The JBU's last stage adds it as it writes each output row.
+
+    Args:
+        residual: ``lr - pool_to(hr, lr.shape[-2:])``, the low-res residual ``r``.
+        size: the output's (H, W).
+        mode: ``U``, one of :data:`BACK_PROJECTION_MODES`.
+
+    Shape:
+        - residual: (B, C, h, w)
+        - output: rows (B, C, h, W) in the residual's dtype, weights (H, taps) in that dtype, start (H,) int64
+
+    Raises:
+        ValueError: a bad ``mode``, or an output smaller than the residual.
+    """
+    if mode not in BACK_PROJECTION_MODES:
+        raise ValueError(f"expected mode in {BACK_PROJECTION_MODES}, got {mode!r}")
+    (h, w), (big_h, big_w) = residual.shape[-2:], (int(size[0]), int(size[1]))
+    if big_h < h or big_w < w:
+        raise ValueError(
+            f"expected an output at least as large as the residual {(h, w)}, got {(big_h, big_w)}"
+        )
+    dev, dtype = residual.device, residual.dtype
+    inverse_y = _lift_factors(h, big_h, mode)[1].to(dev, dtype)
+    lift_x = _lift(w, big_w, mode).to(dev, dtype)
+    rows = torch.matmul(inverse_y, residual) @ lift_x.T
+    weights, start = _lift_taps(h, big_h, mode)
+    return rows, weights.to(dev, dtype), start.to(dev)
 
 
 def back_project(

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from featup.core.base import Upsampler
 from featup.core.checkpoint import CheckpointError, CheckpointMixin
-from featup.core.consistency import back_project, block_mean
+from featup.core.consistency import BACK_PROJECTION_MODES, back_project, block_mean, lift_rows
 from featup.core.guidance import GuidanceEncoder
 from featup.core.registry import register_upsampler
 from featup.kernels import adaptive_conv
@@ -52,6 +52,15 @@ except ImportError:  # pragma: no cover - depends on the installed kernels build
         return False
 
     adaptive_conv_phases_pooled = None  # type: ignore[assignment]
+
+try:  # featup-kernels builds before these ops: the back-projection is added after the last stage
+    from featup.kernels import adaptive_conv_phases_lifted, footprint_sums, has_adaptive_conv_phases_lifted
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_adaptive_conv_phases_lifted(device: Any = "cpu") -> bool:
+        return False
+
+    adaptive_conv_phases_lifted = footprint_sums = None  # type: ignore[assignment]
 
 try:  # featup-kernels builds before this op: the stage kernels are computed with torch ops
     from featup.kernels import has_jbu_stage_kernel, jbu_stage_kernel
@@ -549,6 +558,8 @@ def apply_kernel_fused(
     source_padding: Sequence[int] | None = None,
     out_padding: Sequence[int] | None = None,
     cell_means: Sequence[int] | None = None,
+    back_project_to: torch.Tensor | None = None,
+    back_project_mode: str = "bicubic",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`apply_kernel` without materialising the resized, padded source (same result to rounding).
 
@@ -565,12 +576,104 @@ def apply_kernel_fused(
         cell_means: (cell_h, cell_w): return ``(output, means)`` with ``means`` the output's means over
             cell_h x cell_w cells (B, C, H / cell_h, W / cell_w), taken by the compiled op as it writes the
             output (saves the back-projection a pass over it), or None where the op does not apply.
+        back_project_to: return ``back_project(output, back_project_to, mode=back_project_mode)`` (same
+            value to float rounding). Where the compiled ops apply (CPU, no gradient, no autocast, no
+            ``out_padding``, cells of a whole number of source pixels) the output's cell means are computed
+            from the source before the output exists (they are linear in it) and the correction is added as
+            each output row is written: the output is written once. Not with ``cell_means``.
 
     Shape:
         - source: (B, C, h, w), or (B, C, t + h + b, l + w + r) with ``source_padding``
         - kernel: (B, K * K, H, W)
         - output: (B, C, H, W), or (B, C, t + H + b, l + W + r) with ``out_padding``
     """
+    if back_project_to is not None:
+        return _apply_back_projected(
+            source,
+            kernel,
+            radius,
+            back_project_to,
+            back_project_mode,
+            resize_mode=resize_mode,
+            pad_mode=pad_mode,
+            source_padding=source_padding,
+            out_padding=out_padding,
+            cell_means=cell_means,
+        )
+    return _apply_kernel_fused(
+        source,
+        kernel,
+        radius,
+        resize_mode=resize_mode,
+        pad_mode=pad_mode,
+        source_padding=source_padding,
+        out_padding=out_padding,
+        cell_means=cell_means,
+    )
+
+
+def _apply_back_projected(
+    source: torch.Tensor,
+    kernel: torch.Tensor,
+    radius: int,
+    lr: torch.Tensor,
+    mode: str,
+    *,
+    resize_mode: str,
+    pad_mode: str,
+    source_padding: Sequence[int] | None,
+    out_padding: Sequence[int] | None,
+    cell_means: Sequence[int] | None,
+) -> torch.Tensor:
+    """:func:`apply_kernel_fused` with ``back_project_to=lr``: the fused correction where it applies,
+    otherwise the output (with its cell means from the op where it can) then :func:`back_project`."""
+    if cell_means is not None:
+        raise ValueError("expected back_project_to or cell_means, not both")
+    if mode not in BACK_PROJECTION_MODES:
+        raise ValueError(f"expected back_project_mode in {BACK_PROJECTION_MODES}, got {mode!r}")
+    big_h, big_w = kernel.shape[-2:]
+    if lr.dim() != 4 or lr.shape[:2] != source.shape[:2] or lr.shape[2] > big_h or lr.shape[3] > big_w:
+        raise ValueError(
+            f"expected back_project_to (B,C,h,w) with the source's B and C {tuple(source.shape[:2])} and at most "
+            f"the output's size {(big_h, big_w)}, got {tuple(lr.shape)}"
+        )
+    lr_h, lr_w = lr.shape[-2:]
+    cells = (big_h // lr_h, big_w // lr_w) if big_h % lr_h == 0 and big_w % lr_w == 0 else None
+    if out_padding is not None and any(out_padding):
+        cells = None  # the op pools only unpadded outputs; back_project pools the returned map
+    out, means = _apply_kernel_fused(
+        source,
+        kernel,
+        radius,
+        resize_mode=resize_mode,
+        pad_mode=pad_mode,
+        source_padding=source_padding,
+        out_padding=out_padding,
+        cell_means=cells,
+        lift=(lr, mode),
+    )
+    if means is _LIFTED:
+        return out
+    inplace = not (torch.is_grad_enabled() and out.requires_grad)
+    return back_project(out, lr, mode=mode, inplace=inplace, hr_means=means)
+
+
+#: the sentinel :func:`_apply_kernel_fused` returns as "means" when the back-projection is already added
+_LIFTED = torch.empty(0)
+
+
+def _apply_kernel_fused(
+    source: torch.Tensor,
+    kernel: torch.Tensor,
+    radius: int,
+    *,
+    resize_mode: str,
+    pad_mode: str,
+    source_padding: Sequence[int] | None,
+    out_padding: Sequence[int] | None,
+    cell_means: Sequence[int] | None,
+    lift: tuple[torch.Tensor, str] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     b, kk, big_h, big_w = kernel.shape
     diameter = 2 * radius + 1
     if source_padding is not None:
@@ -601,6 +704,12 @@ def apply_kernel_fused(
     if has_adaptive_conv_phases(src.device) and not torch.is_autocast_enabled(src.device.type):
         # every phase's composite filters in one tensor, the phases written by one pass of the op
         filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width).to(src.dtype)
+        if (
+            lift is not None
+            and cell_means is not None
+            and _lifts_in_op(src, filters, lift[0], cell_means, fy, fx)
+        ):
+            return _phases_lifted(src, filters, lift[0], lift[1], cell_means, fy, fx), _LIFTED
         if cell_means is not None and _pools_in_op(src, filters, big_h, big_w, cell_means, out_padding):
             # the output's cell means from the row sums the op takes as it writes each row
             cell_h, cell_w = cell_means
@@ -643,6 +752,56 @@ def _pools_in_op(
     if torch.is_grad_enabled() and (src.requires_grad or filters.requires_grad):
         return False
     return has_adaptive_conv_phases_pooled(src.device)
+
+
+def _lifts_in_op(
+    src: torch.Tensor, filters: torch.Tensor, lr: torch.Tensor, cells: Sequence[int], fy: int, fx: int
+) -> bool:
+    """Whether the compiled ops can add the back-projection as the last stage writes its output: a build and
+    device that have them, cells of a whole number of source pixels, no gradient needed (no backward)."""
+    cell_h, cell_w = cells
+    if cell_h % fy or cell_w % fx or lr.device != src.device:
+        return False
+    if torch.is_grad_enabled() and (src.requires_grad or filters.requires_grad or lr.requires_grad):
+        return False
+    return has_adaptive_conv_phases_lifted(src.device) and not torch.is_autocast_enabled(src.device.type)
+
+
+def _phases_lifted(
+    src: torch.Tensor,
+    filters: torch.Tensor,
+    lr: torch.Tensor,
+    mode: str,
+    cells: Sequence[int],
+    fy: int,
+    fx: int,
+) -> torch.Tensor:
+    """``back_project(adaptive_conv_phases(src, filters), lr, mode=mode)`` with the output written once.
+
+    The output's mean over cell (i, j) is linear in ``src``: ``sum_uv G[i, j, u, v] src[sy i + u, sx j + v]``
+    with ``G`` the cell's composite filters (summed over the phases) added up at the source pixels they read
+    (a fold, channel-independent), and sy x sx the source pixels of a cell. So the residual and its lifted
+    correction are known before the output is, and the op adds the correction to each row as it writes it.
+
+    Shape:
+        - src: (B, C, h + W - 1, w + W - 1); filters: (B, fy, fx, h, w, W, W); lr: (B, C, lr_h, lr_w)
+        - output: (B, C, fy h, fx w)
+    """
+    n_b, _, _, h, w, width = filters.shape[:6]
+    cell_h, cell_w = cells
+    sy, sx = cell_h // fy, cell_w // fx
+    lr_h, lr_w = h // sy, w // sx
+    per_cell = (
+        filters.sum((1, 2))
+        .reshape(n_b, lr_h, sy, lr_w, sx, width, width)
+        .permute(0, 1, 3, 5, 6, 2, 4)
+        .reshape(n_b * lr_h * lr_w, width * width, sy * sx)
+    )
+    footprint = (sy + width - 1, sx + width - 1)
+    weights = F.fold(per_cell, footprint, (width, width)).view(n_b, lr_h, lr_w, *footprint)
+    means = footprint_sums(src, weights.div_(cell_h * cell_w), (sy, sx))
+    rows, row_weights, row_start = lift_rows(lr.to(src.dtype) - means, (fy * h, fx * w), mode)
+    return adaptive_conv_phases_lifted(src, filters, rows, row_start, row_weights)
 
 
 def _phase_filters(
@@ -1050,10 +1209,14 @@ class JBUStage(nn.Module):
         source_padding: Sequence[int] | None = None,
         out_padding: Sequence[int] | None = None,
         cell_means: Sequence[int] | None = None,
+        back_project_to: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Apply this stage; ``fused=False`` runs the plain path (:meth:`kernel_plain`, :func:`apply_kernel`).
         ``image``: the RGB image at the guidance's size (needed with ``base_kernel="classic"``).
         ``cell_means``: return ``(output, its cell means or None)`` (see :func:`apply_kernel_fused`).
+        ``back_project_to``: return the output back-projected onto these low-res features (bicubic
+        :func:`~featup.core.consistency.back_project`; fused into the op where it can, see
+        :func:`apply_kernel_fused`).
 
         The kernels are computed in the parameters' precision even under autocast (the squared distances
         cancel, and their rounding error is multiplied by the range temperature); only the adaptive
@@ -1068,6 +1231,8 @@ class JBUStage(nn.Module):
             out = apply_kernel(
                 source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode
             )
+            if back_project_to is not None:
+                return back_project(out, back_project_to)
             return out if cell_means is None else (out, None)
         return apply_kernel_fused(
             source,
@@ -1078,6 +1243,7 @@ class JBUStage(nn.Module):
             source_padding=source_padding,
             out_padding=out_padding,
             cell_means=cell_means,
+            back_project_to=back_project_to,
         )
 
     def extra_repr(self) -> str:
@@ -1338,7 +1504,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         sizes = stage_sizes(lr_feats.shape[-2:], size)
         rgb = image.to(guidance.dtype) if self.base_kernel == "classic" else None
         padding = None  # zero margins around x, written by the previous fused stage for this one
-        (lr_h, lr_w), hr_means = lr_feats.shape[-2:], None
+        (lr_h, lr_w), projected = lr_feats.shape[-2:], False
         back_projects = self.consistency and size[0] >= lr_h and size[1] >= lr_w
         pool_cells = None
         if back_projects and self.fixup_proj is None and size[0] % lr_h == 0 and size[1] % lr_w == 0:
@@ -1360,25 +1526,25 @@ class JBUStack(Upsampler, CheckpointMixin):
                     following.pad_mode, guidance.dtype,
                 )  # fmt: skip
                 next_padding = None if geometry is None else geometry[-1]
-            # the last stage also returns the cell means the back-projection needs, where the op can
-            cells = pool_cells if k + 1 == len(sizes) else None
+            # the last stage also back-projects (the correction added as it writes the output, where the
+            # ops can; else it pools the cell means the back-projection needs as it writes)
+            last = k + 1 == len(sizes) and pool_cells is not None
             x = stage(
                 x,
                 pooled[tuple(stage_size)],
                 image=stage_rgb,
                 source_padding=padding,
                 out_padding=next_padding,
-                cell_means=cells,
+                back_project_to=lr_feats if last else None,
             )
-            if cells is not None:
-                x, hr_means = x
+            projected = projected or last
             padding = next_padding
         if self.fixup_proj is not None:
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
-        if back_projects:
+        if back_projects and not projected:
             inplace = not (torch.is_grad_enabled() and x.requires_grad)
-            x = back_project(x, lr_feats, inplace=inplace, hr_means=hr_means)
+            x = back_project(x, lr_feats, inplace=inplace)
         return x
 
     @classmethod

@@ -19,7 +19,8 @@ from featup.kernels._validation import check_adaptive_conv_phases
 
 # The public API (tests/test_compile.py::test_public_api). adaptive_conv_phases, adaptive_conv_filter_grad,
 # adaptive_conv_phases_reference and has_adaptive_conv_phases are importable by name: CPU helpers for
-# featup-core's JBU, with fallbacks elsewhere; so are jbu_stage_kernel and has_jbu_stage_kernel.
+# featup-core's JBU, with fallbacks elsewhere; so are jbu_stage_kernel and has_jbu_stage_kernel, and
+# adaptive_conv_phases_lifted, footprint_sums and has_adaptive_conv_phases_lifted.
 __all__ = ["adaptive_conv", "adaptive_conv_reference", "build_info"]
 
 _C = load_extension()
@@ -142,6 +143,128 @@ def adaptive_conv_phases_pooled(
     left, _, top, _ = pad
     inner = out[..., top : top + py * h, left : left + px * w]
     return out, inner.unflatten(-1, (px * w // cell_w, cell_w)).sum(-1)
+
+
+def has_adaptive_conv_phases_lifted(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`adaptive_conv_phases_lifted` and :func:`footprint_sums` run compiled on ``device`` (this
+    build has them, and the device is the CPU; elsewhere they run as torch ops)."""
+    return (
+        torch.device(device).type == "cpu"
+        and hasattr(torch.ops.featup, "adaptive_conv_phases_lifted")
+        and hasattr(torch.ops.featup, "footprint_sums")
+    )
+
+
+def _check_row_lift(
+    b: int,
+    c: int,
+    out_h: int,
+    out_w: int,
+    rows: torch.Tensor,
+    row_start: torch.Tensor,
+    row_weights: torch.Tensor,
+) -> None:
+    name = "adaptive_conv_phases_lifted"
+    if rows.dim() != 4 or tuple(rows.shape[:2]) != (b, c) or rows.shape[2] < 1 or rows.shape[3] != out_w:
+        raise ValueError(
+            f"{name}: expected rows (B, C, n, {out_w}) with B={b}, C={c}, got {tuple(rows.shape)}"
+        )
+    if row_weights.dim() != 2 or row_weights.shape[0] != out_h or row_weights.shape[1] < 1:
+        raise ValueError(f"{name}: expected row_weights ({out_h}, taps), got {tuple(row_weights.shape)}")
+    if row_start.dim() != 1 or row_start.shape[0] != out_h or row_start.dtype != torch.int64:
+        raise ValueError(
+            f"{name}: expected row_start ({out_h},) int64, got {tuple(row_start.shape)} {row_start.dtype}"
+        )
+    taps, n = row_weights.shape[1], rows.shape[2]
+    if bool((row_start < 0).any()) or bool((row_start + taps > n).any()):
+        raise ValueError(
+            f"{name}: expected 0 <= row_start[y] and row_start[y] + taps <= n = {n} (taps = {taps})"
+        )
+
+
+def adaptive_conv_phases_lifted(
+    input: torch.Tensor,
+    filters: torch.Tensor,
+    rows: torch.Tensor,
+    row_start: torch.Tensor,
+    row_weights: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`adaptive_conv_phases` (no margins) plus a correction added to each output row as it is written.
+
+    ``out[b, c, y, :] = phases[b, c, y, :] + sum_t row_weights[y, t] * rows[b, c, row_start[y] + t, :]``: the
+    JBU's back-projection adds a separable lift ``U_y R U_x^T`` of its low-res residual; with ``rows = R U_x^T``
+    and ``U_y``'s few taps per row this writes the last stage's output once instead of adding a full-size
+    correction afterwards (a read and a write of the whole output). Not differentiable (the JBU's inference
+    path). Compiled on the CPU; elsewhere (or with a build that predates it) the same sum with torch ops.
+
+    Raises:
+        ValueError: the checks of :func:`adaptive_conv_phases`, or rows / row_start / row_weights of other
+            shapes, dtypes or devices, or a row_start whose taps leave ``rows``.
+
+    Shape:
+        - input: (B, C, H + K - 1, W + K - 1)
+        - filters: (B, Py, Px, H, W, K, K)
+        - rows: (B, C, n, Px * W); row_start: (Py * H,) int64; row_weights: (Py * H, taps)
+        - output: (B, C, Py * H, Px * W)
+    """
+    b, c, h, w, _, py, px = check_adaptive_conv_phases(input, filters, [0, 0, 0, 0])
+    _check_row_lift(b, c, py * h, px * w, rows, row_start, row_weights)
+    if has_adaptive_conv_phases_lifted(input.device) and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.featup.adaptive_conv_phases_lifted(input, filters, rows, row_start, row_weights)
+    out = adaptive_conv_phases(input, filters)
+    taps = row_weights.shape[1]
+    index = row_start[:, None] + torch.arange(taps, device=row_start.device)  # (Py * H, taps)
+    picked = rows[:, :, index]  # (B, C, Py * H, taps, Px * W)
+    return out + (picked * row_weights.to(out.dtype)[:, :, None]).sum(-2).to(out.dtype)
+
+
+def footprint_sums(input: torch.Tensor, weights: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """Weighted sums of overlapping strided windows, one set of weights per window, shared by the channels.
+
+    ``out[b, c, i, j] = sum_{u, v} weights[b, i, j, u, v] * input[b, c, sy * i + u, sx * j + v]``: the JBU's
+    last stage's cell means from its input (the cell means are linear in it), so the back-projection's
+    correction is known before the output is written. Not differentiable. Compiled on the CPU; elsewhere an
+    unfold and a batched product (same values to float rounding).
+
+    Raises:
+        ValueError: wrong ranks, batch / dtype / device mismatch, non-positive strides, or windows that leave
+            the input.
+
+    Shape:
+        - input: (B, C, Hi, Wi)
+        - weights: (B, Ch, Cw, Fy, Fx) with sy * (Ch - 1) + Fy <= Hi and sx * (Cw - 1) + Fx <= Wi
+        - output: (B, C, Ch, Cw)
+    """
+    sy, sx = (int(v) for v in stride)
+    if input.dim() != 4 or weights.dim() != 5 or input.numel() == 0 or weights.numel() == 0:
+        raise ValueError(
+            f"footprint_sums: expected input (B,C,Hi,Wi) and weights (B,Ch,Cw,Fy,Fx), non-empty, got "
+            f"{tuple(input.shape)} and {tuple(weights.shape)}"
+        )
+    b, c, hi, wi = input.shape
+    _, ch, cw, fy, fx = weights.shape
+    if weights.shape[0] != b:
+        raise ValueError(
+            f"footprint_sums: batch mismatch, input has B={b} but weights has B={weights.shape[0]}"
+        )
+    if sy < 1 or sx < 1 or sy * (ch - 1) + fy > hi or sx * (cw - 1) + fx > wi:
+        raise ValueError(
+            f"footprint_sums: expected strides > 0 with stride * (cells - 1) + footprint <= input size, got "
+            f"strides {(sy, sx)}, weights {tuple(weights.shape)}, input {tuple(input.shape)}"
+        )
+    if not input.is_floating_point() or input.dtype != weights.dtype:
+        raise ValueError(
+            f"footprint_sums: expected floating-point input and weights of one dtype, got {input.dtype} and "
+            f"{weights.dtype}"
+        )
+    if input.device != weights.device:
+        raise ValueError(
+            f"footprint_sums: device mismatch, input is on {input.device} but weights is on {weights.device}"
+        )
+    if has_adaptive_conv_phases_lifted(input.device) and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.featup.footprint_sums(input, weights, sy, sx)
+    windows = input.unfold(2, fy, sy)[:, :, :ch].unfold(3, fx, sx)[:, :, :, :cw]  # (B, C, Ch, Cw, Fy, Fx)
+    return torch.einsum("bcijuv,bijuv->bcij", windows, weights)
 
 
 def adaptive_conv_filter_grad(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:

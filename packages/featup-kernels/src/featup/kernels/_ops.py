@@ -51,6 +51,23 @@ def _adaptive_conv_phases_pooled_fake(
     return out, input.new_empty((b, c, py * h, px * w // cell_w))
 
 
+def _adaptive_conv_phases_lifted_fake(
+    input: torch.Tensor,
+    filters: torch.Tensor,
+    rows: torch.Tensor,
+    row_start: torch.Tensor,
+    row_weights: torch.Tensor,
+) -> torch.Tensor:
+    b, c, h, w, _, py, px = check_adaptive_conv_phases(input, filters, [0, 0, 0, 0])
+    return input.new_empty((b, c, py * h, px * w))
+
+
+def _footprint_sums_fake(
+    input: torch.Tensor, weights: torch.Tensor, stride_y: int, stride_x: int
+) -> torch.Tensor:
+    return input.new_empty((input.shape[0], input.shape[1], weights.shape[1], weights.shape[2]))
+
+
 def _filter_grad_fake(grad_out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     k = input.shape[2] - grad_out.shape[2] + 1
     return input.new_empty((grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], k, k))
@@ -176,6 +193,10 @@ def register() -> None:
         )
     if hasattr(torch.ops.featup, "adaptive_conv_phases_pooled"):  # inference only: no autograd formula
         torch.library.register_fake("featup::adaptive_conv_phases_pooled", _adaptive_conv_phases_pooled_fake)
+    if hasattr(torch.ops.featup, "adaptive_conv_phases_lifted"):  # inference only: no autograd formula
+        torch.library.register_fake("featup::adaptive_conv_phases_lifted", _adaptive_conv_phases_lifted_fake)
+    if hasattr(torch.ops.featup, "footprint_sums"):  # inference only: no autograd formula
+        torch.library.register_fake("featup::footprint_sums", _footprint_sums_fake)
     if hasattr(torch.ops.featup, "jbu_stage_kernel"):  # inference only: no autograd formula
         torch.library.register_fake("featup::jbu_stage_kernel", _jbu_stage_kernel_fake)
     _registered = True
