@@ -38,7 +38,6 @@ GROUPS = [
             "Baddbmm",
             "Expand",
             "CopySlices",
-            "HiddenLayers",
         ]
         + ["AsStrided", "MvBackward", "Rsqrt", "SubBackward", "DivBackward", "PowBackward", "CatBackward"]
         + ["SinBackward", "CosBackward", "SliceBackward", "TBackward", "UnsqueezeBackward", "ViewBackward"],

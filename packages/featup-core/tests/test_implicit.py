@@ -297,7 +297,6 @@ def test_grid_field_feeds_the_hidden_layers_a_fresh_tensor():
     costs no CopySlices (a full clone and copy of the gradient) in backward."""
     model, image = make_model(size=(11, 7), n_freqs=4, dropout_mode="channel")
     model.train()
-    model.fast_hidden = False  # the module path after the first layer (see the _HiddenLayers tests)
     names = _graph_nodes(model.forward_compressed(image))
     assert "AddmmBackward0" in names and "ReluBackward0" in names
     assert not names & {"CopySlices", "AsStridedBackward0", "BaddbmmBackward0"}, names
@@ -390,62 +389,3 @@ def test_grid_field_colour_tables_follow_the_image():
                 ref = model.forward_compressed(image)
                 model.fast_field = True
                 torch.testing.assert_close(model.forward_compressed(image), ref, rtol=0, atol=1e-10)
-
-
-def _hidden_and_grads(model: ImplicitUpsampler, image: torch.Tensor, fast_hidden: bool, workspace=None):
-    model.fast_hidden = fast_hidden
-    torch.manual_seed(3)  # the same channel-dropout draws on both paths
-    out = model.forward_compressed(image, workspace=workspace)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
-    grads = torch.autograd.grad((out * weight).sum(), list(model.parameters()))
-    return out.detach(), grads, _graph_nodes(out)
-
-
-@pytest.mark.parametrize("n_layers, training", [(3, True), (3, False), (4, True), (2, True)])
-def test_hidden_layers_equal_the_module_layers_float64(n_layers, training):
-    """The hand-written hidden layers (LayerNorm scale, shift and channel dropout folded into the linear
-    layers, in-place ReLU backwards, maps in a reused workspace) compute the modules of ``mlp[3:]``:
-    outputs and every parameter's gradient agree to float64 rounding, on two steps with one workspace."""
-    model, _ = make_model(size=(9, 8), n_freqs=5, hidden_dim=10, n_layers=n_layers, dropout_mode="channel")
-    model = _perturbed(model.double()).train(training)
-    image = torch.rand(1, 3, 9, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    ref, ref_grads, ref_nodes = _hidden_and_grads(model, image, fast_hidden=False)
-    assert "_HiddenLayersBackward" not in ref_nodes and "NativeLayerNormBackward0" in ref_nodes
-    workspace: dict[str, torch.Tensor] = {}
-    for _ in range(2):  # the second step reuses the first one's memory
-        out, grads, nodes = _hidden_and_grads(model, image, fast_hidden=True, workspace=workspace)
-        assert "_HiddenLayersBackward" in nodes and "NativeLayerNormBackward0" not in nodes
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-        for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
-    assert workspace  # the maps went there
-
-
-def test_hidden_layers_gradcheck_float64():
-    """Finite differences through ``_HiddenLayers`` in every input: first-layer terms and folded weights."""
-    from featup.core.implicit import _HiddenLayers
-
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    c0, acc, rstd = rand(5), rand(7, 5), (torch.rand(7, 1, generator=gen, dtype=torch.float64) + 0.5)
-    rstd.requires_grad_(True)
-    params = [rand(4, 5), rand(4), rand(3, 4), rand(3)]
-    # no workspace: gradcheck runs many forwards per backward (a workspace allows one)
-    assert torch.autograd.gradcheck(
-        lambda *t: _HiddenLayers.apply(t[0], t[1], t[2], 1e-5, None, *t[3:]), (c0, acc, rstd, *params)
-    )
-
-
-def test_hidden_layers_workspace_reuse_before_backward_raises():
-    """A second forward into the same workspace before the first one's backward must not corrupt that
-    backward silently: autograd refuses (the saved maps were modified in place)."""
-    model, image = make_model(size=(9, 8), n_freqs=5, hidden_dim=10, dropout_mode="channel")
-    model.train()
-    workspace: dict[str, torch.Tensor] = {}
-    first = model.forward_compressed(image, workspace=workspace)
-    model.forward_compressed(image, workspace=workspace)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        first.sum().backward()

@@ -25,7 +25,6 @@ upsamplers should call ``fit_implicit(backbone, image)`` per image and then use 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -90,101 +89,6 @@ class _ScaleRows(torch.autograd.Function):
         return grad_bias, grad_acc, grad_scale
 
 
-def _scratch(
-    workspace: dict[str, torch.Tensor] | None,
-    name: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """A tensor of ``shape`` whose memory is kept in ``workspace`` between calls (fresh without a workspace).
-
-    Why: maps of 25 MB and more allocated fresh each step are handed back to the kernel by glibc and
-    page-faulted in again on the next step; a fit reuses the same memory instead. A tensor saved for
-    backward and overwritten by a later forward before that backward ran makes autograd raise (version
-    counter), never a silent wrong answer.
-    """
-    if workspace is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    numel = math.prod(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        workspace[name] = buf
-    return buf[:numel].view(shape)
-
-
-class _HiddenLayers(torch.autograd.Function):
-    """``relu(c0 + acc * rstd)`` followed by blocks ``x -> LayerNorm(x) @ G^T + c`` (no affine: the
-    LayerNorm's scale and shift and the channel-dropout mask are folded into ``G`` and ``c`` by the caller),
-    with a ReLU between blocks; a hand-written backward.
-
-    Why: the same maths as ``_ScaleRows`` + ``mlp[3:]``, with fewer full-size passes and allocations per
-    step (the LayerNorms' scale and shift gradients come from the small ``G``, not from a pass over the
-    map; ReLU backwards are done in place) and the saved maps in a reusable ``workspace``
-    (:func:`_scratch`).
-
-    Shape: c0 (D0,), acc (N, D0), rstd (N, 1), params ``G_1 (D1, D0), c_1 (D1,), G_2 (D2, D1), ...``
-    -> (N, D_last).
-    """
-
-    @staticmethod
-    def forward(ctx, c0, acc, rstd, eps, workspace, *params):  # type: ignore[override]
-        n, dtype, device = acc.shape[0], acc.dtype, acc.device
-        x = _scratch(workspace, "x0", (n, acc.shape[1]), dtype, device)
-        torch.addcmul(c0, acc, rstd, out=x).relu_()
-        saved = [acc, rstd]
-        n_blocks = len(params) // 2
-        for i in range(n_blocks):
-            g_mat, c = params[2 * i], params[2 * i + 1]
-            d = x.shape[1]
-            # unit scale and zero shift: on a CPU the affine kernel is faster than the one without
-            one, zero = torch.ones(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
-            xh, mean, inv = torch.native_layer_norm(x, [d], one, zero, eps)
-            saved += [x, xh, mean, inv]
-            last = i == n_blocks - 1
-            shape = (n, g_mat.shape[0])
-            out = (
-                torch.empty(shape, dtype=dtype, device=device)
-                if last
-                else _scratch(workspace, f"x{i + 1}", shape, dtype, device)
-            )
-            torch.addmm(c, xh, g_mat.T, out=out)
-            x = out if last else out.relu_()
-        ctx.save_for_backward(*saved, *params[0::2])
-        ctx.n_blocks = n_blocks
-        ctx.workspace = workspace
-        return x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        n_blocks, ws = ctx.n_blocks, ctx.workspace
-        acc, rstd, *rest = ctx.saved_tensors
-        blocks = [rest[4 * i : 4 * i + 4] for i in range(n_blocks)]
-        mats = rest[4 * n_blocks :]
-        needs = ctx.needs_input_grad
-        param_grads: list[torch.Tensor | None] = [None] * (2 * n_blocks)
-        g = grad  # any strides: the GEMMs read it as it comes
-        for i in reversed(range(n_blocks)):
-            x, xh, mean, inv = blocks[i]
-            if needs[5 + 2 * i + 1]:
-                param_grads[2 * i + 1] = g.sum(0)
-            if needs[5 + 2 * i]:
-                param_grads[2 * i] = g.T @ xh
-            u = _scratch(ws, "u", tuple(xh.shape), g.dtype, g.device)
-            torch.mm(g, mats[i], out=u)
-            gx = torch.ops.aten.native_layer_norm_backward(
-                u, x, [x.shape[1]], mean, inv, None, None, [True, False, False]
-            )[0]
-            # x is a ReLU output: its input's gradient is zero where x is zero
-            g = torch.ops.aten.threshold_backward.grad_input(gx, x, 0, grad_input=gx)
-        grad_c0 = g.sum(0) if needs[0] else None
-        grad_acc = g * rstd if needs[1] else None
-        grad_rstd = torch.bmm(g.unsqueeze(1), acc.unsqueeze(2)).view(-1, 1) if needs[2] else None
-        return (grad_c0, grad_acc, grad_rstd, None, None, *param_grads)
-
-
 class ImplicitUpsampler(Upsampler, CheckpointMixin):
     """Per-image implicit feature field (eq. 7), queried at any resolution.
 
@@ -222,9 +126,6 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
     #: evaluate the field on whole pixel grids with :meth:`_grid_field` (the same maths without the
     #: per-pixel encoding); False: always the per-pixel path (the reference it is tested against)
     fast_field = True
-    #: with gradients on the whole grid, run the hidden layers as ``_HiddenLayers`` (hand-written backward,
-    #: maps in a reusable workspace); False: ``_ScaleRows`` and the modules of ``mlp[3:]``
-    fast_hidden = True
 
     def __init__(
         self,
@@ -481,32 +382,6 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
                 x = layer(x)
         return x
 
-    def _hidden_params(self) -> tuple[float, list[torch.Tensor]] | None:
-        """``mlp[3:]`` as (eps, [G_1, c_1, G_2, c_2, ...]) for :class:`_HiddenLayers`: each block's
-        LayerNorm scale and shift and channel-dropout mask (drawn in ``_layers``' order) folded into its
-        linear layer; None when ``mlp[3:]`` is not ReLU, LayerNorm, Dropout, Linear blocks with one eps."""
-        layers = list(self.mlp)[3:]
-        if not layers or len(layers) % 4:
-            return None
-        eps, params = None, []
-        for i in range(0, len(layers), 4):
-            relu, norm, drop, lin = layers[i : i + 4]
-            if not (
-                isinstance(relu, nn.ReLU)
-                and isinstance(norm, nn.LayerNorm)
-                and norm.elementwise_affine
-                and norm.bias is not None
-                and isinstance(drop, nn.Dropout)
-                and isinstance(lin, nn.Linear)
-                and lin.bias is not None
-                and eps in (None, norm.eps)
-            ):
-                return None
-            eps = norm.eps
-            weight = self._channel_masked(lin) if self.training and self.dropout > 0 else lin.weight
-            params += [weight * norm.weight, F.linear(norm.bias, weight, lin.bias)]
-        return eps, params
-
     # ------------------------------------------------------------------ the field on a whole pixel grid
     def _grid_field_applies(self, image: torch.Tensor | None = None) -> bool:
         """Whether :meth:`_grid_field` computes what ``field`` would (same maths, float rounding apart)."""
@@ -548,7 +423,6 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         size: tuple[int, int],
         start: int = 0,
         stop: int | None = None,
-        workspace: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``field`` at pixels ``start .. stop-1`` (row-major) of an ``(H, W)`` grid whose colours have the
         :meth:`_color_tables` ``tables``, without the per-pixel encoding. Shape: -> (stop - start, pca_dim).
@@ -557,9 +431,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         ``sin(z + p) = sin z cos p + cos z sin p`` of constant ``sin z``, ``cos z``, and LayerNorm is affine
         per pixel, so LayerNorm + (channel-dropout-masked) first linear layer reduce to one product of the
         constant colour table with a small parameter-dependent matrix plus row and column terms; the per-pixel
-        mean and variance come from the same tables (``sin^2 = (1 - cos 2(z + p)) / 2``). On the whole
-        grid with gradients enabled the hidden layers run as :class:`_HiddenLayers` (their maps in
-        ``workspace`` when one is given).
+        mean and variance come from the same tables (``sin^2 = (1 - cos 2(z + p)) / 2``).
         """
         h, w = size
         stop = h * w if stop is None else stop
@@ -609,11 +481,6 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             # one GEMM over all pixels (its backward: one (6F + 3, H*W) @ (H*W, H1) product for ``mat``)
             acc = torch.addmm(rows_cols, first, mat)
             rstd = torch.rsqrt(msq - mean.square() + norm.eps).view(h * w, 1)
-            fast_hidden = self.fast_hidden and torch.is_grad_enabled()
-            hidden_params = self._hidden_params() if fast_hidden else None
-            if hidden_params is not None:  # training: the hidden layers with a hand-written backward
-                eps, params = hidden_params
-                return _HiddenLayers.apply(c0, acc, rstd, eps, workspace, *params)
             # a fresh tensor, not a view: the in-place ReLU after it needs no CopySlices in backward
             y = _ScaleRows.apply(c0, acc, rstd)
         else:
@@ -626,13 +493,8 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
             y = torch.addcmul(c0, acc, rstd[:, None])
         return self._layers(y, 3)
 
-    def forward_compressed(
-        self, image: torch.Tensor, *, workspace: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward_compressed(self, image: torch.Tensor) -> torch.Tensor:
         """Features in PCA space at every pixel of ``image`` (differentiable; used while fitting).
-
-        ``workspace``: a dict the caller keeps between calls (a fit, one per step); the largest maps of
-        the whole-grid field reuse its memory instead of fresh allocations. One forward per backward.
 
         Shape:
             - image: (B, 3, H, W) RGB in [0, 1], usually the stored image (B = 1)
@@ -644,7 +506,7 @@ class ImplicitUpsampler(Upsampler, CheckpointMixin):
         b, _, h, w = image.shape
         dtype = self.phases.dtype
         if self._grid_field_applies(image):
-            out = self._grid_field(self._image_tables(image), (h, w), workspace=workspace)
+            out = self._grid_field(self._image_tables(image), (h, w))
         else:
             coords = pixel_coordinates((h, w), device=image.device, dtype=dtype).repeat(b, 1)
             colors = image.to(dtype).permute(0, 2, 3, 1).reshape(-1, 3)

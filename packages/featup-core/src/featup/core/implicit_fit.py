@@ -43,7 +43,7 @@ from featup.core.downsamplers import (
     window_indices,
     window_pool,
 )
-from featup.core.implicit import ImplicitUpsampler, _scratch
+from featup.core.implicit import ImplicitUpsampler
 from featup.core.jitter import JitterParams, apply_jitter
 from featup.core.losses import tv_loss
 from featup.core.pca import PCA
@@ -293,6 +293,30 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
         rows.permute(1, 0, 2, 3).reshape(b, c * h, w), 2, ix.reshape(b, 1, -1).expand(-1, c * h, -1)
     ).view(b, c, h, w, 2)
     return (gathered * wx.to(x.dtype).view(b, 1, 1, w, 2)).sum(-1)
+
+
+def _scratch(
+    workspace: dict[str, torch.Tensor] | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A tensor of ``shape`` whose memory is kept in ``workspace`` between calls (fresh without a workspace).
+
+    Why: the fused pooling's 10-35 MB temporaries, allocated fresh each step, are handed back to the
+    kernel by glibc and page-faulted in again on the next step; a fit reuses the same memory instead. A tensor saved for
+    backward and overwritten by a later forward before that backward ran makes autograd raise (version
+    counter), never a silent wrong answer.
+    """
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        workspace[name] = buf
+    return buf[:numel].view(shape)
 
 
 class _TilePool(torch.autograd.Function):
@@ -969,7 +993,7 @@ def _objective(
     # the fast path's one-pass backwards; the plain path keeps the plain ops (bitwise its reference)
     magnitude, tv_of = (_magnitude, _tv) if cfg.fused else (_plain_magnitude, tv_loss)
     with mixed_precision(precision, device):
-        hr = imp.forward_compressed(image, workspace=workspace)
+        hr = imp.forward_compressed(image)
         extra = magnitude(hr) if cfg.mag_weight > 0 else None
         pooled = pool_views(down, hr, extra, jitters, out_size, fused=cfg.fused, workspace=workspace)
         log_scale = head(targets) if head is not None else None
