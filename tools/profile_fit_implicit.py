@@ -44,7 +44,7 @@ GROUPS = [
     ),
     ("pooling GEMMs (_TilePool, tile copies)", ["TilePool", "_TilePool"]),
     ("pooling matrices Ay^T a Ax", ["fused_view_pool", "BmmBackward", "IndexBackward"]),
-    ("salience with dropout", ["_salience", "DroppedSalience", "MulBackward", "MmBackward"]),
+    ("salience with dropout", ["_salience", "MulBackward", "MmBackward"]),
     (
         "attention weights: jittered salience, windows, softmax",
         ["_attention_weights", "_jitter_map", "_masked_softmax", "IndexSelect", "MaskedFill", "Softmax"]

@@ -143,31 +143,6 @@ def test_fused_pooling_with_a_workspace_equals_fresh_memory(monkeypatch, steps):
         first.sum().backward()
 
 
-@pytest.mark.parametrize("workspace", [None, {}])
-def test_dropped_salience_equals_the_masked_product_with_its_gradients(workspace):
-    """The training salience (mask from 31 random bits, hand-written backward, workspace memory) equals
-    ``(x * mask) @ (w / (1 - p))^T + b`` with the same bits: value and gradients (features, weight, bias)."""
-    torch.manual_seed(0)
-    down = create_downsampler("attention", 5, 3).double().train()
-    hr = torch.randn(1, 5, 7, 6, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(1, 1, 7, 6, dtype=torch.float64)
-    params = [hr, *down.salience_net[1].parameters()]
-    for _ in range(2):  # a reused workspace gives the same answer the second time
-        torch.manual_seed(7)
-        sal = _salience(down, hr, workspace)
-        got = torch.autograd.grad((sal * g).sum(), params)
-        torch.manual_seed(7)
-        conv, p = down.salience_net[1], down.salience_net[0].p
-        flat = hr.permute(0, 2, 3, 1).reshape(42, 5)
-        mask = torch.empty(42, 5, dtype=torch.int32).random_() < round((1 - p) * 2**31)
-        ref = ((flat * mask) @ (conv.weight.view(1, 5) / (1 - p)).T + conv.bias).view(1, 1, 7, 6)
-        want = torch.autograd.grad((ref * g).sum(), params)
-        assert 0 < int(mask.sum()) < mask.numel()
-        torch.testing.assert_close(sal, ref, rtol=0, atol=1e-12)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-
-
 def test_fast_fit_follows_the_plain_fit():
     """Same seed, same views: the fused fit's loss curve and weights match the plain one (float32 rounding).
 
