@@ -305,9 +305,11 @@ def _scratch(
     """A tensor of ``shape`` whose memory is kept in ``workspace`` between calls (fresh without a workspace).
 
     Why: the fused pooling's 10-35 MB temporaries, allocated fresh each step, are handed back to the
-    kernel by glibc and page-faulted in again on the next step; a fit reuses the same memory instead. A tensor saved for
-    backward and overwritten by a later forward before that backward ran makes autograd raise (version
-    counter), never a silent wrong answer.
+    kernel by glibc and page-faulted in again on the next step; a fit reuses the same memory instead. A
+    tensor saved for backward and overwritten by a later forward before that backward ran makes autograd
+    raise (version counter), never a silent wrong answer.
+
+    Shape: -> ``shape`` (a view of the workspace's buffer ``name``, grown when too small).
     """
     if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
