@@ -106,6 +106,43 @@ def _check_fused_against_plain(kind: str, shape: tuple[int, int, int, int, int])
         torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
 
 
+def _fused_out_and_grads(down, hr, jitters, workspace, seed=0):
+    torch.manual_seed(seed)  # the salience's dropout draws
+    extra = hr.norm(dim=1, keepdim=True)
+    out = pool_views(down, hr, extra, jitters, (5, 6), fused=True, workspace=workspace)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return out.detach(), torch.autograd.grad((out * weight).sum(), [hr, *down.parameters()])
+
+
+@pytest.mark.parametrize("steps", [(4, 8), (64, 1000)])  # many overlapping tiles; one tile (the map)
+def test_fused_pooling_with_a_workspace_equals_fresh_memory(monkeypatch, steps):
+    """The fused pooling's temporaries in a reused workspace (pooling matrices, their gradient, tiles,
+    salience bits and mask): outputs and gradients bit for bit those with fresh memory, step after step,
+    with the training salience's dropout."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_ROW_STEP", steps[0])
+    monkeypatch.setattr(fit_mod, "POOL_COL_STEP", steps[1])
+    torch.manual_seed(0)
+    down = create_downsampler("attention", 6, 9).double().train()
+    gen = torch.Generator().manual_seed(1)
+    jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(4)] + [JitterParams(flip=True)]
+    hr = torch.randn(1, 6, 40, 52, dtype=torch.float64, requires_grad=True)
+    workspace: dict[str, torch.Tensor] = {}
+    for seed in (0, 1):
+        ref, ref_grads = _fused_out_and_grads(down, hr, jitters, None, seed)
+        out, grads = _fused_out_and_grads(down, hr, jitters, workspace, seed)
+        assert torch.equal(out, ref)
+        for a, b in zip(ref_grads, grads):
+            assert torch.equal(a, b)
+    assert {"mats", "grad_mats", "bits", "keep"} <= set(workspace)
+    # a second forward into the workspace before the first one's backward: autograd refuses
+    first = pool_views(down, hr, None, jitters, (5, 6), fused=True, workspace=workspace)
+    pool_views(down, hr, None, jitters, (5, 6), fused=True, workspace=workspace)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.sum().backward()
+
+
 def test_fast_fit_follows_the_plain_fit():
     """Same seed, same views: the fused fit's loss curve and weights match the plain one (float32 rounding).
 

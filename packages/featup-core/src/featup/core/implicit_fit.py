@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,41 +295,93 @@ def _jitter_map(x: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor
     return (gathered * wx.to(x.dtype).view(b, 1, 1, w, 2)).sum(-1)
 
 
+def _scratch(
+    workspace: dict[str, torch.Tensor] | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A tensor of ``shape`` whose memory is kept in ``workspace`` between calls (fresh without a workspace).
+
+    Why: the fused pooling's 10-35 MB temporaries, allocated fresh each step, are handed back to the
+    kernel by glibc and page-faulted in again on the next step; a fit reuses the same memory instead. A
+    tensor saved for backward and overwritten by a later forward before that backward ran makes autograd
+    raise (version counter), never a silent wrong answer.
+
+    Shape: -> ``shape`` (a view of the workspace's buffer ``name``, grown when too small).
+    """
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        workspace[name] = buf
+    return buf[:numel].view(shape)
+
+
 class _TilePool(torch.autograd.Function):
-    """out[n] = mats[n] . hr[rs + (0..Ls), cs + (0..Lt)] for windows ``n`` grouped by (row slab, column tile).
+    """out[n] = mats[n] . hr[rs + (0..Ls), cs + (0..Lt)] with ``mats[n] = left[n] @ ax[n]`` (Ls, Lt), for
+    windows ``n`` grouped by (row slab, column tile).
 
     ``hr`` is pixel-major (H*W, C). The column tiles ``hr[:, cs : cs + Lt]`` are copied once into contiguous
     (H, Lt, C) blocks, so each group of windows is one GEMM ``(m, Ls*Lt) @ (Ls*Lt, C)`` over a contiguous
-    slab; backward accumulates into the tiles' gradients and adds them back into one buffer.
+    slab; backward accumulates into the tiles' gradients and adds them back into one buffer. The pooling
+    matrices are formed here (not by autograd) so that they, their gradient and the tiles can live in a
+    reusable ``workspace`` (:func:`_scratch`); ``ax`` is a constant (no gradient).
 
-    Shape: hr (H*W, C), mats (N, Ls*Lt) -> (N, C); ``plan`` lists (first, last + 1, tile, rs) per group.
+    Shape: hr (H*W, C), left (N, Ls, k), ax (N, k, Lt) -> (N, C); ``plan`` lists (first, last + 1, tile, rs)
+    per group.
     """
 
     @staticmethod
-    def forward(ctx, hr, mats, plan, size, tile_starts, slab):  # type: ignore[override]
+    def forward(ctx, hr, left, ax, plan, size, tile_starts, slab, workspace):  # type: ignore[override]
         in_h, in_w = size
         rows_l, cols_l = slab
+        n, dtype, device = left.shape[0], hr.dtype, hr.device
+        mats = _scratch(workspace, "mats", (n, rows_l, cols_l), dtype, device)
+        torch.bmm(left, ax, out=mats)
+        mats = mats.view(n, rows_l * cols_l)
         grid = hr.view(in_h, in_w, -1)
+        c = grid.shape[-1]
         whole = len(tile_starts) == 1 and cols_l == in_w  # one tile: the map itself, no copy
-        tiles = [grid] if whole else [grid[:, c : c + cols_l].contiguous() for c in tile_starts]
-        out = hr.new_empty(mats.shape[0], hr.shape[1])
+        if whole:
+            tiles = [grid]
+        else:
+            tiles = [
+                _scratch(workspace, f"tile{t}", (in_h, cols_l, c), dtype, device).copy_(
+                    grid[:, s : s + cols_l]
+                )
+                for t, s in enumerate(tile_starts)
+            ]
+        out = hr.new_empty(n, c)
         for first, last, t, rs in plan:
             block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, -1)
             torch.mm(mats[first:last], block, out=out[first:last])
         ctx.plan, ctx.size, ctx.tile_starts, ctx.slab = plan, size, tile_starts, slab
-        ctx.save_for_backward(mats, *tiles)
+        ctx.workspace = workspace
+        ctx.save_for_backward(mats, ax, *tiles)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        mats, *tiles = ctx.saved_tensors
+        mats, ax, *tiles = ctx.saved_tensors
         in_h, in_w = ctx.size
         rows_l, cols_l = ctx.slab
         c = tiles[0].shape[-1]
+        ws = ctx.workspace
+        dtype, device = mats.dtype, mats.device
         need_hr, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_tiles = [mats.new_zeros(in_h, cols_l, c) for _ in ctx.tile_starts] if need_hr else None
-        grad_m = torch.empty_like(mats) if need_m else None
+        grad_tiles = None
+        whole = len(ctx.tile_starts) == 1 and cols_l == in_w
+        if need_hr:  # one tile: its gradient is returned itself, so it must not live in the workspace
+            grad_tiles = [
+                _scratch(None if whole else ws, f"grad_tile{t}", (in_h, cols_l, c), dtype, device).zero_()
+                for t in range(len(ctx.tile_starts))
+            ]
+        grad_m = _scratch(ws, "grad_mats", tuple(mats.shape), dtype, device) if need_m else None
         grad = grad.contiguous()
         for first, last, t, rs in ctx.plan:
             g = grad[first:last]
@@ -338,9 +390,12 @@ class _TilePool(torch.autograd.Function):
             if need_m:
                 block = tiles[t][rs : rs + rows_l].view(rows_l * cols_l, c)
                 torch.mm(g, block.T, out=grad_m[first:last])
+        grad_left = None
+        if need_m:  # mats = left @ ax: d left = d mats @ ax^T
+            grad_left = torch.bmm(grad_m.view(-1, rows_l, cols_l), ax.transpose(1, 2))
         grad_hr = None
         if need_hr:
-            if len(ctx.tile_starts) == 1 and cols_l == in_w:
+            if whole:
                 grad_hr = grad_tiles[0].view(in_h * in_w, c)
             else:
                 # the tiles' gradients side by side: copied where one tile covers a column, added where
@@ -359,7 +414,7 @@ class _TilePool(torch.autograd.Function):
                 if done < in_w:
                     acc[:, done:].zero_()
                 grad_hr = acc.view(in_h * in_w, c)
-        return grad_hr, grad_m, None, None, None, None
+        return grad_hr, grad_left, None, None, None, None, None, None
 
 
 def _blocks(lo: torch.Tensor, band: int, size: int, step: int) -> tuple[int, list[int], torch.Tensor]:
@@ -383,6 +438,7 @@ def fused_view_pool(
     salience: torch.Tensor | None,
     output_size: tuple[int, int],
     kernel_size: int,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``window_pool(apply_jitter(hr, t_b), a_b)`` for every jitter ``t_b``, without any jittered map.
 
@@ -401,6 +457,8 @@ def fused_view_pool(
         salience: (1, 1, H, W) salience of ``hr`` (jittered here with the features' taps), or None.
         output_size: (h, w).
         kernel_size: window side k.
+        workspace: a dict the caller keeps between calls; the largest temporaries reuse its memory
+            (:func:`_scratch`; one forward per backward). None: fresh memory.
 
     Shape:
         - hr: (1, C, H, W)
@@ -434,7 +492,9 @@ def fused_view_pool(
     bi = torch.div(order, w, rounding_mode="floor")  # (view, row) index of each sorted window
     bj = torch.div(order, h * w, rounding_mode="floor") * w + order % w  # (view, column) index
     left = torch.matmul(ay.view(b * h, k, rows_l)[bi].transpose(1, 2), a.reshape(b * h * w, k, k)[order])
-    mats = torch.matmul(left, ax.view(b * w, k, cols_l)[bj]).view(-1, rows_l * cols_l)  # (N, Ls * Lt)
+    n_win = order.numel()
+    ax_n = _scratch(workspace, "ax", (n_win, k, cols_l), dtype, device)
+    torch.index_select(ax.view(b * w, k, cols_l), 0, bj, out=ax_n)  # (N, k, Lt): mats = left @ ax_n
     keys = key.flatten()[order].tolist()
     slabs = rs.flatten()[bi].tolist()
     plan, first = [], 0
@@ -443,7 +503,7 @@ def fused_view_pool(
             plan.append((first, n, keys[first] % len(col_starts), slabs[first]))
             first = n
     flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
-    out = _TilePool.apply(flat, mats, plan, (in_h, in_w), col_starts, (rows_l, cols_l))  # (N, C) sorted
+    out = _TilePool.apply(flat, left, ax_n, plan, (in_h, in_w), col_starts, (rows_l, cols_l), workspace)
     unsorted = torch.empty_like(order)
     unsorted[order] = torch.arange(order.numel(), device=device)
     return out[unsorted].view(b, h, w, c).permute(0, 3, 1, 2)
@@ -464,11 +524,14 @@ def _attention_weights(
     return _masked_softmax(logits, vr[:, None, :, None] & vc[None, :, None, :])
 
 
-def _salience(down: AttentionDownsampler, hr: torch.Tensor) -> torch.Tensor:
+def _salience(
+    down: AttentionDownsampler, hr: torch.Tensor, workspace: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``down.salience(hr)`` for one pixel-major (channels-last) map, as one matrix-vector product.
 
     In training the dropout mask is drawn from 31 random bits per element (``keep = bits < (1 - p) 2^31``:
     the same distribution as ``nn.Dropout``'s up to 2^-31, at a fifth of ``bernoulli_``'s cost on a CPU).
+    The random bits and the mask reuse ``workspace``'s memory (:func:`_scratch`) when one is given.
 
     Shape:
         - hr: (1, C, H, W)
@@ -479,10 +542,41 @@ def _salience(down: AttentionDownsampler, hr: torch.Tensor) -> torch.Tensor:
     flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # a view of channels-last memory
     weight = conv.weight.view(1, c).to(hr.dtype)
     if down.training and drop.p > 0:
-        bits = torch.empty(flat.shape, dtype=torch.int32, device=flat.device).random_()
-        flat = flat * (bits < round((1.0 - drop.p) * 2**31))
-        weight = weight / (1.0 - drop.p)
+        bits = _scratch(workspace, "bits", tuple(flat.shape), torch.int32, flat.device).random_()
+        keep = _scratch(workspace, "keep", tuple(flat.shape), flat.dtype, flat.device)
+        torch.lt(bits, round((1.0 - drop.p) * 2**31), out=keep)  # 1.0 kept, 0.0 dropped
+        sal = _DroppedSalience.apply(flat, keep, weight / (1.0 - drop.p), workspace)
+        return (sal + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
     return (flat @ weight.T + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
+
+
+class _DroppedSalience(torch.autograd.Function):
+    """``(x * keep) @ weight^T`` for a 0/1 float mask ``keep``, with a hand-written backward.
+
+    Why: autograd's version multiplies by a bool mask (a slow type-promoting pass) in forward and again in
+    backward, and allocates both full-size products fresh; here the masked features and the masked weight
+    rows live in ``workspace`` (:func:`_scratch`) and backward is one product ``g * (keep * weight)``. The
+    same values as ``(x * keep) @ weight^T`` (multiplying by 1 or 0 is exact). ``keep`` is overwritten
+    (with ``keep * weight``).
+
+    Shape: x (N, C), keep (N, C), weight (1, C) -> (N, 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, weight, workspace):  # type: ignore[override]
+        masked = torch.mul(x, keep, out=_scratch(workspace, "masked", tuple(x.shape), x.dtype, x.device))
+        out = masked @ weight.T
+        keep.mul_(weight)  # the masked weight rows, for the features' gradient
+        ctx.save_for_backward(masked, keep)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        masked, keep_w = ctx.saved_tensors
+        grad_x = grad * keep_w if ctx.needs_input_grad[0] else None
+        grad_w = grad.T @ masked if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_w, None
 
 
 def pool_views(
@@ -493,9 +587,11 @@ def pool_views(
     output_size: tuple[int, int],
     *,
     fused: bool,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``down(t_b(F_hr))`` for every jitter; ``extra`` channels (e.g. ``|F_hr|``) are pooled with the same
-    weights but do not enter the salience. ``fused`` selects :func:`fused_view_pool` over the plain path.
+    weights but do not enter the salience. ``fused`` selects :func:`fused_view_pool` over the plain path;
+    ``workspace`` (fused only) is a dict kept between calls whose memory the temporaries reuse.
 
     Shape:
         - hr: (1, k, H, W); extra: (1, e, H, W) or None
@@ -510,7 +606,7 @@ def pool_views(
             return down(views, output_size)
         return window_pool(views, down.kernels(views[:, : hr.shape[1]], output_size), output_size)
     if attention:
-        sal = _salience(down, hr)  # dropout + 1x1 conv once; jittered as one channel
+        sal = _salience(down, hr, workspace)  # dropout + 1x1 conv once; jittered as one channel
 
         def weights(s: torch.Tensor | None) -> torch.Tensor:
             return _attention_weights(down, s, in_size, output_size)  # type: ignore[arg-type]
@@ -521,7 +617,7 @@ def pool_views(
         def weights(s: torch.Tensor | None) -> torch.Tensor:
             return down.kernels(hr, output_size)
 
-    return fused_view_pool(both, jitters, weights, sal, output_size, down.kernel_size)
+    return fused_view_pool(both, jitters, weights, sal, output_size, down.kernel_size, workspace)
 
 
 def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:
@@ -672,6 +768,8 @@ class _Fit:
     modules: dict[str, nn.Module]  # what the checkpoint holds: upsampler, downsampler, head
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    #: memory the fused pooling's temporaries reuse from step to step (see :func:`_scratch`)
+    workspace: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _fit_implicit(
@@ -701,7 +799,9 @@ def _fit_implicit(
     def step_fn(step: int) -> dict[str, float]:
         mv.seed_rngs(derive_seed(cfg.seed, "dropout", 0, step), device)
         jitters, targets = _step_views(backbone, image, cfg, fit.bank, fit.pca, step, precision)
-        terms = _objective(fit.imp, fit.down, fit.head, image, jitters, targets, cfg, precision)
+        terms = _objective(
+            fit.imp, fit.down, fit.head, image, jitters, targets, cfg, precision, fit.workspace
+        )
         mv.optimizer_step(fit.optimizer, fit.scaler, terms["loss"], cfg.lr * lr_factor(cfg, step))
         return mv.step_logs(
             **{k: v.detach() for k, v in terms.items()}, lr=fit.optimizer.param_groups[0]["lr"]
@@ -885,8 +985,10 @@ def _objective(
     targets: torch.Tensor,
     cfg: ImplicitFitConfig,
     precision: str,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The step's loss and its terms: eq. 1 over the views, TV (eq. 8), magnitude and blur-pin terms."""
+    """The step's loss and its terms: eq. 1 over the views, TV (eq. 8), magnitude and blur-pin terms.
+    ``workspace``: the fit's reusable memory for the fused pooling (:func:`_scratch`)."""
     device = image.device
     out_size = (int(targets.shape[-2]), int(targets.shape[-1]))
     k = int(targets.shape[1])
@@ -895,7 +997,7 @@ def _objective(
     with mixed_precision(precision, device):
         hr = imp.forward_compressed(image)
         extra = magnitude(hr) if cfg.mag_weight > 0 else None
-        pooled = pool_views(down, hr, extra, jitters, out_size, fused=cfg.fused)
+        pooled = pool_views(down, hr, extra, jitters, out_size, fused=cfg.fused, workspace=workspace)
         log_scale = head(targets) if head is not None else None
     # under mixed precision the loss is still computed in float32
     with full_precision(device):
