@@ -142,6 +142,48 @@ def test_jbu_consistency_is_back_projection_of_the_stack_without_it():
         torch.testing.assert_close(with_c(x, image, (3, 4)), without(x, image, (3, 4)))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_jbu_consistency_strength_moves_the_output_that_far_towards_its_back_projection(fused):
+    torch.manual_seed(2)
+    x = torch.randn(1, 5, 7, 7, dtype=torch.float64)
+    image = torch.rand(1, 3, 112, 112, dtype=torch.float64)
+    full = JBUStack().double().eval()
+    with torch.no_grad():
+        for stage in full.stages:
+            stage.gate.fill_(0.6)
+    stacks = {}
+    for a in (0.0, 0.3, 1.0):
+        up = JBUStack(consistency_strength=a).double().eval()
+        up.load_state_dict(full.state_dict())
+        up.fused = fused
+        stacks[a] = up
+    without = JBUStack(consistency=False).double().eval()
+    without.load_state_dict(full.state_dict())
+    without.fused = fused
+    with torch.no_grad():
+        pre, bp = without(x, image), back_project(without(x, image), x)
+        torch.testing.assert_close(stacks[1.0](x, image), bp, atol=1e-10, rtol=0)
+        torch.testing.assert_close(stacks[0.0](x, image), pre, atol=1e-10, rtol=0)
+        out = stacks[0.3](x, image)
+        torch.testing.assert_close(out, pre + 0.3 * (bp - pre), atol=1e-10, rtol=0)
+        # the cell means close 30% of the gap to the input's
+        torch.testing.assert_close(
+            pool_to(out, (7, 7)) - x, 0.7 * (pool_to(pre, (7, 7)) - x), atol=1e-10, rtol=0
+        )
+
+
+def test_jbu_consistency_strength_is_saved_checked_and_differentiable(tmp_path):
+    up = JBUStack(key_dim=4, n_stages=2, consistency_strength=0.25)
+    assert up.config()["consistency_strength"] == 0.25
+    assert JBUStack.load(up.save(tmp_path / "a")).consistency_strength == 0.25
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    up.train()(x, torch.rand(1, 3, 16, 16)).square().sum().backward()
+    assert x.grad is not None and all(s.gate.grad is not None for s in up.stages)
+    for bad, err in ((1.5, ValueError), (-0.1, ValueError), (True, TypeError), ("half", TypeError)):
+        with pytest.raises(err, match="consistency_strength"):
+            JBUStack(consistency_strength=bad)
+
+
 def test_back_project_takes_given_cell_means():
     g = torch.Generator().manual_seed(5)
     hr = torch.randn(2, 3, 48, 40, generator=g, dtype=torch.float64)
@@ -224,7 +266,7 @@ def test_configs_saved_before_consistency_load_without_it(tmp_path):
     (tmp_path / "pre.json").write_text(json.dumps(cfg))
     save_file(load_file(path), path, metadata={"format": "featup-checkpoint/1", "config": json.dumps(cfg)})
     loaded = JBUStack.load(path)
-    assert loaded.consistency is False
+    assert loaded.consistency is False and loaded.consistency_strength == 1.0
     x, image = torch.randn(1, 3, 5, 6), torch.rand(1, 3, 40, 48)
     up.consistency = False
     torch.testing.assert_close(loaded(x, image), up.eval()(x, image), atol=0, rtol=0)

@@ -1296,6 +1296,9 @@ class JBUStack(Upsampler, CheckpointMixin):
             replaced by the input features', so it average-pools back to them exactly and stays in the
             backbone's feature space; skipped for outputs smaller than the input. None: the variant's choice
             (on for "default", off for "paper" and "original"; stacks saved before this option load without).
+        consistency_strength: how far the back-projection moves the output, ``a`` in [0, 1]: the output is
+            ``pre + a (back_project(pre) - pre)`` (1: exact cell means, the default; 0: the stack without the
+            step). Lower values trade pooled-back agreement for CAM faithfulness (docs/decisions.md#cam-215).
         range_kernel, guidance_encoder, kernel_fixup, constrained_fixup, original: deprecated layout flags;
             still accepted (with a DeprecationWarning naming the ``variant`` to use) and still recorded by
             :meth:`config`, so every saved config loads as it was saved.
@@ -1325,6 +1328,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         safe_start: bool | None = None,
         base_kernel: str = "classic",
         consistency: bool | None = None,
+        consistency_strength: float = 1.0,
         **layout_flags: Any,
     ) -> None:
         super().__init__()
@@ -1349,6 +1353,10 @@ class JBUStack(Upsampler, CheckpointMixin):
             raise ValueError(f"expected base_kernel in {BASE_KERNELS}, got {base_kernel!r}")
         if not isinstance(consistency, bool):
             raise TypeError(f"expected consistency as True, False or None, got {consistency!r}")
+        if isinstance(consistency_strength, bool) or not isinstance(consistency_strength, (int, float)):
+            raise TypeError(f"expected consistency_strength as a number, got {consistency_strength!r}")
+        if not 0.0 <= consistency_strength <= 1.0:
+            raise ValueError(f"expected consistency_strength in [0, 1], got {consistency_strength!r}")
         if layout_flags:
             _deprecated_flags(
                 layout_flags, _variant_name(layout, original) or _custom(layout), bool(safe_start)
@@ -1380,6 +1388,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         self.safe_start = bool(safe_start)
         self.base_kernel = base_kernel if self.safe_start else "delta"
         self.consistency = consistency
+        self.consistency_strength = float(consistency_strength)
         self.original = original
         self.encoder: GuidanceEncoder | None = GuidanceEncoder(3, key_dim) if guidance_encoder else None
         for k in range(1, n_stages + 1):
@@ -1437,6 +1446,7 @@ class JBUStack(Upsampler, CheckpointMixin):
             "safe_start": self.safe_start,
             "base_kernel": self.base_kernel,
             "consistency": self.consistency,
+            "consistency_strength": self.consistency_strength,
             "original": self.original,
         }
 
@@ -1460,6 +1470,7 @@ class JBUStack(Upsampler, CheckpointMixin):
         "safe_start": False,
         "base_kernel": "delta",
         "consistency": False,
+        "consistency_strength": 1.0,
     }
 
     @classmethod
@@ -1506,8 +1517,15 @@ class JBUStack(Upsampler, CheckpointMixin):
         padding = None  # zero margins around x, written by the previous fused stage for this one
         (lr_h, lr_w), projected = lr_feats.shape[-2:], False
         back_projects = self.consistency and size[0] >= lr_h and size[1] >= lr_w
-        pool_cells = None
-        if back_projects and self.fixup_proj is None and size[0] % lr_h == 0 and size[1] % lr_w == 0:
+        strength = self.consistency_strength
+        pool_cells = None  # the last stage back-projects fully only; a partial step runs after it
+        if (
+            back_projects
+            and strength == 1.0
+            and self.fixup_proj is None
+            and size[0] % lr_h == 0
+            and size[1] % lr_w == 0
+        ):
             pool_cells = (size[0] // lr_h, size[1] // lr_w)
         pooled = _pooled_guidances(guidance, sizes) if self.fused else {}
         pooled_rgb = _pooled_guidances(rgb, sizes) if self.fused and rgb is not None else {}
@@ -1543,6 +1561,8 @@ class JBUStack(Upsampler, CheckpointMixin):
             conv_dtype = self.fixup_proj[1].weight.dtype
             x = x + self.proj_scale * self.fixup_proj(x.to(conv_dtype)).to(x.dtype)
         if back_projects and not projected:
+            if strength < 1.0:
+                return torch.lerp(x, back_project(x, lr_feats), strength)
             inplace = not (torch.is_grad_enabled() and x.requires_grad)
             x = back_project(x, lr_feats, inplace=inplace)
         return x
