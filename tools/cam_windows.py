@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append((name, name, None, up))
         if alphas and (name in BACK_PROJECTED or name in checkpoints):
             pre = upsampler(name, back_projection=False, checkpoint=checkpoints.get(name))
-            done = {1.0} if getattr(up, "consistency", True) else {0.0}  # the method's own row
-            runs.extend((f"{name} a={a:g}", name, a, blended(pre, a)) for a in alphas if a not in done)
+            own = getattr(up, "consistency_strength", 1.0) if getattr(up, "consistency", True) else 0.0
+            runs.extend((f"{name} a={a:g}", name, a, blended(pre, a)) for a in alphas if a != own)
     if "bilinear" not in methods:
         runs.append(("bilinear", "bilinear", None, upsampler("bilinear")))
     runs.sort(key=lambda run: run[0] != "bilinear")  # the reference of the paired differences comes first

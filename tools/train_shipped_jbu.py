@@ -30,7 +30,15 @@ DEFAULT_OUT = (
 )
 
 #: the shipped settings (each is a command-line option)
-DEFAULTS = {"steps": 200, "size": 128, "batch_size": 2, "seed": 0, "lr": None, "layer": 16}
+DEFAULTS = {
+    "steps": 200,
+    "size": 128,
+    "batch_size": 2,
+    "seed": 0,
+    "lr": None,
+    "layer": 16,
+    "consistency_strength": 1.0,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,11 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layer", default=DEFAULTS["layer"], help="EfficientNet-Lite0 layer: 8, 16, 32 or head (default 16)"
     )
+    p.add_argument(
+        "--consistency-strength",
+        type=float,
+        default=DEFAULTS["consistency_strength"],
+        help="train JBUStack(consistency_strength=A): 1 the shipped exact back-projection, 0 none (the paper's "
+        "objective); see docs/decisions.md#cam-variants-5",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path without suffix")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.layer = args.layer if args.layer == "head" else int(args.layer)
+    if not 0.0 <= args.consistency_strength <= 1.0:
+        p.error(f"expected --consistency-strength in [0, 1], got {args.consistency_strength}")
     if args.steps < 1 or args.size < 32 or args.batch_size < 1:
         p.error(
             f"expected --steps >= 1, --size >= 32, --batch-size >= 1; got {args.steps}, {args.size}, {args.batch_size}"
@@ -69,7 +86,7 @@ def train(args: argparse.Namespace) -> Path:
     import torch
 
     from featup.backbones import create_backbone
-    from featup.core import train_jbu
+    from featup.core import JBUStack, train_jbu
     from featup.eval.photos import TRAIN_PHOTOS
     from featup.eval.real_bench import training_windows
 
@@ -77,6 +94,10 @@ def train(args: argparse.Namespace) -> Path:
     backbone = create_backbone("efficientnet_lite0", pretrained=True, layer=args.layer)
     images = training_windows(TRAIN_PHOTOS, args.size)
     kwargs = {} if args.lr is None else {"lr": args.lr}
+    if (
+        args.consistency_strength != 1.0
+    ):  # else train_jbu's own fresh JBUStack(), as the shipped file was made
+        kwargs["upsampler"] = JBUStack(consistency_strength=args.consistency_strength)
     t0 = time.perf_counter()
     jbu = train_jbu(
         backbone,
@@ -103,6 +124,7 @@ def train(args: argparse.Namespace) -> Path:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "lr": args.lr if args.lr is not None else "train_jbu default",
+        "consistency_strength": args.consistency_strength,
         "train_jbu": "featup.core.train_jbu defaults otherwise; kernel_size = backbone stride",
         "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / args.steps, 3),

@@ -87,6 +87,18 @@ def test_training_script_at_tiny_scale(tmp_path):
     )
     with pytest.raises(SystemExit):
         tool.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--consistency-strength", "1.5"])
+
+
+def test_training_script_trains_the_asked_consistency_strength(tmp_path):
+    tool = load_tool("train_shipped_jbu")
+    out = tmp_path / "jbu0"
+    argv = ["--steps", "1", "--size", "48", "--consistency-strength", "0", "--out", str(out), "--no-progress"]
+    assert tool.main(argv) == 0
+    jbu = JBUStack.load(out.with_suffix(".safetensors"))
+    extra = json.loads(out.with_suffix(".json").read_text())["extra"]
+    assert jbu.consistency_strength == 0.0 and extra["consistency_strength"] == 0.0
 
 
 def test_real_demo_quick(tmp_path, capsys):
