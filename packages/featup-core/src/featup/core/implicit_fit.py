@@ -545,38 +545,8 @@ def _salience(
         bits = _scratch(workspace, "bits", tuple(flat.shape), torch.int32, flat.device).random_()
         keep = _scratch(workspace, "keep", tuple(flat.shape), flat.dtype, flat.device)
         torch.lt(bits, round((1.0 - drop.p) * 2**31), out=keep)  # 1.0 kept, 0.0 dropped
-        sal = _DroppedSalience.apply(flat, keep, weight / (1.0 - drop.p), workspace)
-        return (sal + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
+        flat, weight = flat * keep, weight / (1.0 - drop.p)
     return (flat @ weight.T + conv.bias.to(hr.dtype)).view(1, 1, in_h, in_w)
-
-
-class _DroppedSalience(torch.autograd.Function):
-    """``(x * keep) @ weight^T`` for a 0/1 float mask ``keep``, with a hand-written backward.
-
-    Why: autograd's version multiplies by a bool mask (a slow type-promoting pass) in forward and again in
-    backward, and allocates both full-size products fresh; here the masked features and the masked weight
-    rows live in ``workspace`` (:func:`_scratch`) and backward is one product ``g * (keep * weight)``. The
-    same values as ``(x * keep) @ weight^T`` (multiplying by 1 or 0 is exact). ``keep`` is overwritten
-    (with ``keep * weight``).
-
-    Shape: x (N, C), keep (N, C), weight (1, C) -> (N, 1).
-    """
-
-    @staticmethod
-    def forward(ctx, x, keep, weight, workspace):  # type: ignore[override]
-        masked = torch.mul(x, keep, out=_scratch(workspace, "masked", tuple(x.shape), x.dtype, x.device))
-        out = masked @ weight.T
-        keep.mul_(weight)  # the masked weight rows, for the features' gradient
-        ctx.save_for_backward(masked, keep)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        masked, keep_w = ctx.saved_tensors
-        grad_x = grad * keep_w if ctx.needs_input_grad[0] else None
-        grad_w = grad.T @ masked if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_w, None
 
 
 def pool_views(
