@@ -68,6 +68,22 @@ def test_lifted_is_the_phases_plus_the_weighted_rows(cpu_isa, case, dtype):
     assert torch.equal(fallback(x, f, rows, start, weights), out)
 
 
+def test_a_streamed_output_equals_the_cached_one_bit_for_bit(cpu_isa):
+    # outputs of 16 MB and more are written with streaming stores into huge-page-advised memory; channels are
+    # independent, so two halves of the channels (each under 16 MB: ordinary stores) must give the same bits
+    x, f, rows, start, weights = _lift_inputs((1, 96, 112, 112, 7, 2, 2, 14, 4), torch.float32)
+    out = torch.ops.featup.adaptive_conv_phases_lifted(x, f, rows, start, weights)
+    assert out.numel() * out.element_size() >= 16 << 20
+    halves = [
+        torch.ops.featup.adaptive_conv_phases_lifted(x[:, s], f, rows[:, s], start, weights)
+        for s in (slice(0, 48), slice(48, 96))
+    ]
+    assert halves[0].numel() * halves[0].element_size() < 16 << 20
+    assert torch.equal(out, torch.cat(halves, 1))
+    ref = _lift_reference(x[:, :4], f, rows[:, :4], start, weights)
+    torch.testing.assert_close(out[:, :4].double(), ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+
+
 def test_lifted_falls_back_without_the_compiled_op(monkeypatch):
     x, f, rows, start, weights = _lift_inputs(LIFT_CASES[1], torch.float64)
     out = adaptive_conv_phases_lifted(x, f, rows, start, weights)
