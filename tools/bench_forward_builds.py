@@ -3,10 +3,10 @@
 A change inside the compiled ops (not in ``jbu.py``) cannot be timed before/after in one process: each build is
 its own extension module. This script runs one short subprocess per (round, build), the builds alternating
 round by round so that load changes hit them alike, and reports per build the median over rounds of each
-process's medians: ``JBUStack()`` forward (default layout, gates at 1, as ``tools/bench_perf.py``'s
-``jbu_forward``), bilinear ``F.interpolate`` to the same size in the same process, and their ratio. Time is
-the process's CPU time (one thread), so waiting for a core shared with other jobs does not count; the memory
-system is still shared, which is why several rounds are needed.
+process's medians: ``JBUStack()`` forward (default layout, gates at 1: the ``jbu_forward`` setup of
+``tools/bench_perf.py``, imported from it), bilinear ``F.interpolate`` to the same size in the same process,
+and their ratio. Time is the process's CPU time (one thread), so waiting for a core shared with other jobs
+does not count; the memory system is still shared, which is why several rounds are needed.
 
 A build is ``LABEL=PATH``: PATH is a directory that holds ``featup/kernels`` (``pip install --target PATH
 packages/featup-kernels``), put first on ``sys.path`` in the subprocess, or ``installed`` for the environment's
@@ -27,29 +27,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_CHILD = r"""
-import json, statistics, sys, time
-import torch
-import torch.nn.functional as F
-import featup.kernels
-from featup.core import JBUStack
+_BENCH_PERF = Path(__file__).resolve().parent / "bench_perf.py"  # the forward's setup: its _jbu_callables
 
-channels, size, lr, repeats = json.loads(sys.argv[1])
+_CHILD = r"""
+import importlib.util, json, statistics, sys, time
+import torch
+import featup.kernels
+
+channels, size, lr, repeats, tool = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("bench_perf", tool)
+bench_perf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_perf)
 torch.set_num_threads(1)
 result = {"kernels": featup.kernels.__file__}
 for c in channels:
-    torch.manual_seed(0)
-    stack = JBUStack().eval()
-    with torch.no_grad():
-        for stage in stack.stages:
-            stage.gate.fill_(1.0)
-    g = torch.Generator().manual_seed(1)
-    feats = torch.randn(1, c, lr, lr, generator=g)
-    image = torch.rand(1, 3, size, size, generator=g)
-    calls = {
-        "bilinear": lambda: F.interpolate(feats, size=(size, size), mode="bilinear", align_corners=False),
-        "jbu": lambda: stack(feats, image),
-    }
+    every = bench_perf._jbu_callables({"channels": c, "lr": lr, "out": size})  # bench_perf's own setup
+    calls = {"bilinear": every["bilinear"], "jbu": every["jbu (fused)"]}
     times = {k: [] for k in calls}
     with torch.inference_mode():
         for f in calls.values():
@@ -80,7 +73,7 @@ def run_child(path: str, channels: list[int], size: int, lr: int, repeats: int) 
     if path != "installed":
         env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps([channels, size, lr, repeats])],
+        [sys.executable, "-c", _CHILD, json.dumps([channels, size, lr, repeats, str(_BENCH_PERF)])],
         env=env,
         capture_output=True,
         text=True,
