@@ -554,6 +554,13 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[
         return torch.sparse_csr_tensor(crow, col, vals, size, check_invariants=False)
 
 
+def _csr_mm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x`` for a CSR ``a`` into fresh memory that is not zero-filled first (``beta = 0``: the output's
+    old contents are ignored; ``@`` fills it with zeros, a whole extra pass over a map-sized gradient)."""
+    out = x.new_empty(a.shape[0], x.shape[1])
+    return torch.addmm(out, a, x, beta=0.0, out=out)
+
+
 class _SparsePool(torch.autograd.Function):
     """out = A @ hr for the CSR matrix A with constant structure and differentiable values ``vals``.
 
@@ -566,7 +573,7 @@ class _SparsePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hr, vals, plan):  # type: ignore[override]
         crow, col, _, _, _, n, p = plan
-        out = _csr(crow, col, vals, (n, p)) @ hr
+        out = _csr_mm(_csr(crow, col, vals, (n, p)), hr)
         ctx.plan = plan
         ctx.save_for_backward(hr, vals)
         return out
@@ -579,7 +586,7 @@ class _SparsePool(torch.autograd.Function):
         grad = grad.contiguous()
         grad_hr = grad_vals = None
         if ctx.needs_input_grad[0]:
-            grad_hr = _csr(crow_t, row_t, vals.index_select(0, perm_t), (p, n)) @ grad
+            grad_hr = _csr_mm(_csr(crow_t, row_t, vals.index_select(0, perm_t), (p, n)), grad)
         if ctx.needs_input_grad[1]:
             grad_vals = torch.sparse.sampled_addmm(
                 _csr(crow, col, vals, (n, p)), grad, hr.T, beta=0.0
