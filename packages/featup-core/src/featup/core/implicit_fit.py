@@ -565,9 +565,9 @@ class _SparsePool(torch.autograd.Function):
     """out = A @ hr for the CSR matrix A with constant structure and differentiable values ``vals``.
 
     Backward: ``grad_hr = A^T grad`` through the transposed structure (``crow_t``, ``row_t``; entry ``e`` of
-    A^T is entry ``perm_t[e]`` of A), ``grad_vals`` = the sampled product ``(grad hr^T)`` on A's pattern.
+    A is entry ``dest[e]`` of A^T), ``grad_vals`` = the sampled product ``(grad hr^T)`` on A's pattern.
 
-    Shape: hr (P, C), vals (nnz,) -> (N, C); ``plan`` = (crow, col, crow_t, row_t, perm_t, N, P).
+    Shape: hr (P, C), vals (nnz,) -> (N, C); ``plan`` = (crow, col, crow_t, row_t, dest, N, P).
     """
 
     @staticmethod
@@ -582,11 +582,12 @@ class _SparsePool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         hr, vals = ctx.saved_tensors
-        crow, col, crow_t, row_t, perm_t, n, p = ctx.plan
+        crow, col, crow_t, row_t, dest, n, p = ctx.plan
         grad = grad.contiguous()
         grad_hr = grad_vals = None
         if ctx.needs_input_grad[0]:
-            grad_hr = _csr_mm(_csr(crow_t, row_t, vals.index_select(0, perm_t), (p, n)), grad)
+            vals_t = torch.empty_like(vals).scatter_(0, dest, vals)  # A's values in A^T's order
+            grad_hr = _csr_mm(_csr(crow_t, row_t, vals_t, (p, n)), grad)
         if ctx.needs_input_grad[1]:
             grad_vals = torch.sparse.sampled_addmm(
                 _csr(crow, col, vals, (n, p)), grad, hr.T, beta=0.0
@@ -646,7 +647,6 @@ def _sparse_view_pool(
     col = torch.empty(nnz, dtype=index, device=device)  # A's column (source pixel) of each entry
     dest = torch.empty(nnz, dtype=torch.long, device=device)  # its slot in A^T
     window_of = torch.empty(nnz, dtype=index, device=device)  # its row of A
-    start = start.view(b, -1)
     vals, off = [], 0
     i_idx, j_idx = torch.arange(h, device=device), torch.arange(w, device=device)
     # one weight tensor per view (unbind: one gradient buffer for all views, not one zeroed map per view)
@@ -659,26 +659,27 @@ def _sparse_view_pool(
         m = h * w * rb * cb
         yv = r0[v][:, None] + torch.arange(rb, device=device)  # (h, Rb) source rows
         xv = c0[v][:, None] + torch.arange(cb, device=device)  # (w, Cb) source columns
-        pix = (yv * in_w)[:, None, :, None] + xv[None, :, None, :]  # (h, w, Rb, Cb)
-        col[off : off + m] = pix.flatten()
-        # slot of entry (i, j, dy, dx) in A^T's row of pixel (y, x): view v's first slot there, then
-        # (rank of i among the row's covering windows) * (covering windows of x) + (rank of j)
+        torch.add(
+            (yv * in_w)[:, None, :, None], xv[None, :, None, :], out=col[off : off + m].view(h, w, rb, cb)
+        )  # source pixel of each entry
+        # slot of entry (i, j, dy, dx) in A^T's row of pixel (y, x): view v's first slot there, plus
+        # (rank of i among the covering windows of row y) * (covering windows of column x) + (rank of j);
+        # the first two terms depend on (i, dy, x) only: one (h, Rb, W) table, gathered at x = c0_j + dx
         ra = rank_r[v][yv, i_idx[:, None]]  # (h, Rb)
         rc = rank_c[v][xv, j_idx[:, None]]  # (w, Cb)
-        inner = ra[:, None, :, None] * cnt_c[v][xv][None, :, None] + rc[None, :, None]  # (h, w, Rb, Cb)
-        torch.add(start[v].index_select(0, pix.flatten()), inner.flatten(), out=dest[off : off + m])
+        table = start[v][yv] + ra[:, :, None] * cnt_c[v]  # (h, Rb, W)
+        at_x = xv[None, :, None, :].expand(h, w, rb, cb)
+        first = table[:, None].expand(h, w, rb, in_w).gather(3, at_x)  # (h, w, Rb, Cb)
+        torch.add(first, rc[None, :, None], out=dest[off : off + m].view(h, w, rb, cb))
         window_of[off : off + m].view(h * w, rb * cb).copy_(
             torch.arange(v * h * w, (v + 1) * h * w, device=device)[:, None].expand(h * w, rb * cb)
         )
         off += m
     vals_all = torch.cat(vals)
     crow = torch.cat([size.new_zeros(1), size.repeat_interleave(h * w).cumsum(0)]).to(index)
-    perm_t = torch.empty(nnz, dtype=index, device=device).scatter_(
-        0, dest, torch.arange(nnz, dtype=index, device=device)
-    )
     row_t = torch.empty(nnz, dtype=index, device=device).scatter_(0, dest, window_of)
     crow_t = crow_t.to(index)
-    plan = (crow, col, crow_t, row_t, perm_t, n_win, n_pix)
+    plan = (crow, col, crow_t, row_t, dest, n_win, n_pix)
     flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
     out = _SparsePool.apply(flat, vals_all, plan)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
