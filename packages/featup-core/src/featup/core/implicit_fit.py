@@ -12,7 +12,8 @@ What makes a step cheap (the backbone is frozen and the views are known in advan
   (as the original code does with 3000 views); each step draws ``n_jitters`` of them;
 - the jitter and the downsampler's window pooling are fused (:func:`fused_view_pool`): no jittered copy of
   the high-resolution features is ever built, and the salience is computed once and jittered as one channel;
-  the windows are grouped so that each group is one GEMM over a contiguous slab of the pixel-major map;
+  on the CPU all windows are the rows of one sparse (CSR) matrix over the pixel-major map, each a rectangle
+  as tight as its view's band (elsewhere: grouped GEMMs over contiguous slabs);
 - the field is evaluated on the whole pixel grid without a per-pixel encoding
   (``ImplicitUpsampler._grid_field``: separable coordinate terms, constant colour tables, LayerNorm folded
   into the first layer), and stays pixel-major (channels-last) from the MLP to the pooling.
@@ -602,10 +603,10 @@ def _sparse_view_pool(
 
     Each window's pooling matrix ``Ay^T a_ij Ax`` is stored on a rectangle of ``Rb x Cb`` source pixels
     (``Rb``, ``Cb``: the largest row and column band of view ``b``'s windows, so a zoomed view's rectangles
-    are smaller), placed at the window's first band row and column (moved inside the map where needed). The
-    multiply-adds are those of the rectangles (1.2 M entries at Table 7's settings) instead of the tile
-    path's dense slabs (7-8x as many); the transposed structure for the backward is built here from the
-    rectangles' coverage counts, without sorting.
+    are smaller), placed at the window's first band row and column (moved inside the map where needed). Why:
+    the multiply-adds are those of the rectangles, not of the tile path's dense slabs, which are mostly
+    zeros. The transposed structure for the backward is built here from the rectangles' coverage counts
+    (which windows of a view cover each source row and column), without sorting.
 
     Shape: hr (1, C, H, W), a (B, h, w, k, k) -> (B, C, h, w)
     """
