@@ -555,15 +555,20 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[
         return torch.sparse_csr_tensor(crow, col, vals, size, check_invariants=False)
 
 
-def _csr_mm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``a @ x`` for a CSR ``a`` into fresh memory that is not zero-filled first (``beta = 0``: the output's
-    old contents are ignored; ``@`` fills it with zeros, a whole extra pass over a map-sized gradient)."""
-    out = x.new_empty(a.shape[0], x.shape[1])
-    return torch.addmm(out, a, x, beta=0.0, out=out)
+def _rows_mm(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``A @ x`` for the CSR matrix A (``crow``, ``col``, ``vals``), as a weighted embedding-bag sum: row
+    ``r`` of the result is ``sum_e vals[e] x[col[e]]`` over ``crow[r] <= e < crow[r + 1]``. Why: the same
+    sums in the same order as ``torch.sparse`` CSR products, with a faster CPU kernel and no zero-filled
+    output.
+
+    Shape: crow (R + 1,), col and vals (nnz,), x (P, C) -> (R, C)
+    """
+    return F.embedding_bag(col, x, crow[:-1], mode="sum", per_sample_weights=vals)
 
 
 class _SparsePool(torch.autograd.Function):
-    """out = A @ hr for the CSR matrix A with constant structure and differentiable values ``vals``.
+    """out = A @ hr for the CSR matrix A with constant structure and differentiable values ``vals``
+    (:func:`_rows_mm`).
 
     Backward: ``grad_hr = A^T grad`` through the transposed structure (``crow_t``, ``row_t``; entry ``e`` of
     A is entry ``dest[e]`` of A^T), ``grad_vals`` = the sampled product ``(grad hr^T)`` on A's pattern.
@@ -574,7 +579,7 @@ class _SparsePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hr, vals, plan):  # type: ignore[override]
         crow, col, _, _, _, n, p = plan
-        out = _csr_mm(_csr(crow, col, vals, (n, p)), hr)
+        out = _rows_mm(crow, col, vals, hr)
         ctx.plan = plan
         ctx.save_for_backward(hr, vals)
         return out
@@ -588,7 +593,7 @@ class _SparsePool(torch.autograd.Function):
         grad_hr = grad_vals = None
         if ctx.needs_input_grad[0]:
             vals_t = torch.empty_like(vals).scatter_(0, dest, vals)  # A's values in A^T's order
-            grad_hr = _csr_mm(_csr(crow_t, row_t, vals_t, (p, n)), grad)
+            grad_hr = _rows_mm(crow_t, row_t, vals_t, grad)
         if ctx.needs_input_grad[1]:
             grad_vals = torch.sparse.sampled_addmm(
                 _csr(crow, col, vals, (n, p)), grad, hr.T, beta=0.0
