@@ -571,7 +571,8 @@ class _SparsePool(torch.autograd.Function):
     (:func:`_rows_mm`).
 
     Backward: ``grad_hr = A^T grad`` through the transposed structure (``crow_t``, ``row_t``; entry ``e`` of
-    A is entry ``dest[e]`` of A^T), ``grad_vals`` = the sampled product ``(grad hr^T)`` on A's pattern.
+    A is entry ``dest[e]`` of A^T), ``grad_vals`` = the sampled product ``(hr grad^T)`` on A^T's pattern,
+    taken back to A's order.
 
     Shape: hr (P, C), vals (nnz,) -> (N, C); ``plan`` = (crow, col, crow_t, row_t, dest, N, P).
     """
@@ -588,16 +589,15 @@ class _SparsePool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         hr, vals = ctx.saved_tensors
-        crow, col, crow_t, row_t, dest, n, p = ctx.plan
+        _, _, crow_t, row_t, dest, n, p = ctx.plan
         grad = grad.contiguous()
         grad_hr = grad_vals = None
+        vals_t = torch.empty_like(vals).scatter_(0, dest, vals)  # A's values in A^T's order
         if ctx.needs_input_grad[0]:
-            vals_t = torch.empty_like(vals).scatter_(0, dest, vals)  # A's values in A^T's order
             grad_hr = _rows_mm(crow_t, row_t, vals_t, grad)
-        if ctx.needs_input_grad[1]:
-            grad_vals = torch.sparse.sampled_addmm(
-                _csr(crow, col, vals, (n, p)), grad, hr.T, beta=0.0
-            ).values()
+        if ctx.needs_input_grad[1]:  # on A^T's pixel-major pattern (each row of hr read once), then A's order
+            sampled = torch.sparse.sampled_addmm(_csr(crow_t, row_t, vals_t, (p, n)), hr, grad.T, beta=0.0)
+            grad_vals = sampled.values().index_select(0, dest)
         return grad_hr, grad_vals, None
 
 
