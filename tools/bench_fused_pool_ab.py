@@ -3,7 +3,9 @@
 Both versions in ONE process, interleaved (the CPU's speed moves between runs), at Table 7's settings:
 128 PCA channels + the magnitude channel of a 224 x 224 map, 10 jitters of the paper preset (zoom <= 1.8,
 pad 30, flips), output 14 x 14; the attention downsampler in training mode (its salience dropout) or the
-simple one. "after" runs with a workspace kept between calls (as a fit does) and with fresh memory::
+simple one. "after" runs with a workspace kept between calls (as a fit does) and with fresh memory, and its
+tile path (``POOL_METHOD = "tiles"``); ``--no-extra`` leaves the magnitude channel out (a fit with
+``mag_weight = 0``, Table 7's)::
 
     mkdir -p /tmp/before && git archive <base-commit> packages | tar -x -C /tmp/before
     python tools/bench_fused_pool_ab.py --before /tmp/before --downsampler attention --kernel 29
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downsampler", choices=["attention", "simple"], default="attention")
     parser.add_argument("--kernel", type=int, default=29)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--no-extra",
+        action="store_true",
+        help="no magnitude channel (128 channels, as a fit with mag_weight 0)",
+    )
     args = parser.parse_args(argv)
     import torch
     from bench_perf_implicit_ab import import_before
@@ -53,16 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         workspace: dict[str, torch.Tensor] = {}
 
         def run(mod, **kw) -> None:
-            extra = hr.norm(dim=1, keepdim=True)
+            extra = None if args.no_extra else hr.norm(dim=1, keepdim=True)
             out = mod.pool_views(down, hr, extra, jitters, (14, 14), fused=True, **kw)
             out.square().sum().backward()
             hr.grad = None
             down.zero_grad(set_to_none=True)
 
+        def run_tiles() -> None:  # this tree's tile path (POOL_METHOD = "tiles"), with the workspace
+            method = after.POOL_METHOD
+            after.POOL_METHOD = "tiles"
+            try:
+                run(after, workspace=tile_workspace)
+            finally:
+                after.POOL_METHOD = method
+
+        tile_workspace: dict[str, torch.Tensor] = {}
         paths = {
             "before": lambda: run(before),
             "after, workspace": lambda: run(after, workspace=workspace),
             "after, fresh memory": lambda: run(after),
+            "after, tile path": run_tiles,
         }
         times: dict[str, list[float]] = {name: [] for name in paths}
         for rep in range(args.repeats + 1):

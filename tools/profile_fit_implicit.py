@@ -42,8 +42,21 @@ GROUPS = [
         + ["AsStrided", "MvBackward", "Rsqrt", "SubBackward", "DivBackward", "PowBackward", "CatBackward"]
         + ["SinBackward", "CosBackward", "SliceBackward", "TBackward", "UnsqueezeBackward", "ViewBackward"],
     ),
-    ("pooling GEMMs (_TilePool, tile copies)", ["TilePool", "_TilePool"]),
-    ("pooling matrices Ay^T a Ax", ["fused_view_pool", "BmmBackward", "IndexBackward"]),
+    (
+        "pooling products (_SparsePool CSR products; tile path: _TilePool GEMMs, tile copies)",
+        ["SparsePool", "TilePool"],
+    ),
+    (
+        "pooling matrices Ay^T a Ax (and the CSR structure)",
+        [
+            "fused_view_pool",
+            "_sparse_view_pool",
+            "_tile_view_pool",
+            "BmmBackward",
+            "IndexBackward",
+            "UnbindBackward",
+        ],
+    ),
     ("salience with dropout", ["_salience", "MulBackward", "MmBackward"]),
     (
         "attention weights: jittered salience, windows, softmax",

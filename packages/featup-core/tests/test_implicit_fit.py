@@ -11,7 +11,7 @@ from torch import nn
 
 from featup.core import fit_implicit
 from featup.core.consistency import back_project
-from featup.core.downsamplers import create_downsampler
+from featup.core.downsamplers import create_downsampler, window_pool
 from featup.core.implicit import ImplicitUpsampler
 from featup.core.implicit_fit import (
     PRESETS,
@@ -21,7 +21,7 @@ from featup.core.implicit_fit import (
     lr_factor,
     pool_views,
 )
-from featup.core.jitter import JitterParams, sample_jitter
+from featup.core.jitter import JitterParams, apply_jitter, sample_jitter
 from featup.core.pca import PCA
 
 torch.set_num_threads(1)
@@ -65,10 +65,15 @@ SMALL = dict(n_jitters=4, kernel_size=4, progress=False, upsampler_kwargs={"hidd
 # fast path == plain path
 
 
+@pytest.mark.parametrize("method", ["sparse", "tiles"])
 @pytest.mark.parametrize("kind", ["attention", "simple"])
 @pytest.mark.parametrize("shape", [(32, 40, 8, 10, 4), (56, 56, 4, 4, 29), (30, 26, 5, 4, 7)])
-def test_fused_pooling_equals_jitter_then_downsample(kind, shape):
-    """Outputs and every gradient (features, downsampler) equal the plain composition (eval: no dropout)."""
+def test_fused_pooling_equals_jitter_then_downsample(monkeypatch, method, kind, shape):
+    """Outputs and every gradient (features, downsampler) equal the plain composition (eval: no dropout),
+    for both ways of applying the windows (``POOL_METHOD``)."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", method)
     _check_fused_against_plain(kind, shape)
 
 
@@ -78,6 +83,7 @@ def test_fused_pooling_with_many_overlapping_slabs_and_tiles(monkeypatch, steps)
     map (at the test sizes above one tile is the whole map); still equal to the plain composition."""
     import featup.core.implicit_fit as fit_mod
 
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "tiles")
     monkeypatch.setattr(fit_mod, "POOL_ROW_STEP", steps[0])
     monkeypatch.setattr(fit_mod, "POOL_COL_STEP", steps[1])
     _check_fused_against_plain("attention", (40, 52, 5, 6, 9))
@@ -121,6 +127,7 @@ def test_fused_pooling_with_a_workspace_equals_fresh_memory(monkeypatch, steps):
     with the training salience's dropout."""
     import featup.core.implicit_fit as fit_mod
 
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "tiles")
     monkeypatch.setattr(fit_mod, "POOL_ROW_STEP", steps[0])
     monkeypatch.setattr(fit_mod, "POOL_COL_STEP", steps[1])
     torch.manual_seed(0)
@@ -167,8 +174,12 @@ def test_fast_fit_follows_the_plain_fit():
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-3, atol=1e-4)
 
 
-def test_fused_pooling_gradcheck_float64():
+@pytest.mark.parametrize("method", ["sparse", "tiles"])
+def test_fused_pooling_gradcheck_float64(monkeypatch, method):
     """Finite differences through the fused pooling, in the features and in the pooling weights."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", method)
     gen = torch.Generator().manual_seed(2)
     jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(2)] + [JitterParams(flip=True)]
     hr = torch.randn(1, 3, 12, 10, dtype=torch.float64, generator=gen).requires_grad_()
@@ -178,6 +189,129 @@ def test_fused_pooling_gradcheck_float64():
         return fused_view_pool(x, jitters, lambda s: lg.flatten(-2).softmax(-1).view_as(lg), None, (3, 2), 5)
 
     assert torch.autograd.gradcheck(pool, (hr, logits))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (12, 10, 3, 2, 13),  # windows wider than the map: every rectangle is the whole map
+        (64, 48, 4, 3, 29),  # clamped edge windows, zoomed views with narrower bands than unzoomed ones
+        (33, 47, 4, 5, 11),
+    ],
+)
+def test_sparse_pooling_equals_the_tile_path_and_the_plain_composition(monkeypatch, shape):
+    """The CSR path (one band-tight rectangle per window, views of different zoom in one matrix, its
+    transposed structure built without sorting) against the plain composition in float64 (outputs and
+    gradients, training salience with the same dropout draws) and against the tile path."""
+    import featup.core.implicit_fit as fit_mod
+
+    in_h, in_w, h, w, k = shape
+    torch.manual_seed(0)
+    down = create_downsampler("attention", 5, k).double().train()
+    gen = torch.Generator().manual_seed(3)
+    jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(6)]
+    jitters += [
+        JitterParams(zoom=1.8, top=1.0, left=0.0),
+        JitterParams(pad=0.3, top=0.0, left=1.0, flip=True),
+    ]
+    hr = torch.randn(1, 5, in_h, in_w, dtype=torch.float64, requires_grad=True)
+    params = [hr, *down.parameters()]
+    results = {}
+    for name, fused, method in [
+        ("plain", False, "sparse"),
+        ("sparse", True, "sparse"),
+        ("tiles", True, "tiles"),
+    ]:
+        monkeypatch.setattr(fit_mod, "POOL_METHOD", method)
+        torch.manual_seed(7)  # the same dropout draws on every path
+        if fused:
+            out = pool_views(down, hr, None, jitters, (h, w), fused=True)
+        else:  # the fused path's salience (its own dropout stream), jittered and pooled the plain way
+            sal = _salience(down, hr)
+            views = apply_jitter(hr.expand(len(jitters), -1, -1, -1), jitters)
+            weights = fit_mod._attention_weights(
+                down, apply_jitter(sal.expand(len(jitters), -1, -1, -1), jitters)[:, 0], (in_h, in_w), (h, w)
+            )
+            out = window_pool(views, weights, (h, w))
+        weight = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        results[name] = (out.detach(), torch.autograd.grad((out * weight).sum(), params))
+    for name in ("sparse", "tiles"):
+        torch.testing.assert_close(results[name][0], results["plain"][0], rtol=0, atol=1e-12)
+        for a, b in zip(results["plain"][1], results[name][1]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
+
+
+def test_sparse_pooling_float32_is_float_rounding_of_float64(monkeypatch):
+    """float32 through the CSR kernels (int32 indices): within float32 rounding of the float64 result."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "sparse")
+    gen = torch.Generator().manual_seed(4)
+    jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(5)]
+    hr = torch.randn(1, 16, 64, 64, dtype=torch.float64, generator=gen)
+    logits = torch.randn(1, 4, 4, 29, 29, dtype=torch.float64, generator=gen)
+    outs = []
+    for dtype in (torch.float64, torch.float32):
+        x = hr.to(dtype).requires_grad_()
+        lg = logits.to(dtype)
+        out = fused_view_pool(
+            x, jitters, lambda s, lg=lg: lg.flatten(-2).softmax(-1).view_as(lg), None, (4, 4), 29
+        )
+        (grad,) = torch.autograd.grad(out.square().sum(), [x])
+        outs.append((out.double(), grad.double()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_pooling_with_a_workspace_equals_fresh_memory(monkeypatch):
+    """The CSR path with the fit's workspace (only the salience's bits and mask live there): outputs and
+    gradients bit for bit those with fresh memory over two steps with the training salience's dropout."""
+    import featup.core.implicit_fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "sparse")
+    torch.manual_seed(0)
+    down = create_downsampler("attention", 6, 9).double().train()
+    gen = torch.Generator().manual_seed(1)
+    jitters = [sample_jitter(gen, max_pad=30, max_zoom=1.8) for _ in range(4)] + [JitterParams(flip=True)]
+    hr = torch.randn(1, 6, 40, 52, dtype=torch.float64, requires_grad=True)
+    workspace: dict[str, torch.Tensor] = {}
+    for seed in (0, 1):
+        ref, ref_grads = _fused_out_and_grads(down, hr, jitters, None, seed)
+        out, grads = _fused_out_and_grads(down, hr, jitters, workspace, seed)
+        assert torch.equal(out, ref)
+        for a, b in zip(ref_grads, grads):
+            assert torch.equal(a, b)
+    assert {"bits", "keep"} <= set(workspace)
+
+
+def test_fused_pooling_rejects_a_bad_method_and_bad_weights(monkeypatch):
+    import featup.core.implicit_fit as fit_mod
+
+    hr = torch.randn(1, 3, 16, 16)
+    jitters = [JitterParams()]
+
+    def weights(s):
+        return torch.full((1, 2, 2, 5, 5), 1 / 25)
+
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "dense")
+    with pytest.raises(ValueError, match="POOL_METHOD"):
+        fused_view_pool(hr, jitters, weights, None, (2, 2), 5)
+    monkeypatch.setattr(fit_mod, "POOL_METHOD", "auto")
+    with pytest.raises(ValueError, match=r"pooling weights \(B, 2, 2, 7, 7\)"):
+        fused_view_pool(hr, jitters, weights, None, (2, 2), 7)
+
+
+def test_auto_method_is_sparse_on_the_cpu_and_tiles_for_half_precision(monkeypatch):
+    """ "auto" takes the CSR path for float32/float64 on the CPU and the tile path otherwise (bfloat16)."""
+    import featup.core.implicit_fit as fit_mod
+
+    called = []
+    monkeypatch.setattr(fit_mod, "_sparse_view_pool", lambda *a: called.append("sparse"))
+    monkeypatch.setattr(fit_mod, "_tile_view_pool", lambda *a: called.append("tiles"))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        hr = torch.randn(1, 3, 16, 16, dtype=dtype)
+        fused_view_pool(hr, [JitterParams()], lambda s: torch.full((1, 2, 2, 5, 5), 0.04), None, (2, 2), 5)
+    assert called == ["sparse", "sparse", "tiles"]
 
 
 def test_fused_salience_equals_the_module_and_drops_like_it():

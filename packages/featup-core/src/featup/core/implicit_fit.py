@@ -12,7 +12,8 @@ What makes a step cheap (the backbone is frozen and the views are known in advan
   (as the original code does with 3000 views); each step draws ``n_jitters`` of them;
 - the jitter and the downsampler's window pooling are fused (:func:`fused_view_pool`): no jittered copy of
   the high-resolution features is ever built, and the salience is computed once and jittered as one channel;
-  the windows are grouped so that each group is one GEMM over a contiguous slab of the pixel-major map;
+  on the CPU all windows are the rows of one sparse (CSR) matrix over the pixel-major map, each a rectangle
+  as tight as its view's band (elsewhere: grouped GEMMs over contiguous slabs);
 - the field is evaluated on the whole pixel grid without a per-pixel encoding
   (``ImplicitUpsampler._grid_field``: separable coordinate terms, constant colour tables, LayerNorm folded
   into the first layer), and stays pixel-major (channels-last) from the MLP to the pooling.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -431,6 +433,11 @@ POOL_ROW_STEP = 16
 POOL_COL_STEP = 64
 
 
+#: how :func:`fused_view_pool` multiplies: "auto" (sparse on the CPU in float32/float64, tiles otherwise),
+#: "sparse" (one CSR matrix with a band-tight rectangle per window) or "tiles" (grouped dense GEMMs)
+POOL_METHOD = "auto"
+
+
 def fused_view_pool(
     hr: torch.Tensor,
     jitters: list[JitterParams],
@@ -445,10 +452,12 @@ def fused_view_pool(
     Jitter and pooling are both linear in ``hr``, so their composition is one sparse operator per view: the
     window of output pixel ``(i, j)`` of view ``b`` reads a band of consecutive source rows and columns. Along
     each axis the jitter is a two-tap resampling, written as small dense matrices (``Ay`` (k, Ls) per output
-    row, ``Ax`` (k, Lt) per output column, local to the row slab and column tile the band lies in); the
-    window's pooling matrix is ``Ay^T a_ij Ax`` (Ls, Lt), formed with batched matrix products (differentiable
-    in ``a``). Windows are grouped by (row slab, column tile) and each group is one GEMM with the slab of the
-    pixel-major features. Outputs and gradients equal the plain composition to float rounding.
+    row, ``Ax`` (k, Lt) per output column); the window's pooling matrix is ``Ay^T a_ij Ax``, formed with
+    batched matrix products (differentiable in ``a``). :data:`POOL_METHOD` picks how the windows are applied:
+    on the CPU (float32/float64) all windows are the rows of one CSR matrix, each a rectangle as tight as
+    its view's band (:func:`_sparse_view_pool`); elsewhere windows are grouped by (row slab, column tile)
+    and each group is one dense GEMM with the slab of the pixel-major features (:class:`_TilePool`). Both
+    equal the plain composition to float rounding, outputs and gradients.
 
     Args:
         hr: high-resolution features of the one image (channels-last memory avoids one copy).
@@ -457,22 +466,52 @@ def fused_view_pool(
         salience: (1, 1, H, W) salience of ``hr`` (jittered here with the features' taps), or None.
         output_size: (h, w).
         kernel_size: window side k.
-        workspace: a dict the caller keeps between calls; the largest temporaries reuse its memory
-            (:func:`_scratch`; one forward per backward). None: fresh memory.
+        workspace: a dict the caller keeps between calls; the tile path's largest temporaries reuse its
+            memory (:func:`_scratch`; one forward per backward). None: fresh memory.
 
     Shape:
         - hr: (1, C, H, W)
         - output: (B, C, h, w)
+
+    Raises:
+        ValueError: :data:`POOL_METHOD` is not one of "auto", "sparse", "tiles"; weights of another shape.
+    """
+    _, _, in_h, in_w = hr.shape
+    b, k = len(jitters), kernel_size
+    taps = _jitter_taps(jitters, (in_h, in_w), hr.device)
+    sal_views = _jitter_map(salience, taps)[:, 0] if salience is not None else None
+    a = weights_fn(sal_views).to(hr.dtype).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
+    if tuple(a.shape[1:]) != (*output_size, k, k):
+        raise ValueError(
+            f"expected pooling weights (B, {output_size[0]}, {output_size[1]}, {k}, {k}), got {tuple(a.shape)}"
+        )
+    method = POOL_METHOD
+    if method not in ("auto", "sparse", "tiles"):
+        raise ValueError(f"expected POOL_METHOD 'auto', 'sparse' or 'tiles', got {method!r}")
+    if method == "auto":
+        cpu = hr.device.type == "cpu" and hr.dtype in (torch.float32, torch.float64)
+        method = "sparse" if cpu else "tiles"
+    if method == "sparse":
+        return _sparse_view_pool(hr, taps, a, output_size)
+    return _tile_view_pool(hr, taps, a, output_size, workspace)
+
+
+def _tile_view_pool(
+    hr: torch.Tensor,
+    taps: tuple[torch.Tensor, ...],
+    a: torch.Tensor,
+    output_size: tuple[int, int],
+    workspace: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """:func:`fused_view_pool` with windows grouped by (row slab, column tile), one dense GEMM per group.
+
+    Shape: hr (1, C, H, W), a (B, h, w, k, k) -> (B, C, h, w)
     """
     _, c, in_h, in_w = hr.shape
     h, w = output_size
-    k = kernel_size
-    b = len(jitters)
+    b, k = a.shape[0], a.shape[-1]
     dtype, device = hr.dtype, hr.device
-    taps = _jitter_taps(jitters, (in_h, in_w), device)
     iy, wy, ix, wx = taps
-    sal_views = _jitter_map(salience, taps)[:, 0] if salience is not None else None
-    a = weights_fn(sal_views).to(dtype).expand(b, -1, -1, -1, -1)  # (B, h, w, k, k), zero outside the map
     rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
     cols, _ = window_indices(in_w, w, k, device)  # (w, k)
     src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
@@ -507,6 +546,149 @@ def fused_view_pool(
     unsorted = torch.empty_like(order)
     unsorted[order] = torch.arange(order.numel(), device=device)
     return out[unsorted].view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from indices built here (valid by construction: no invariant check, no beta warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta state"
+        return torch.sparse_csr_tensor(crow, col, vals, size, check_invariants=False)
+
+
+def _rows_mm(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``A @ x`` for the CSR matrix A (``crow``, ``col``, ``vals``), as a weighted embedding-bag sum: row
+    ``r`` of the result is ``sum_e vals[e] x[col[e]]`` over ``crow[r] <= e < crow[r + 1]``. Why: the same
+    sums in the same order as ``torch.sparse`` CSR products, with a faster CPU kernel and no zero-filled
+    output.
+
+    Shape: crow (R + 1,), col and vals (nnz,), x (P, C) -> (R, C)
+    """
+    return F.embedding_bag(col, x, crow[:-1], mode="sum", per_sample_weights=vals)
+
+
+class _SparsePool(torch.autograd.Function):
+    """out = A @ hr for the CSR matrix A with constant structure and differentiable values ``vals``
+    (:func:`_rows_mm`).
+
+    Backward: ``grad_hr = A^T grad`` through the transposed structure (``crow_t``, ``row_t``; entry ``e`` of
+    A is entry ``dest[e]`` of A^T), ``grad_vals`` = the sampled product ``(hr grad^T)`` on A^T's pattern,
+    taken back to A's order.
+
+    Shape: hr (P, C), vals (nnz,) -> (N, C); ``plan`` = (crow, col, crow_t, row_t, dest, N, P).
+    """
+
+    @staticmethod
+    def forward(ctx, hr, vals, plan):  # type: ignore[override]
+        crow, col, _, _, _, n, p = plan
+        out = _rows_mm(crow, col, vals, hr)
+        ctx.plan = plan
+        ctx.save_for_backward(hr, vals)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        hr, vals = ctx.saved_tensors
+        _, _, crow_t, row_t, dest, n, p = ctx.plan
+        grad = grad.contiguous()
+        grad_hr = grad_vals = None
+        vals_t = torch.empty_like(vals).scatter_(0, dest, vals)  # A's values in A^T's order
+        if ctx.needs_input_grad[0]:
+            grad_hr = _rows_mm(crow_t, row_t, vals_t, grad)
+        if ctx.needs_input_grad[1]:  # on A^T's pixel-major pattern (each row of hr read once), then A's order
+            sampled = torch.sparse.sampled_addmm(_csr(crow_t, row_t, vals_t, (p, n)), hr, grad.T, beta=0.0)
+            grad_vals = sampled.values().index_select(0, dest)
+        return grad_hr, grad_vals, None
+
+
+def _sparse_view_pool(
+    hr: torch.Tensor, taps: tuple[torch.Tensor, ...], a: torch.Tensor, output_size: tuple[int, int]
+) -> torch.Tensor:
+    """:func:`fused_view_pool` as one CSR product: window ``(b, i, j)`` is row ``(b h + i) w + j`` of A.
+
+    Each window's pooling matrix ``Ay^T a_ij Ax`` is stored on a rectangle of ``Rb x Cb`` source pixels
+    (``Rb``, ``Cb``: the largest row and column band of view ``b``'s windows, so a zoomed view's rectangles
+    are smaller), placed at the window's first band row and column (moved inside the map where needed). Why:
+    the multiply-adds are those of the rectangles, not of the tile path's dense slabs, which are mostly
+    zeros. The transposed structure for the backward is built here from the rectangles' coverage counts
+    (which windows of a view cover each source row and column), without sorting.
+
+    Shape: hr (1, C, H, W), a (B, h, w, k, k) -> (B, C, h, w)
+    """
+    _, c, in_h, in_w = hr.shape
+    h, w = output_size
+    b, k = a.shape[0], a.shape[-1]
+    dtype, device = hr.dtype, hr.device
+    iy, wy, ix, wx = taps
+    rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
+    cols, _ = window_indices(in_w, w, k, device)  # (w, k)
+    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
+    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
+    band_r = (src_r.flatten(2).amax(2) - lo_r).amax(1) + 1  # (B,): rectangle rows per view
+    band_c = (src_c.flatten(2).amax(2) - lo_c).amax(1) + 1
+    r0 = torch.minimum(lo_r, in_h - band_r[:, None])  # (B, h): first rectangle row of each window row
+    c0 = torch.minimum(lo_c, in_w - band_c[:, None])  # (B, w)
+    size = band_r * band_c  # (B,) entries per window
+    wy_w, wx_w = wy[:, rows].to(dtype), wx[:, cols].to(dtype)
+    # coverage: how many rectangles of view v cover source row y (column x), and how many come before
+    # window i (j) among them
+    ys = torch.arange(in_h, device=device)
+    xs = torch.arange(in_w, device=device)
+    cov_r = (
+        (ys[None, :, None] >= r0[:, None]) & (ys[None, :, None] < (r0 + band_r[:, None])[:, None])
+    ).long()
+    cov_c = (
+        (xs[None, :, None] >= c0[:, None]) & (xs[None, :, None] < (c0 + band_c[:, None])[:, None])
+    ).long()
+    cnt_r, cnt_c = cov_r.sum(2), cov_c.sum(2)  # (B, H), (B, W)
+    rank_r, rank_c = cov_r.cumsum(2) - cov_r, cov_c.cumsum(2) - cov_c  # (B, H, h), (B, W, w)
+    per_view = cnt_r[:, :, None] * cnt_c[:, None, :]  # (B, H, W): entries of view v at each pixel
+    crow_t = torch.cat([per_view.new_zeros(1), per_view.sum(0).flatten().cumsum(0)])
+    start = crow_t[:-1].view(1, in_h, in_w) + per_view.cumsum(0) - per_view  # (B, H, W): view v's first slot
+    n_win, n_pix = b * h * w, in_h * in_w
+    bands = list(zip(band_r.tolist(), band_c.tolist()))
+    nnz = h * w * sum(rb * cb for rb, cb in bands)
+    # int32 indices where they fit (half the index traffic; the sparse kernels take either)
+    index = torch.int32 if max(nnz, n_pix) < 2**31 - 1 else torch.long
+    col = torch.empty(nnz, dtype=index, device=device)  # A's column (source pixel) of each entry
+    dest = torch.empty(nnz, dtype=torch.long, device=device)  # its slot in A^T
+    window_of = torch.empty(nnz, dtype=index, device=device)  # its row of A
+    vals, off = [], 0
+    i_idx, j_idx = torch.arange(h, device=device), torch.arange(w, device=device)
+    # one weight tensor per view (unbind: one gradient buffer for all views, not one zeroed map per view)
+    a_views = a.unbind(0)
+    for v, (rb, cb) in enumerate(bands):
+        ay = hr.new_zeros(h, k, rb).scatter_add_(2, src_r[v] - r0[v, :, None, None], wy_w[v])  # (h, k, Rb)
+        ax = hr.new_zeros(w, k, cb).scatter_add_(2, src_c[v] - c0[v, :, None, None], wx_w[v])  # (w, k, Cb)
+        left = torch.matmul(ay.transpose(1, 2)[:, None], a_views[v])  # (h, w, Rb, k)
+        vals.append(torch.matmul(left, ax[None]).flatten())  # (h, w, Rb, Cb)
+        m = h * w * rb * cb
+        yv = r0[v][:, None] + torch.arange(rb, device=device)  # (h, Rb) source rows
+        xv = c0[v][:, None] + torch.arange(cb, device=device)  # (w, Cb) source columns
+        torch.add(
+            (yv * in_w)[:, None, :, None], xv[None, :, None, :], out=col[off : off + m].view(h, w, rb, cb)
+        )  # source pixel of each entry
+        # slot of entry (i, j, dy, dx) in A^T's row of pixel (y, x): view v's first slot there, plus
+        # (rank of i among the covering windows of row y) * (covering windows of column x) + (rank of j);
+        # the first two terms depend on (i, dy, x) only: one (h, Rb, W) table, gathered at x = c0_j + dx
+        ra = rank_r[v][yv, i_idx[:, None]]  # (h, Rb)
+        rc = rank_c[v][xv, j_idx[:, None]]  # (w, Cb)
+        table = start[v][yv] + ra[:, :, None] * cnt_c[v]  # (h, Rb, W)
+        at_x = xv[None, :, None, :].expand(h, w, rb, cb)
+        first = table[:, None].expand(h, w, rb, in_w).gather(3, at_x)  # (h, w, Rb, Cb)
+        torch.add(first, rc[None, :, None], out=dest[off : off + m].view(h, w, rb, cb))
+        window_of[off : off + m].view(h * w, rb * cb).copy_(
+            torch.arange(v * h * w, (v + 1) * h * w, device=device)[:, None].expand(h * w, rb * cb)
+        )
+        off += m
+    vals_all = torch.cat(vals)
+    crow = torch.cat([size.new_zeros(1), size.repeat_interleave(h * w).cumsum(0)]).to(index)
+    row_t = torch.empty(nnz, dtype=index, device=device).scatter_(0, dest, window_of)
+    crow_t = crow_t.to(index)
+    plan = (crow, col, crow_t, row_t, dest, n_win, n_pix)
+    flat = hr.permute(0, 2, 3, 1).reshape(in_h * in_w, c)  # pixel-major (a view for channels-last hr)
+    out = _SparsePool.apply(flat, vals_all, plan)
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _attention_weights(
