@@ -496,6 +496,25 @@ def fused_view_pool(
     return _tile_view_pool(hr, taps, a, output_size, workspace)
 
 
+def _window_sources(
+    taps: tuple[torch.Tensor, ...], in_size: tuple[int, int], output_size: tuple[int, int], k: int
+) -> tuple[torch.Tensor, ...]:
+    """Where the pooling windows of every jittered view read the source map: per view and window row
+    (column) the source rows (columns) of the jitter's two taps, their first one and the span to the last.
+
+    Shape: taps from :func:`_jitter_taps` -> src_r (B, h, k, 2), src_c (B, w, k, 2), lo_r / span_r (B, h),
+    lo_c / span_c (B, w) and the taps' weights at the windows wy_w (B, h, k, 2), wx_w (B, w, k, 2).
+    """
+    iy, wy, ix, wx = taps
+    (in_h, in_w), (h, w) = in_size, output_size
+    rows, _ = window_indices(in_h, h, k, iy.device)  # (h, k), clamped (their weights are zero)
+    cols, _ = window_indices(in_w, w, k, ix.device)  # (w, k)
+    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
+    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
+    span_r, span_c = src_r.flatten(2).amax(2) - lo_r, src_c.flatten(2).amax(2) - lo_c
+    return src_r, src_c, lo_r, lo_c, span_r, span_c, wy[:, rows], wx[:, cols]
+
+
 def _tile_view_pool(
     hr: torch.Tensor,
     taps: tuple[torch.Tensor, ...],
@@ -511,20 +530,15 @@ def _tile_view_pool(
     h, w = output_size
     b, k = a.shape[0], a.shape[-1]
     dtype, device = hr.dtype, hr.device
-    iy, wy, ix, wx = taps
-    rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
-    cols, _ = window_indices(in_w, w, k, device)  # (w, k)
-    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
-    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
-    band_r = int((src_r.flatten(2).amax(2) - lo_r).max()) + 1
-    band_c = int((src_c.flatten(2).amax(2) - lo_c).max()) + 1
+    src_r, src_c, lo_r, lo_c, span_r, span_c, wy_w, wx_w = _window_sources(taps, (in_h, in_w), (h, w), k)
+    band_r, band_c = int(span_r.max()) + 1, int(span_c.max()) + 1
     rows_l, row_starts, slab_of = _blocks(lo_r, band_r, in_h, POOL_ROW_STEP)
     cols_l, col_starts, tile_of = _blocks(lo_c, band_c, in_w, POOL_COL_STEP)
     rs = torch.tensor(row_starts, device=device)[slab_of]  # (B, h)
     cs = torch.tensor(col_starts, device=device)[tile_of]  # (B, w)
     # the jitter's two taps as dense matrices local to each slab / tile (constants: no gradient)
-    ay = hr.new_zeros(b, h, k, rows_l).scatter_add_(3, src_r - rs[:, :, None, None], wy[:, rows].to(dtype))
-    ax = hr.new_zeros(b, w, k, cols_l).scatter_add_(3, src_c - cs[:, :, None, None], wx[:, cols].to(dtype))
+    ay = hr.new_zeros(b, h, k, rows_l).scatter_add_(3, src_r - rs[:, :, None, None], wy_w.to(dtype))
+    ax = hr.new_zeros(b, w, k, cols_l).scatter_add_(3, src_c - cs[:, :, None, None], wx_w.to(dtype))
     # windows sorted by (row slab, column tile): each group is one GEMM
     key = slab_of[:, :, None] * len(col_starts) + tile_of[:, None, :]  # (B, h, w)
     order = torch.argsort(key.flatten(), stable=True)
@@ -619,17 +633,12 @@ def _sparse_view_pool(
     h, w = output_size
     b, k = a.shape[0], a.shape[-1]
     dtype, device = hr.dtype, hr.device
-    iy, wy, ix, wx = taps
-    rows, _ = window_indices(in_h, h, k, device)  # (h, k), clamped (their weights are zero)
-    cols, _ = window_indices(in_w, w, k, device)  # (w, k)
-    src_r, src_c = iy[:, rows], ix[:, cols]  # (B, h, k, 2), (B, w, k, 2)
-    lo_r, lo_c = src_r.flatten(2).amin(2), src_c.flatten(2).amin(2)  # (B, h), (B, w)
-    band_r = (src_r.flatten(2).amax(2) - lo_r).amax(1) + 1  # (B,): rectangle rows per view
-    band_c = (src_c.flatten(2).amax(2) - lo_c).amax(1) + 1
+    src_r, src_c, lo_r, lo_c, span_r, span_c, wy_w, wx_w = _window_sources(taps, (in_h, in_w), (h, w), k)
+    band_r, band_c = span_r.amax(1) + 1, span_c.amax(1) + 1  # (B,): rectangle rows / columns per view
     r0 = torch.minimum(lo_r, in_h - band_r[:, None])  # (B, h): first rectangle row of each window row
     c0 = torch.minimum(lo_c, in_w - band_c[:, None])  # (B, w)
     size = band_r * band_c  # (B,) entries per window
-    wy_w, wx_w = wy[:, rows].to(dtype), wx[:, cols].to(dtype)
+    wy_w, wx_w = wy_w.to(dtype), wx_w.to(dtype)
     # coverage: how many rectangles of view v cover source row y (column x), and how many come before
     # window i (j) among them
     ys = torch.arange(in_h, device=device)
