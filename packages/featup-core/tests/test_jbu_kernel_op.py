@@ -80,13 +80,18 @@ def test_forward_with_the_op_equals_the_torch_paths(kwargs, fresh):
 
 def test_the_op_runs_on_the_inference_path_only(monkeypatch):
     calls = []
-    real = jbu_module.jbu_stage_kernel
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(jbu_module, "jbu_stage_kernel", spy)
+        return call
+
+    # the kernels op, or the same pass writing composite filters (jbu_stage_filters) for 1x / 2x stages
+    monkeypatch.setattr(jbu_module, "jbu_stage_kernel", spy(jbu_module.jbu_stage_kernel))
+    if jbu_module.jbu_stage_filters is not None:
+        monkeypatch.setattr(jbu_module, "jbu_stage_filters", spy(jbu_module.jbu_stage_filters))
     up = _randomize(JBUStack(), seed=22)
     # sizes no other test uses: consistency._lift caches its matrices, and one made in inference mode cannot
     # be used by autograd later (a known issue of consistency.py, outside this test's subject)

@@ -51,7 +51,12 @@ struct StageKernelArgs {
   bool use_gate;
   index_t B, D, G, Hd, H, W;
   int K;
-  T* out;  // (B, H, W, K*K)
+  T* out;  // (B, H, W, K*K), or with resize_rows the composite filters (B, py, px, H / py, W / px, Wd, Wd)
+  // Optional: write each pixel's composite Wd x Wd filter on the stage's low-res source instead of its K x K
+  // kernel (featup.core.jbu's resize-pad plan): F[a][c] = sum_i rows[h][i][a] sum_j k[i K + j] cols_t[j][c][w].
+  const T* resize_rows = nullptr;    // (H, K, Wd)
+  const T* resize_cols_t = nullptr;  // (K, Wd, W)
+  index_t Wd = 0, py = 1, px = 1;
 };
 
 // The functions have internal linkage (anonymous namespace): each instruction-set build of the CPU kernels
@@ -129,9 +134,10 @@ inline __attribute__((always_inline)) void jstore(T* p, const typename JVec<T>::
 // Vectors per block: 4 (x 2 accumulators = 8 independent FMA chains, enough to hide the FMA latency).
 constexpr int kJbuBlockVectors = 4;
 
-// Scratch values one segment needs: n, base, logits/accumulators, u, a0, a1, two outputs.
-FEATUP_HD index_t segment_scratch(index_t taps, index_t hidden) {
-  return (4 * taps + 3 * hidden + 2) * kJbuSegment;
+// Scratch values one segment needs: n, base, logits/accumulators, u, a0, a1, two outputs; with composite
+// filters of width Wd (K = the kernel size) also the K x Wd half products and the Wd x Wd filters.
+FEATUP_HD index_t segment_scratch(index_t taps, index_t hidden, index_t K = 0, index_t Wd = 0) {
+  return (4 * taps + 3 * hidden + 2 + K * Wd + Wd * Wd) * kJbuSegment;
 }
 
 // exp(scale * |v_p - v_q|^2 + log_s[t]) for every tap, normalised over the taps: dst[t * S + m], pixels
@@ -192,6 +198,47 @@ FEATUP_HD void normalised_exp_distances(const T* v, index_t C, index_t Hp, index
   for (int t = 0; t < taps; ++t) {
     T* __restrict e = dst + t * S;
     for (index_t m = 0; m < n; ++m) e[m] *= sum[m];
+  }
+}
+
+// The composite Wd x Wd filters on the stage's low-res source of pixels [w0, w0 + n) of output row h, from
+// their K x K kernels k[t][m] (tap-major scratch): F[a][c] = sum_i rows[h][i][a] (sum_j k[i K + j] cols_t[j][c][x]),
+// the sums in this order for every pixel (loops vectorise over pixels only), written phase-major to
+// out[b, h % py, x % px, h / py, x / px, a, c]. `tmp` holds K * Wd and `filt` Wd * Wd rows of the segment.
+template <typename T>
+FEATUP_HD void composite_filters_segment(const StageKernelArgs<T>& a, index_t b, index_t h, index_t w0, index_t n,
+                                         const T* k, T* tmp, T* filt) {
+  constexpr index_t S = kJbuSegment;
+  const int K = a.K;
+  const index_t Wd = a.Wd, W = a.W;
+  for (int i = 0; i < K; ++i) {
+    for (index_t c = 0; c < Wd; ++c) {
+      T* __restrict t = tmp + (i * Wd + c) * S;
+      for (index_t m = 0; m < n; ++m) t[m] = T(0);
+      for (int j = 0; j < K; ++j) {
+        const T* __restrict kr = k + (i * K + j) * S;
+        const T* __restrict ax = a.resize_cols_t + (j * Wd + c) * W + w0;
+        for (index_t m = 0; m < n; ++m) t[m] += kr[m] * ax[m];
+      }
+    }
+  }
+  const T* ay = a.resize_rows + h * K * Wd;
+  for (index_t r = 0; r < Wd; ++r) {
+    for (index_t c = 0; c < Wd; ++c) {
+      T* __restrict f = filt + (r * Wd + c) * S;
+      for (index_t m = 0; m < n; ++m) f[m] = T(0);
+      for (int i = 0; i < K; ++i) {
+        const T wy = ay[i * Wd + r];
+        const T* __restrict t = tmp + (i * Wd + c) * S;
+        for (index_t m = 0; m < n; ++m) f[m] += wy * t[m];
+      }
+    }
+  }
+  const index_t WW = Wd * Wd, Hs = a.H / a.py, Ws = W / a.px, p = h % a.py;
+  for (index_t m = 0; m < n; ++m) {
+    const index_t x = w0 + m;
+    T* __restrict d = a.out + ((((b * a.py + p) * a.px + x % a.px) * Hs + h / a.py) * Ws + x / a.px) * WW;
+    for (index_t e = 0; e < WW; ++e) d[e] = filt[e * S + m];
   }
 }
 
@@ -389,6 +436,10 @@ FEATUP_HD void stage_kernel_segment(const StageKernelArgs<T>& a, index_t b, inde
     } else {
       for (index_t m = 0; m < n; ++m) s[m] = kt[m] + s[m];
     }
+  }
+  if (a.resize_rows != nullptr) {  // the composite filters instead of the kernels
+    composite_filters_segment(a, b, h, w0, n, acc, mean + S, mean + S + K * a.Wd * S);
+    return;
   }
   // the transposition to pixel-major: contiguous stores, the loads strided within the (L1-resident) scratch
   for (index_t m = 0; m < n; ++m) {

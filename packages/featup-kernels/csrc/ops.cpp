@@ -33,4 +33,11 @@ TORCH_LIBRARY(featup, m) {
       "Tensor? w1k, Tensor? w1g, Tensor? b1, Tensor? w2, Tensor? b2, float temp, float classic_scale, float? gate) "
       "-> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // CPU only, no autograd: the same kernels turned into the composite filters of featup.core.jbu's fused
+  // path (resize-pad plan rows (H,K,Wd) and cols (W,K,Wd)), written phase-major (B,py,px,H/py,W/px,Wd,Wd)
+  m.def(
+      "jbu_stage_filters(Tensor keys, Tensor? rgb, Tensor? guidance, Tensor log_spatial, Tensor? classic_log_spatial, "
+      "Tensor? w1k, Tensor? w1g, Tensor? b1, Tensor? w2, Tensor? b2, float temp, float classic_scale, float? gate, "
+      "Tensor resize_rows, Tensor resize_cols, int phases_y, int phases_x) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

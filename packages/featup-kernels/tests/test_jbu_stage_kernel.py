@@ -170,3 +170,72 @@ def test_schema_and_fake_kernel(variant):
         torch.ops.featup.jbu_stage_kernel.default, args, test_utils=("test_schema", "test_faketensor")
     )
     assert set(result.values()) == {"SUCCESS"}
+
+
+# ---- jbu_stage_filters: the same kernels as composite filters of a resize-pad plan ----------------------------
+
+
+def _plan(h, w, k, wd, py, px, dtype, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(h, k, wd, generator=gen, dtype=torch.float64).to(dtype)
+    cols = torch.randn(w, k, wd, generator=gen, dtype=torch.float64).to(dtype)
+    return rows, cols, (py, px)
+
+
+def _composite(kernels, rows, cols, phases):
+    """The composite filters written with torch ops: F[y, x, a, c] = sum_ij rows[y, i, a] k[y, x, i, j] cols[x, j, c],
+    phase-major (B, py, px, H / py, W / px, Wd, Wd)."""
+    b, h, w, taps = kernels.shape
+    k = int(round(taps**0.5))
+    py, px = phases
+    f = torch.einsum(
+        "yia,byxij,xjc->byxac", rows.double(), kernels.double().view(b, h, w, k, k), cols.double()
+    )
+    wd = rows.shape[-1]
+    return f.view(b, h // py, py, w // px, px, wd, wd).permute(0, 2, 4, 1, 3, 5, 6)
+
+
+@pytest.mark.parametrize(
+    "size, wd, phases",
+    [
+        ((1, 6, 8, 7, 32, 32, 49), 7, (2, 2)),
+        ((2, 4, 70, 5, 4, 6, 25), 6, (2, 1)),
+        ((1, 9, 3, 3, 3, 2, 7), 3, (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("variant", ["classic", "no_gate"])
+def test_filters_are_the_kernels_composited_with_the_plan(cpu_isa, size, wd, phases, variant):
+    from featup.kernels import has_jbu_stage_filters, jbu_stage_filters
+
+    assert has_jbu_stage_filters("cpu") and not has_jbu_stage_filters("meta")
+    b, h, w, k, d, g, hd = size
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        case = _case(b, h, w, k, d, g, hd, dtype)
+        keys, ls, cls, rgb, guid, (w1k, w1g, b1, w2, b2) = case
+        kw = {"guidance": guid, "w1k": w1k, "w1g": w1g, "b1": b1, "w2": w2, "b2": b2}
+        if variant == "classic":
+            kw.update(gate=0.6, rgb=rgb, classic_log_spatial=cls, classic_scale=-50.0)
+        rows, cols, ph = _plan(h, w, k, wd, *phases, dtype)
+        out = jbu_stage_filters(keys, ls, 1.7, resize_rows=rows, resize_cols=cols, phases=ph, **kw)
+        kernels = jbu_stage_kernel(keys, ls, 1.7, **kw)
+        ref = _composite(kernels, rows, cols, ph)
+        assert out.shape == ref.shape and out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * max(1.0, float(ref.abs().max())))
+
+
+def test_filters_argument_errors_and_fake_kernel():
+    from featup.kernels import jbu_stage_filters
+
+    keys, ls, *_ = _case(1, 4, 6, 3, 2, 3, 9, torch.float32)
+    rows, cols, _ = _plan(4, 6, 3, 4, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match="phases"):
+        jbu_stage_filters(keys, ls, 1.0, resize_rows=rows, resize_cols=cols, phases=(3, 2))
+    with pytest.raises(ValueError, match="resize_cols"):
+        jbu_stage_filters(keys, ls, 1.0, resize_rows=rows, resize_cols=cols[1:], phases=(2, 2))
+    with pytest.raises(ValueError, match="resize_rows"):
+        jbu_stage_filters(keys, ls, 1.0, resize_rows=rows.double(), resize_cols=cols, phases=(2, 2))
+    args = (keys, None, None, ls, None, None, None, None, None, None, 1.5, 0.0, None, rows, cols, 2, 2)
+    result = torch.library.opcheck(
+        torch.ops.featup.jbu_stage_filters.default, args, test_utils=("test_schema", "test_faketensor")
+    )
+    assert set(result.values()) == {"SUCCESS"}

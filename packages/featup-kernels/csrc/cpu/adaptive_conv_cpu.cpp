@@ -678,7 +678,7 @@ void run_jbu_stage_kernel(const jbu::StageKernelArgs<T>& args) {
   const RowFn<T> row = jbu_row_kernel<T>();
   const index_t rows = args.B * args.H, per_task = items_per_task(rows, 1);
   const index_t tasks = (rows + per_task - 1) / per_task;
-  const index_t scratch_elems = jbu::segment_scratch(index_t(args.K) * args.K, args.Hd);
+  const index_t scratch_elems = jbu::segment_scratch(index_t(args.K) * args.K, args.Hd, args.K, args.Wd);
   parallel_tasks(tasks, [&](const auto& next) {
     std::vector<T> scratch(static_cast<size_t>(scratch_elems));
     for (int64_t t; (t = next()) >= 0;) {
@@ -688,60 +688,66 @@ void run_jbu_stage_kernel(const jbu::StageKernelArgs<T>& args) {
   });
 }
 
-void check_jbu_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, const at::Tensor& keys) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, "jbu_stage_kernel: expected ", name, " of shape ", expected, ", got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == keys.scalar_type() && t.device() == keys.device(), "jbu_stage_kernel: expected ",
-                    name, " as ", keys.scalar_type(), " on ", keys.device(), " (as keys), got ", t.scalar_type(),
-                    " on ", t.device());
+void check_jbu_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, const at::Tensor& keys,
+                      const char* op) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == keys.scalar_type() && t.device() == keys.device(), op, ": expected ", name,
+                    " as ", keys.scalar_type(), " on ", keys.device(), " (as keys), got ", t.scalar_type(), " on ",
+                    t.device());
 }
 
 }  // namespace
 
-at::Tensor jbu_stage_kernel_cpu(const at::Tensor& keys, const std::optional<at::Tensor>& rgb,
-                                const std::optional<at::Tensor>& guidance, const at::Tensor& log_spatial,
-                                const std::optional<at::Tensor>& classic_log_spatial,
-                                const std::optional<at::Tensor>& w1k, const std::optional<at::Tensor>& w1g,
-                                const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
-                                const std::optional<at::Tensor>& b2, double temp, double classic_scale,
-                                std::optional<double> gate) {
-  TORCH_CHECK_VALUE(keys.dim() == 4, "jbu_stage_kernel: expected keys (B,D,H+2r,W+2r), got ", keys.sizes());
+// The resize-pad plan of featup.core.jbu for jbu_stage_filters: rows (H, K, Wd), cols (W, K, Wd), phases.
+struct FilterPlan {
+  const at::Tensor& rows;
+  const at::Tensor& cols;
+  int64_t py, px;
+};
+
+at::Tensor jbu_stage_impl(const char* name, const at::Tensor& keys, const std::optional<at::Tensor>& rgb,
+                          const std::optional<at::Tensor>& guidance, const at::Tensor& log_spatial,
+                          const std::optional<at::Tensor>& classic_log_spatial, const std::optional<at::Tensor>& w1k,
+                          const std::optional<at::Tensor>& w1g, const std::optional<at::Tensor>& b1,
+                          const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, double temp,
+                          double classic_scale, std::optional<double> gate, const FilterPlan* plan) {
+  TORCH_CHECK_VALUE(keys.dim() == 4, name, ": expected keys (B,D,H+2r,W+2r), got ", keys.sizes());
   TORCH_CHECK_VALUE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble,
-                    "jbu_stage_kernel: expected float32 or float64 keys, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(log_spatial.dim() == 1, "jbu_stage_kernel: expected log_spatial (K*K,), got ",
+                    name, ": expected float32 or float64 keys, got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(log_spatial.dim() == 1, name, ": expected log_spatial (K*K,), got ",
                     log_spatial.sizes());
   const int64_t taps = log_spatial.size(0);
   int64_t K = 1;
   while (K * K < taps) ++K;
-  TORCH_CHECK_VALUE(K * K == taps && K % 2 == 1, "jbu_stage_kernel: expected log_spatial of K*K taps, K odd, got ",
+  TORCH_CHECK_VALUE(K * K == taps && K % 2 == 1, name, ": expected log_spatial of K*K taps, K odd, got ",
                     taps, " taps");
   const int64_t r = K / 2, B = keys.size(0), D = keys.size(1), H = keys.size(2) - 2 * r, W = keys.size(3) - 2 * r;
-  TORCH_CHECK_VALUE(B > 0 && D > 0 && H > 0 && W > 0, "jbu_stage_kernel: expected non-empty keys padded by ", r,
+  TORCH_CHECK_VALUE(B > 0 && D > 0 && H > 0 && W > 0, name, ": expected non-empty keys padded by ", r,
                     " on each side, got ", keys.sizes());
-  check_jbu_tensor(log_spatial, "log_spatial", {taps}, keys);
+  check_jbu_tensor(log_spatial, "log_spatial", {taps}, keys, name);
   if (rgb.has_value()) {
-    check_jbu_tensor(*rgb, "rgb", {B, 3, H + 2 * r, W + 2 * r}, keys);
+    check_jbu_tensor(*rgb, "rgb", {B, 3, H + 2 * r, W + 2 * r}, keys, name);
     TORCH_CHECK_VALUE(classic_log_spatial.has_value() && gate.has_value(),
-                      "jbu_stage_kernel: expected classic_log_spatial and a gate with rgb");
-    check_jbu_tensor(*classic_log_spatial, "classic_log_spatial", {taps}, keys);
+                      name, ": expected classic_log_spatial and a gate with rgb");
+    check_jbu_tensor(*classic_log_spatial, "classic_log_spatial", {taps}, keys, name);
   }
   const bool fix = w1k.has_value();
   TORCH_CHECK_VALUE(fix == guidance.has_value() && fix == w1g.has_value() && fix == b1.has_value() &&
                         fix == w2.has_value() && fix == b2.has_value(),
-                    "jbu_stage_kernel: expected guidance, w1k, w1g, b1, w2 and b2 all given or all None");
+                    name, ": expected guidance, w1k, w1g, b1, w2 and b2 all given or all None");
   int64_t G = 0, Hd = 0;
   if (fix) {
     TORCH_CHECK_VALUE(guidance->dim() == 4 && w1k->dim() == 2 && w1g->dim() == 2,
-                      "jbu_stage_kernel: expected guidance (B,G,H,W), w1k (Hd,K*K), w1g (Hd,G), got ",
+                      name, ": expected guidance (B,G,H,W), w1k (Hd,K*K), w1g (Hd,G), got ",
                       guidance->sizes(), ", ", w1k->sizes(), ", ", w1g->sizes());
     G = guidance->size(1);
     Hd = w1k->size(0);
-    check_jbu_tensor(*guidance, "guidance", {B, G, H, W}, keys);
-    check_jbu_tensor(*w1k, "w1k", {Hd, taps}, keys);
-    check_jbu_tensor(*w1g, "w1g", {Hd, G}, keys);
-    check_jbu_tensor(*b1, "b1", {Hd}, keys);
-    check_jbu_tensor(*w2, "w2", {taps, Hd}, keys);
-    check_jbu_tensor(*b2, "b2", {taps}, keys);
+    check_jbu_tensor(*guidance, "guidance", {B, G, H, W}, keys, name);
+    check_jbu_tensor(*w1k, "w1k", {Hd, taps}, keys, name);
+    check_jbu_tensor(*w1g, "w1g", {Hd, G}, keys, name);
+    check_jbu_tensor(*b1, "b1", {Hd}, keys, name);
+    check_jbu_tensor(*w2, "w2", {taps, Hd}, keys, name);
+    check_jbu_tensor(*b2, "b2", {taps}, keys, name);
   }
   std::vector<at::Tensor> keep;  // contiguous copies live until the end of the call
   const auto ptr = [&](const std::optional<at::Tensor>& t) -> const at::Tensor* {
@@ -753,8 +759,26 @@ at::Tensor jbu_stage_kernel_cpu(const at::Tensor& keys, const std::optional<at::
   const at::Tensor k = keys.contiguous(), ls = log_spatial.contiguous();
   const at::Tensor *prgb = ptr(rgb), *pg = ptr(guidance), *pcls = ptr(classic_log_spatial), *pw1k = ptr(w1k),
                    *pw1g = ptr(w1g), *pb1 = ptr(b1), *pw2 = ptr(w2), *pb2 = ptr(b2);
-  at::Tensor out = at::empty({B, H, W, taps}, k.options());
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "jbu_stage_kernel_cpu", [&] {
+  at::Tensor rows_c, cols_t;
+  int64_t Wd = 0;
+  if (plan != nullptr) {
+    TORCH_CHECK_VALUE(plan->py >= 1 && plan->px >= 1 && H % plan->py == 0 && W % plan->px == 0, name,
+                      ": expected phases (py, px) >= 1 dividing the output (", H, ", ", W, "), got (", plan->py,
+                      ", ", plan->px, ")");
+    TORCH_CHECK_VALUE(plan->rows.dim() == 3 && plan->cols.dim() == 3, name,
+                      ": expected resize_rows (H,K,Wd) and resize_cols (W,K,Wd), got ", plan->rows.sizes(), ", ",
+                      plan->cols.sizes());
+    Wd = plan->rows.size(2);
+    TORCH_CHECK_VALUE(Wd >= 1, name, ": expected a filter width Wd >= 1, got ", plan->rows.sizes());
+    check_jbu_tensor(plan->rows, "resize_rows", {H, K, Wd}, keys, name);
+    check_jbu_tensor(plan->cols, "resize_cols", {W, K, Wd}, keys, name);
+    rows_c = plan->rows.contiguous();
+    cols_t = plan->cols.permute({1, 2, 0}).contiguous();  // (K, Wd, W): a pixel's weights one lane each
+  }
+  at::Tensor out = plan == nullptr ? at::empty({B, H, W, taps}, k.options())
+                                   : at::empty({B, plan->py, plan->px, H / plan->py, W / plan->px, Wd, Wd},
+                                               k.options());
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "jbu_stage_cpu", [&] {
     const auto data = [](const at::Tensor* t) { return t ? t->const_data_ptr<scalar_t>() : nullptr; };
     jbu::StageKernelArgs<scalar_t> a{};
     a.keys = k.const_data_ptr<scalar_t>();
@@ -779,9 +803,40 @@ at::Tensor jbu_stage_kernel_cpu(const at::Tensor& keys, const std::optional<at::
     a.W = W;
     a.K = static_cast<int>(K);
     a.out = out.mutable_data_ptr<scalar_t>();
+    if (plan != nullptr) {
+      a.resize_rows = rows_c.const_data_ptr<scalar_t>();
+      a.resize_cols_t = cols_t.const_data_ptr<scalar_t>();
+      a.Wd = Wd;
+      a.py = plan->py;
+      a.px = plan->px;
+    }
     run_jbu_stage_kernel<scalar_t>(a);
   });
   return out;
+}
+
+at::Tensor jbu_stage_kernel_cpu(const at::Tensor& keys, const std::optional<at::Tensor>& rgb,
+                                const std::optional<at::Tensor>& guidance, const at::Tensor& log_spatial,
+                                const std::optional<at::Tensor>& classic_log_spatial,
+                                const std::optional<at::Tensor>& w1k, const std::optional<at::Tensor>& w1g,
+                                const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+                                const std::optional<at::Tensor>& b2, double temp, double classic_scale,
+                                std::optional<double> gate) {
+  return jbu_stage_impl("jbu_stage_kernel", keys, rgb, guidance, log_spatial, classic_log_spatial, w1k, w1g, b1, w2,
+                        b2, temp, classic_scale, gate, nullptr);
+}
+
+at::Tensor jbu_stage_filters_cpu(const at::Tensor& keys, const std::optional<at::Tensor>& rgb,
+                                 const std::optional<at::Tensor>& guidance, const at::Tensor& log_spatial,
+                                 const std::optional<at::Tensor>& classic_log_spatial,
+                                 const std::optional<at::Tensor>& w1k, const std::optional<at::Tensor>& w1g,
+                                 const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+                                 const std::optional<at::Tensor>& b2, double temp, double classic_scale,
+                                 std::optional<double> gate, const at::Tensor& resize_rows,
+                                 const at::Tensor& resize_cols, int64_t phases_y, int64_t phases_x) {
+  const FilterPlan plan{resize_rows, resize_cols, phases_y, phases_x};
+  return jbu_stage_impl("jbu_stage_filters", keys, rgb, guidance, log_spatial, classic_log_spatial, w1k, w1g, b1,
+                        w2, b2, temp, classic_scale, gate, &plan);
 }
 
 std::string active_isa() { return isa_state().load() == Isa::Avx2 ? "avx2" : "default"; }
@@ -808,6 +863,7 @@ TORCH_LIBRARY_IMPL(featup, CPU, m) {
   m.impl("footprint_sums", &footprint_sums_cpu);
   m.impl("adaptive_conv_filter_grad", &adaptive_conv_filter_grad_cpu);
   m.impl("jbu_stage_kernel", &jbu_stage_kernel_cpu);
+  m.impl("jbu_stage_filters", &jbu_stage_filters_cpu);
 }
 
 }  // namespace featup::cpu

@@ -71,6 +71,15 @@ except ImportError:  # pragma: no cover - depends on the installed kernels build
 
     jbu_stage_kernel = None  # type: ignore[assignment]
 
+try:  # featup-kernels builds before this op: the composite filters are built with torch ops
+    from featup.kernels import has_jbu_stage_filters, jbu_stage_filters
+except ImportError:  # pragma: no cover - depends on the installed kernels build
+
+    def has_jbu_stage_filters(device: Any = "cpu") -> bool:
+        return False
+
+    jbu_stage_filters = None  # type: ignore[assignment]
+
 __all__ = [
     "RANGE_KERNELS",
     "VARIANTS",
@@ -684,7 +693,9 @@ def _apply_kernel_fused(
     geometry = None
     if kk == diameter * diameter:
         geometry = _fused_geometry(h, w, big_h, big_w, radius, resize_mode, pad_mode, kernel.dtype)
+    deferred = kernel if isinstance(kernel, _DeferredKernel) else None
     if geometry is None:
+        kernel = kernel.tensor() if deferred is not None else kernel
         out = apply_kernel(source, kernel, radius, resize_mode=resize_mode, pad_mode=pad_mode)
         out = F.pad(out, list(out_padding)) if out_padding is not None else out
         return out if cell_means is None else (out, None)
@@ -692,8 +703,14 @@ def _apply_kernel_fused(
     dev, plan_dtype = kernel.device, ay.dtype
     ay, iy = F.pad(ay, [0, width - ay.shape[-1]]).to(dev), F.pad(iy, [0, width - iy.shape[-1]]).to(dev)
     ax, ix = F.pad(ax, [0, width - ax.shape[-1]]).to(dev), F.pad(ix, [0, width - ix.shape[-1]]).to(dev)
-    # pixel-major kernels (free if they come from JBUStage.kernel), split by output phase (p, q)
-    k = kernel.permute(0, 2, 3, 1).to(plan_dtype).reshape(b, h, fy, w, fx, diameter, diameter)
+    if deferred is not None and not (
+        has_adaptive_conv_phases(dev) and not torch.is_autocast_enabled(dev.type)
+    ):
+        kernel, deferred = deferred.tensor(), None  # the per-phase loop below reads the kernels
+    if (
+        deferred is None
+    ):  # pixel-major kernels (free if they come from JBUStage.kernel), split by phase (p, q)
+        k = kernel.permute(0, 2, 3, 1).to(plan_dtype).reshape(b, h, fy, w, fx, diameter, diameter)
     if source_padding is not None and list(source_padding) == pad:
         src = buffer
     else:
@@ -702,8 +719,12 @@ def _apply_kernel_fused(
     channels = source.shape[1]
     del source
     if has_adaptive_conv_phases(src.device) and not torch.is_autocast_enabled(src.device.type):
-        # every phase's composite filters in one tensor, the phases written by one pass of the op
-        filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width).to(src.dtype)
+        # every phase's composite filters in one tensor (straight from the stage kernel op where the stage
+        # deferred its kernels), the phases written by one pass of the op
+        if deferred is not None:
+            filters = deferred.filters(ay, ax, (fy, fx)).to(src.dtype)
+        else:
+            filters = _phase_filters(k, ay, ax, iy, ix, sy, sx, fy, fx, diameter, width).to(src.dtype)
         if (
             lift is not None
             and cell_means is not None
@@ -906,6 +927,28 @@ def _pooled_guidances(
     return out
 
 
+class _DeferredKernel:
+    """A stage's kernels not yet computed: :func:`apply_kernel_fused` asks it for the composite filters of
+    its resize-pad plan (one compiled pass, ``featup.kernels.jbu_stage_filters``: the K x K kernels are never
+    written out) or, where that does not apply, for the kernels themselves (:meth:`JBUStage.kernel`).
+    ``shape``, ``dtype`` and ``device`` are the kernels' (B, K*K, H, W)."""
+
+    def __init__(self, stage: JBUStage, guidance: torch.Tensor, image: torch.Tensor | None) -> None:
+        self.stage, self.guidance, self.image = stage, guidance, image
+        b, _, h, w = guidance.shape
+        self.shape = torch.Size((b, stage.diameter**2, h, w))
+        self.dtype, self.device = guidance.dtype, guidance.device
+
+    def tensor(self) -> torch.Tensor:
+        with _without_autocast(self.device):
+            return self.stage.kernel(self.guidance, self.image)
+
+    def filters(self, rows: torch.Tensor, cols: torch.Tensor, phases: tuple[int, int]) -> torch.Tensor:
+        """(B, py, px, H / py, W / px, Wd, Wd) for the plan's rows (H, K, Wd) and columns (W, K, Wd)."""
+        with _without_autocast(self.device):
+            return self.stage._filters_op(self.guidance, self.image, rows, cols, phases)
+
+
 class JBUStage(nn.Module):
     """One learned joint bilateral upsampling stage (eq. 4-6) at the guidance's resolution.
 
@@ -1092,6 +1135,35 @@ class JBUStage(nn.Module):
 
     def _kernel_op(self, guidance: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         """:meth:`kernel` by ``featup.kernels.jbu_stage_kernel`` (see :meth:`kernel_op_applies`)."""
+        keys, log_spatial, temp, kwargs = self._op_arguments(guidance, image)
+        return jbu_stage_kernel(keys, log_spatial, temp, **kwargs).permute(0, 3, 1, 2)
+
+    def _filters_op(
+        self,
+        guidance: torch.Tensor,
+        image: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        phases: tuple[int, int],
+    ) -> torch.Tensor:
+        """The composite filters of a resize-pad plan by ``featup.kernels.jbu_stage_filters`` (the same
+        kernels as :meth:`_kernel_op`, never written out)."""
+        keys, log_spatial, temp, kwargs = self._op_arguments(guidance, image)
+        dtype = keys.dtype
+        return jbu_stage_filters(
+            keys,
+            log_spatial,
+            temp,
+            resize_rows=rows.to(dtype),
+            resize_cols=cols.to(dtype),
+            phases=phases,
+            **kwargs,
+        )
+
+    def _op_arguments(
+        self, guidance: torch.Tensor, image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]]:
+        """(padded keys, log spatial Gaussian, temperature, keyword arguments) of the stage kernel ops."""
         dtype, r = guidance.dtype, self.radius
         keys = pad2d(_pointwise_mlp(self.range_proj, guidance), r, self.pad_mode)
         temp = float(self.range_temp.detach().exp().clamp(1e-4, 1e4))
@@ -1119,8 +1191,7 @@ class JBUStage(nn.Module):
                 w2=second.weight.detach().flatten(1).to(dtype),
                 b2=second.bias.detach().to(dtype),
             )
-        kernel = jbu_stage_kernel(keys, log_spatial, temp, **kwargs)
-        return kernel.permute(0, 3, 1, 2)
+        return keys, log_spatial, temp, kwargs
 
     def _correction_pixel_major(self, kernel: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """``0.1 * kernel_correction`` on pixel-major kernels (B, H, W, K*K): the mirrored evaluation
@@ -1226,7 +1297,10 @@ class JBUStage(nn.Module):
             guidance = _to_param_precision(guidance, self.range_temp)
             if image is not None:
                 image = _to_param_precision(image, self.range_temp)
-            kernel = self.kernel(guidance, image) if fused else self.kernel_plain(guidance, image)
+            if fused and has_jbu_stage_filters(guidance.device) and self.kernel_op_applies(guidance):
+                kernel = _DeferredKernel(self, guidance, image)  # computed by apply_kernel_fused's plan
+            else:
+                kernel = self.kernel(guidance, image) if fused else self.kernel_plain(guidance, image)
         if not fused:
             out = apply_kernel(
                 source, kernel, self.radius, resize_mode=self.resize_mode, pad_mode=self.pad_mode

@@ -346,6 +346,61 @@ def jbu_stage_kernel(
     )  # fmt: skip
 
 
+def has_jbu_stage_filters(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`jbu_stage_filters` runs compiled on ``device`` (this build has it, on the CPU)."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.featup, "jbu_stage_filters")
+
+
+def jbu_stage_filters(
+    keys: torch.Tensor,
+    log_spatial: torch.Tensor,
+    temp: float,
+    *,
+    resize_rows: torch.Tensor,
+    resize_cols: torch.Tensor,
+    phases: tuple[int, int],
+    rgb: torch.Tensor | None = None,
+    classic_log_spatial: torch.Tensor | None = None,
+    classic_scale: float = 0.0,
+    gate: float | None = None,
+    guidance: torch.Tensor | None = None,
+    w1k: torch.Tensor | None = None,
+    w1g: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`jbu_stage_kernel`'s kernels turned, in the same pass, into the composite filters featup-core's
+    fused JBU applies to the stage's low-res source (why: the K x K kernels are never written out, and no
+    per-phase products run afterwards).
+
+    Pixel (y, x) with kernel ``k`` (K x K) gets ``F[a, c] = sum_i resize_rows[y, i, a] sum_j k[i, j]
+    resize_cols[x, j, c]``, written at ``out[b, y % py, x % px, y // py, x // px]``. Same arguments and
+    conditions as :func:`jbu_stage_kernel`, plus the plan.
+
+    Args:
+        resize_rows, resize_cols: per output row / column the K x Wd matrix of "resize, pad, take the taps".
+        phases: (py, px), dividing the output size.
+
+    Raises:
+        ValueError: as :func:`jbu_stage_kernel`; a plan of another shape, phases that do not divide the output.
+        RuntimeError: a build without the op (see :func:`has_jbu_stage_filters`).
+
+    Shape:
+        - keys etc.: as :func:`jbu_stage_kernel` (output size H x W)
+        - resize_rows: (H, K, Wd); resize_cols: (W, K, Wd)
+        - output: (B, py, px, H // py, W // px, Wd, Wd)
+    """
+    if not hasattr(torch.ops.featup, "jbu_stage_filters"):
+        raise RuntimeError("this featup-kernels build has no jbu_stage_filters op; rebuild featup-kernels")
+    py, px = (int(v) for v in phases)
+    return torch.ops.featup.jbu_stage_filters(
+        keys, rgb, guidance, log_spatial, classic_log_spatial, w1k, w1g, b1, w2, b2,
+        float(temp), float(classic_scale), None if gate is None else float(gate),
+        resize_rows, resize_cols, py, px,
+    )  # fmt: skip
+
+
 def build_info() -> dict[str, Any]:
     """Facts of the installed build.
 

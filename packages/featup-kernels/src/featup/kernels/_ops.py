@@ -79,6 +79,12 @@ def _jbu_stage_kernel_fake(keys: torch.Tensor, *args: Any) -> torch.Tensor:
     return keys.new_empty((keys.shape[0], keys.shape[2] - pad, keys.shape[3] - pad, taps))
 
 
+def _jbu_stage_filters_fake(keys: torch.Tensor, *args: Any) -> torch.Tensor:
+    rows, cols, py, px = args[12], args[13], args[14], args[15]  # after the 12 arguments of jbu_stage_kernel
+    wd = rows.shape[2]
+    return keys.new_empty((keys.shape[0], py, px, rows.shape[0] // py, cols.shape[0] // px, wd, wd))
+
+
 def _filter_grad_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
     ctx.save_for_backward(*inputs)
 
@@ -199,4 +205,6 @@ def register() -> None:
         torch.library.register_fake("featup::footprint_sums", _footprint_sums_fake)
     if hasattr(torch.ops.featup, "jbu_stage_kernel"):  # inference only: no autograd formula
         torch.library.register_fake("featup::jbu_stage_kernel", _jbu_stage_kernel_fake)
+    if hasattr(torch.ops.featup, "jbu_stage_filters"):  # inference only: no autograd formula
+        torch.library.register_fake("featup::jbu_stage_filters", _jbu_stage_filters_fake)
     _registered = True
